@@ -1,0 +1,14 @@
+"""nnsight-jupyter: read and edit the internals of PyTorch models, in a notebook or on a server.
+
+    from nnsight_jupyter import NNsight
+    model = NNsight(net)
+    with model.trace(x):
+        hidden = model.layers[2].output.save()
+"""
+
+from . import errors
+from ._version import __version__
+from .models.base import NNsight
+from .tracing import Cache, Envoy, ScanResult, save
+
+__all__ = ["Cache", "Envoy", "NNsight", "ScanResult", "__version__", "errors", "save"]

@@ -1,0 +1,158 @@
+"""NNsight: wrap any `torch.nn.Module` so its internals can be read and edited in a trace.
+
+    model = NNsight(net)
+    with model.trace(x):
+        hidden = model.encoder.layers[2].output.save()
+
+Wrapping changes nothing in the module: module wrappers exist only while a trace runs. Subclasses
+(`LanguageModel`) change how inputs are prepared and batched (`_prepare_input`, `_batch_inputs`)
+and how the model is run (`_run_forward`, `_run_generate`); the engine is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InvokeError, TraceError
+from ..tracing.batching import Rows, batch_size_of
+from ..tracing.envoy import Envoy, display_path
+from ..tracing.source import compile_source
+from ..tracing.tracer import Tracer, run_block
+
+
+@dataclass
+class PreparedInput:
+    """One invoke's input, ready to be batched: positional and keyword arguments of the model call."""
+
+    args: tuple
+    kwargs: dict
+    size: int | None
+
+
+class NNsight(Envoy):
+    """Wrap any PyTorch module; `model.trace(...)` then runs code beside its forward pass."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(
+                f"NNsight wraps a torch.nn.Module, not {type(module).__name__}. "
+                "For a Hugging Face model id or folder use LanguageModel(...)."
+            )
+        object.__setattr__(self, "_model", module)
+        object.__setattr__(self, "_interleaver", None)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Re-read the module tree (after a module was mounted or replaced)."""
+        canonical: dict[int, str] = {}
+        paths: list[tuple[str, torch.nn.Module]] = []
+        for name, module in self._model.named_modules():
+            canonical[id(module)] = name
+            paths.append((name, module))
+        object.__setattr__(self, "_canonical", canonical)
+        object.__setattr__(self, "_paths", paths)
+        Envoy.__init__(self, self._model, "", self)
+
+    @staticmethod
+    def _describe(path: str) -> str:
+        return display_path(path)
+
+    # ----- public entry points ------------------------------------------------------------------
+    def trace(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """Run the model once on `inputs`, with the indented block running beside the forward pass.
+
+            with model.trace(x) as tracer:
+                model.layers[0].output[:] = 0
+                logits = model.output.save()
+
+        With no inputs, add them with `with tracer.invoke(input):` blocks; they are batched into one pass.
+        """
+        return Tracer(self, inputs, kwargs)
+
+    def generate(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """Like `trace`, but runs the wrapped module's `.generate(...)`; `tracer.all()` loops over steps."""
+        if not hasattr(self._model, "generate"):
+            raise TraceError(f"{type(self._model).__name__} has no .generate() method; use model.trace(...).")
+        gen_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_OPTIONS}
+        return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs)
+
+    def run_with_cache(self, *inputs: Any, modules: list[Any] | None = None, include_inputs: bool = False,
+                       **kwargs: Any) -> tuple[Any, Any]:
+        """Run once and return `(output, cache)`, the cache holding every (or each chosen) module's output."""
+        tracer = Tracer(self, inputs, kwargs)
+        ns = {"tracer": tracer, "modules": modules, "include_inputs": include_inputs}
+        bound = run_block(tracer, _RUN_WITH_CACHE, ns, module_level=False)
+        return bound["output"], bound["cache"]
+
+    def scan(self, *inputs: Any, **kwargs: Any):
+        """Shapes and dtypes of every module's inputs and outputs, computed with fake tensors (no real compute)."""
+        from ..tracing.scan import scan
+
+        return scan(self, inputs, kwargs)
+
+    # ----- how inputs become one model call ------------------------------------------------------
+    def _prepare_input(self, *args: Any, **kwargs: Any) -> PreparedInput:
+        return PreparedInput(args, kwargs, batch_size_of((args, kwargs)))
+
+    def _batch_inputs(self, prepared: list[PreparedInput | None]) -> tuple[tuple, dict, list[Rows | None]]:
+        real = [p for p in prepared if p is not None]
+        if len(real) == 1:
+            only = real[0]
+            size = only.size or 1
+            return only.args, only.kwargs, [Rows(0, size, size) if p is not None else None for p in prepared]
+        for p in real:
+            if p.size is None:
+                raise InvokeError(
+                    "To batch several invokes, each input needs a tensor whose first dimension is the batch."
+                )
+        first = real[0]
+        if any(len(p.args) != len(first.args) or set(p.kwargs) != set(first.kwargs) for p in real):
+            raise InvokeError("Every invoke must call the model with the same arguments (same count and keywords).")
+        args = tuple(_concat([p.args[i] for p in real], f"argument {i}") for i in range(len(first.args)))
+        kwargs = {k: _concat([p.kwargs[k] for p in real], f"keyword {k!r}") for k in first.kwargs}
+        total = sum(p.size for p in real)  # type: ignore[misc]
+        rows: list[Rows | None] = []
+        start = 0
+        for p in prepared:
+            if p is None:
+                rows.append(None)
+            else:
+                rows.append(Rows(start, p.size, total))  # type: ignore[arg-type]
+                start += p.size  # type: ignore[operator]
+        return args, kwargs, rows
+
+    def _run_forward(self, args: tuple, kwargs: dict) -> Any:
+        return self._model(*args, **kwargs)
+
+    def _run_generate(self, args: tuple, kwargs: dict, generate_kwargs: dict) -> Any:
+        return self._model.generate(*args, **kwargs, **generate_kwargs)
+
+
+def _concat(values: list[Any], what: str) -> Any:
+    head = values[0]
+    if isinstance(head, torch.Tensor):
+        try:
+            return torch.cat(values, dim=0)
+        except RuntimeError as exc:
+            shapes = ", ".join(str(tuple(v.shape)) for v in values)
+            raise InvokeError(
+                f"Cannot batch {what} of the invokes (shapes {shapes}): all dimensions but the first must match."
+            ) from exc
+    if any(v != head for v in values[1:]):
+        raise InvokeError(f"Invokes pass different values for {what}; only tensors can differ between invokes.")
+    return head
+
+
+_GENERATE_OPTIONS = {
+    "max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "temperature", "top_k",
+    "top_p", "num_beams", "repetition_penalty", "eos_token_id", "pad_token_id", "stopping_criteria",
+    "logits_processor", "generation_config", "streamer", "use_cache", "num_return_sequences",
+}
+
+_RUN_WITH_CACHE = compile_source(
+    "cache = tracer.cache(modules, include_inputs=include_inputs)\noutput = tracer.result.save()\n",
+    "<run_with_cache>",
+)

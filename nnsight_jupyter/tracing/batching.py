@@ -1,0 +1,105 @@
+"""Give each invoke its own rows of a batched value, and put edited rows back.
+
+Several invokes run as one forward pass over a batch; invoke *i* owns rows `[start, start+size)`.
+A value is narrowed with `Tensor.narrow`, a view, so in-place edits by an invoke land in the batch
+the model keeps computing with. A whole-value assignment is spliced back with `torch.cat`, which
+keeps autograd intact. Containers (tuples, lists, dicts, Hugging Face `ModelOutput`s) are handled
+element by element; only tensors whose first dimension is the batch size are narrowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of a batch that belong to one invoke."""
+
+    start: int
+    size: int
+    total: int
+
+
+def narrow(value: Any, rows: Rows | None) -> Any:
+    if rows is None or (rows.start == 0 and rows.size == rows.total):
+        return value
+    return _map(value, lambda t: t.narrow(0, rows.start, rows.size), rows.total)
+
+
+def splice(full: Any, rows: Rows | None, new: Any) -> Any:
+    """Return `full` with the invoke's rows replaced by `new`."""
+    if rows is None or (rows.start == 0 and rows.size == rows.total):
+        return new
+    if isinstance(full, torch.Tensor):
+        if not isinstance(new, torch.Tensor):
+            new = torch.as_tensor(new, dtype=full.dtype, device=full.device)
+        if full.dim() == 0 or full.shape[0] != rows.total:
+            return new
+        new = new.to(dtype=full.dtype, device=full.device).expand(rows.size, *full.shape[1:])
+        parts = []
+        if rows.start:
+            parts.append(full.narrow(0, 0, rows.start))
+        parts.append(new)
+        end = rows.start + rows.size
+        if end < rows.total:
+            parts.append(full.narrow(0, end, rows.total - end))
+        return torch.cat(parts, dim=0)
+    if isinstance(full, (tuple, list)) and isinstance(new, (tuple, list)) and len(full) == len(new):
+        items = [splice(f, rows, n) if f is not n else f for f, n in zip(full, new)]
+        return _rebuild(full, items)
+    if isinstance(full, dict) and isinstance(new, dict):
+        merged = {k: (splice(full[k], rows, v) if k in full and full[k] is not v else v) for k, v in new.items()}
+        return _rebuild_dict(full, merged)
+    return new
+
+
+def _map(value: Any, fn, total: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == total:
+            return fn(value)
+        return value
+    if isinstance(value, (tuple, list)):
+        return _rebuild(value, [_map(v, fn, total) for v in value])
+    if isinstance(value, dict):
+        return _rebuild_dict(value, {k: _map(v, fn, total) for k, v in value.items()})
+    return value
+
+
+def _rebuild(original: tuple | list, items: list) -> Any:
+    if isinstance(original, list):
+        return type(original)(items) if type(original) is not list else items
+    if hasattr(original, "_fields"):
+        return type(original)(*items)
+    return type(original)(items) if type(original) is not tuple else tuple(items)
+
+
+def _rebuild_dict(original: dict, items: dict) -> Any:
+    if type(original) is dict:
+        return items
+    try:
+        return type(original)(**items)
+    except TypeError:
+        rebuilt = type(original)()
+        rebuilt.update(items)
+        return rebuilt
+
+
+def batch_size_of(value: Any) -> int | None:
+    """The size of the first dimension of the first tensor found in `value`."""
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] if value.dim() > 0 else None
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            size = batch_size_of(v)
+            if size is not None:
+                return size
+    if isinstance(value, dict):
+        for v in value.values():
+            size = batch_size_of(v)
+            if size is not None:
+                return size
+    return None

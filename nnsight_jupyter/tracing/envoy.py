@@ -1,0 +1,271 @@
+"""Envoy: a stand-in for one module of the wrapped model.
+
+Attribute and index access mirror the module tree (`model.transformer.h[5].attn`), so paths read
+as they do on the torch model. Inside a trace, `.output`, `.input` and `.inputs` park the running
+trace body until the forward pass reaches the module, then give the real value; assigning to them
+replaces the value for the rest of the forward pass. Outside a trace they explain how to get one.
+
+Children whose names clash with these properties (BERT has a child module named `output`) stay
+reachable as `envoy.child("output")` or `envoy.output_`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+
+from ..errors import ModulePathError, TraceError
+from .interleave import current_mediator
+
+if TYPE_CHECKING:
+    from ..models.base import NNsight
+
+_RESERVED = {"output", "input", "inputs"}
+
+
+def display_path(path: str, root: str = "model") -> str:
+    """`transformer.h.0.attn` -> `model.transformer.h[0].attn`."""
+    if not path:
+        return root
+    out = root
+    for part in path.split("."):
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+class Envoy:
+    """Proxy for one module: children by attribute or index, values by `.output` / `.input` / `.inputs`."""
+
+    def __init__(self, module: torch.nn.Module, path: str, root: "NNsight | None") -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_root", root if root is not None else self)
+        object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_aliases", {})
+        self._build_children()
+
+    def _build_children(self) -> None:
+        children: dict[str, Envoy] = {}
+        canonical = self._root._canonical
+        for name, child in self._module.named_children():
+            path = f"{self._path}.{name}" if self._path else name
+            children[name] = Envoy(child, canonical.get(id(child), path), self._root)
+        object.__setattr__(self, "_children", children)
+
+    # ----- tree navigation -------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        children = self.__dict__.get("_children")
+        if children is None:
+            raise AttributeError(name)
+        if name in children:
+            return children[name]
+        aliases = self.__dict__.get("_aliases")
+        if aliases and name in aliases:
+            return self.resolve(aliases[name])
+        if name.endswith("_") and name[:-1] in _RESERVED and name[:-1] in children:
+            return children[name[:-1]]
+        module = self.__dict__["_module"]
+        try:
+            value = getattr(module, name)
+        except AttributeError:
+            raise self._path_error(name) from None
+        return value
+
+    def _path_error(self, name: str) -> ModulePathError:
+        where = display_path(self._path)
+        options = list(dict.fromkeys([*self._children, *self._aliases, *(n for n in dir(self._module) if not n.startswith("_"))]))
+        close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        kids = ", ".join(self._children) or "none"
+        return ModulePathError(
+            f"{where} ({type(self._module).__name__}) has no attribute or child module {name!r}.{hint} "
+            f"Its child modules: {kids}."
+        )
+
+    def resolve(self, relative_path: str) -> Any:
+        """The envoy (or attribute) at a dotted path below this one: `model.resolve("transformer.h.0")`."""
+        node: Any = self
+        for part in relative_path.split(".") if relative_path else []:
+            node = node[int(part)] if part.isdigit() and isinstance(node, Envoy) else getattr(node, part)
+        return node
+
+    def add_alias(self, name: str, relative_path: str) -> None:
+        """Make `envoy.<name>` another way to reach `relative_path` (used for architecture-agnostic names)."""
+        self.resolve(relative_path)
+        self._aliases[name] = relative_path
+
+    def child(self, name: str) -> "Envoy":
+        """The child envoy called `name` (also for names such as `output` that clash with properties)."""
+        try:
+            return self._children[name]
+        except KeyError:
+            raise self._path_error(name) from None
+
+    def __getitem__(self, key: int | str | slice) -> Any:
+        names = list(self._children)
+        if isinstance(key, slice):
+            return [self._children[n] for n in names[key]]
+        if isinstance(key, int):
+            if not names:
+                raise ModulePathError(f"{display_path(self._path)} has no child modules to index.")
+            try:
+                return self._children[names[key]]
+            except IndexError:
+                raise ModulePathError(
+                    f"{display_path(self._path)} has {len(names)} children; index {key} is out of range."
+                ) from None
+        if key in self._children:
+            return self._children[key]
+        raise self._path_error(str(key))
+
+    def __iter__(self) -> Iterator["Envoy"]:
+        return iter(self._children.values())
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._children
+
+    def modules(self) -> Iterator["Envoy"]:
+        """This envoy and every envoy below it, depth first."""
+        yield self
+        for child in self._children.values():
+            yield from child.modules()
+
+    @property
+    def path(self) -> str:
+        """Dotted path of the module inside the model ('' for the root)."""
+        return self._path
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _RESERVED:
+            object.__setattr__(self, name, value)
+            return
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        setattr(self._module, name, value)
+        if isinstance(value, torch.nn.Module):
+            self._root._refresh()
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._children) | set(self._aliases) | set(dir(self._module)))
+
+    # ----- values inside a trace ------------------------------------------------------------
+    def _mediator(self, what: str):
+        m = current_mediator()
+        if m is None or m.interleaver.root is not self._root:
+            raise TraceError(
+                f"{display_path(self._path)}.{what} only has a value inside a trace of this model: "
+                f"`with model.trace(input):` then read it in the indented block."
+            )
+        return m
+
+    @property
+    def output(self) -> Any:
+        """The module's return value for the current call (inside a trace)."""
+        m = self._mediator("output")
+        return m.request(m.location(self._path, "output"))
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        m = self._mediator("output")
+        m.swap(m.location(self._path, "output"), value)
+
+    @property
+    def inputs(self) -> tuple[tuple, dict]:
+        """`(args, kwargs)` the module was called with (inside a trace)."""
+        m = self._mediator("inputs")
+        return m.request(m.location(self._path, "input"))
+
+    @inputs.setter
+    def inputs(self, value: tuple[tuple, dict]) -> None:
+        m = self._mediator("inputs")
+        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
+            raise TraceError(f"{display_path(self._path)}.inputs must be set to a pair (args_tuple, kwargs_dict).")
+        m.swap(m.location(self._path, "input"), (tuple(value[0]), value[1]))
+
+    @property
+    def input(self) -> Any:
+        """The first positional argument of the call (or the first keyword one if it has none)."""
+        args, kwargs = self.inputs
+        if args:
+            return args[0]
+        if kwargs:
+            return next(iter(kwargs.values()))
+        raise TraceError(f"{display_path(self._path)} was called with no arguments; it has no .input.")
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        m = self._mediator("input")
+        args, kwargs = m.request(m.location(self._path, "input"))
+        if args:
+            new = ((value, *args[1:]), kwargs)
+        elif kwargs:
+            first = next(iter(kwargs))
+            new = (args, {**kwargs, first: value})
+        else:
+            raise TraceError(f"{display_path(self._path)} was called with no arguments; it has no .input to set.")
+        m.swap(m.location(self._path, "input"), new)
+
+    def next(self, step: int = 1) -> "Envoy":
+        """Move to the module's next call in this forward pass (for modules that run more than once)."""
+        m = self._mediator("next()")
+        m.cursor[self._path] = m.cursor.get(self._path, 0) + step
+        return self
+
+    def call(self, index: int) -> "_CallView":
+        """The `index`-th call (from 0) of this module within one forward pass."""
+        if index < 0:
+            raise TraceError("call() counts calls from 0; pass a non-negative index.")
+        return _CallView(self, index)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module on new inputs, outside the traced forward pass (e.g. a logit lens)."""
+        m = current_mediator()
+        if m is None or m.interleaver.root is not self._root:
+            return self._module(*args, **kwargs)
+        il = m.interleaver
+        il.adhoc += 1
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            il.adhoc -= 1
+
+
+class _CallView:
+    """`.output` / `.input` / `.inputs` of one numbered call of a module."""
+
+    def __init__(self, envoy: Envoy, index: int) -> None:
+        self._envoy = envoy
+        self._index = index
+
+    def _key(self, what: str, kind: str) -> tuple:
+        m = self._envoy._mediator(what)
+        return m, (self._envoy._path, kind, m.step, self._index)
+
+    @property
+    def output(self) -> Any:
+        m, key = self._key("output", "output")
+        return m.request(key)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        m, key = self._key("output", "output")
+        m.swap(key, value)
+
+    @property
+    def inputs(self) -> tuple[tuple, dict]:
+        m, key = self._key("inputs", "input")
+        return m.request(key)
+
+    @property
+    def input(self) -> Any:
+        args, kwargs = self.inputs
+        return args[0] if args else next(iter(kwargs.values()))

@@ -1,0 +1,87 @@
+"""Wrap every module's `forward` for the duration of one trace, and always unwrap it.
+
+The wrapper goes into the module instance's `__dict__`, where `nn.Module.__call__` finds it
+before the class's `forward`. That keeps torch's fast call path (no hook dictionaries are touched),
+lets user-registered torch hooks run as usual around it, and composes with libraries that set an
+instance `forward` of their own (accelerate's dispatch hooks): the wrapper calls whatever
+`forward` was there. `uninstall` puts back exactly what was there before, so after a trace —
+finished, failed or interrupted — the model is the object it was.
+
+Per call, a wrapper costs two dictionary updates and two membership tests when nobody waits on
+the module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .interleave import Interleaver
+
+_NOTHING = object()
+
+
+def _make_wrapper(il: Interleaver, path: str, forward: Callable, is_root: bool) -> Callable:
+    key_in = (path, "input")
+    key_out = (path, "output")
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if il.adhoc:
+            return forward(*args, **kwargs)
+        n_in = il.n_in
+        call = n_in.get(path, 0)
+        n_in[path] = call + 1
+        il.order.append(path)
+        waiting = il.waiting
+        if key_in in waiting:
+            args, kwargs = il.serve(path, "input", call, (args, kwargs))
+        out = forward(*args, **kwargs)
+        il.n_out[path] = call + 1
+        if key_out in waiting:
+            out = il.serve(path, "output", call, out)
+        if path in il.observers:
+            il.observe(path, call, args, kwargs, out)
+        return out
+
+    if not is_root:
+        wrapped.__wrapped__ = forward  # type: ignore[attr-defined]
+        return wrapped
+
+    def wrapped_root(*args: Any, **kwargs: Any) -> Any:
+        if il.adhoc:
+            return forward(*args, **kwargs)
+        if il.root_depth == 0:
+            il.new_pass()
+        il.root_depth += 1
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            il.root_depth -= 1
+
+    wrapped_root.__wrapped__ = forward  # type: ignore[attr-defined]
+    return wrapped_root
+
+
+def install(il: Interleaver, modules: list[tuple[str, torch.nn.Module]]) -> list[tuple[dict, Any]]:
+    """Wrap each module's forward; returns what `uninstall` needs to undo it."""
+    installed: list[tuple[dict, Any]] = []
+    try:
+        for path, module in modules:
+            d = module.__dict__
+            previous = d.get("forward", _NOTHING)
+            d["forward"] = _make_wrapper(il, path, module.forward, path == "")
+            installed.append((d, previous))
+    except BaseException:
+        uninstall(installed)
+        raise
+    return installed
+
+
+def uninstall(installed: list[tuple[dict, Any]]) -> None:
+    for d, previous in reversed(installed):
+        if previous is _NOTHING:
+            d.pop("forward", None)
+        else:
+            d["forward"] = previous
+    installed.clear()

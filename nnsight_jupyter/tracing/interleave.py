@@ -1,0 +1,397 @@
+"""Run trace bodies in step with one forward pass.
+
+Each participant of a trace (the trace body, and each `tracer.invoke(...)` body) runs in its own
+greenlet, a `Mediator`. When its code reads a module value (`layer.output`), the mediator *parks*:
+it hands a request to the model side and waits. The model side is the forward pass itself, running
+in the caller's greenlet; every module's `forward` is wrapped for the duration of the trace (see
+`hooks.py`), and at each module call the wrapper serves the mediators parked on that call, in
+invoke order. Between reads the user's code runs natively on real tensors, so `print`, `if`,
+loops and any torch operation just work.
+
+A location is `(module path, "input" | "output", forward pass, call index)`: the pass counts calls
+of the root module (one per generated token), the call index counts calls of a module within a
+pass (shared or looped modules run several times). A request for a location the model has
+already passed fails at once, in the mediator, so the traceback points at the user's line; a
+request the model never reaches fails when the run ends.
+
+Invokes share names: when a mediator parks, the names its body assigned are copied into the
+other mediators' namespaces, and a mediator that reads a name another invoke will assign waits for
+it, so `model.layers[3].output[:] = h` in invoke B can use `h` read by invoke A in the same pass.
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass
+from typing import Any
+
+from greenlet import GreenletExit, getcurrent, greenlet
+
+from ..errors import ModuleNotReachedError, OutOfOrderError
+from .batching import Rows, narrow, splice
+
+RESULT = ("result",)
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+DONE = _Sentinel("DONE")
+ENDED = _Sentinel("ENDED")
+_MISSING = _Sentinel("MISSING")
+
+
+class StopTrace(BaseException):
+    """Raised inside a mediator by `tracer.stop()`; ends that mediator quietly."""
+
+
+class EarlyStop(BaseException):
+    """Raised from a module wrapper to unwind the forward pass after `tracer.stop()`."""
+
+
+@dataclass
+class Request:
+    op: str  # "get", "set" or "name"
+    key: Any
+    value: Any = None
+    soft: bool = False
+
+
+class _MediatorGreenlet(greenlet):
+    mediator: "Mediator"
+
+
+def current_mediator() -> "Mediator | None":
+    return getattr(getcurrent(), "mediator", None)
+
+
+def current_trace() -> "Interleaver | None":
+    m = getattr(getcurrent(), "mediator", None)
+    return m.interleaver if m is not None else None
+
+
+class Scope(dict):
+    """An invoke's namespace: waits for names that another invoke of the same pass will assign."""
+
+    mediator: "Mediator"
+
+    def __missing__(self, name: str) -> Any:
+        if name in builtins.__dict__:
+            raise KeyError(name)
+        value = self.mediator.interleaver.await_name(self.mediator, name)
+        if value is _MISSING:
+            raise KeyError(name)
+        return value
+
+
+class Mediator:
+    """One participant of a trace: a compiled body running in its own greenlet."""
+
+    def __init__(self, interleaver: "Interleaver", code: Any, ns: dict, *, assigned: tuple[str, ...],
+                 rows: Rows | None, label: str, index: int) -> None:
+        self.interleaver = interleaver
+        self.code = code
+        self.ns = ns
+        self.assigned = assigned
+        self.rows = rows
+        self.label = label
+        self.index = index
+        self.pending: Request | None = None
+        self.done = False
+        self.started = False
+        self.step = 0
+        self.cursor: dict[str, int] = {}
+        self.last: Any = None
+        self.greenlet = _MediatorGreenlet(self._run)
+        self.greenlet.mediator = self
+        if isinstance(ns, Scope):
+            ns.mediator = self
+
+    def _run(self) -> Any:
+        try:
+            exec(self.code, self.ns)
+        except StopTrace:
+            self.interleaver.stop_requested = True
+        return DONE
+
+    def request(self, key: Any, *, soft: bool = False) -> Any:
+        return self.greenlet.parent.switch(Request("get", key, None, soft))
+
+    def swap(self, key: Any, value: Any) -> None:
+        self.greenlet.parent.switch(Request("set", key, value))
+
+    def location(self, path: str, kind: str) -> tuple:
+        return (path, kind, self.step, self.cursor.get(path, 0))
+
+
+class Interleaver:
+    """The model side of one trace: serves parked mediators as the forward pass reaches them."""
+
+    def __init__(self, describe_path) -> None:
+        self.describe_path = describe_path
+        self.mediators: list[Mediator] = []
+        self.waiting: dict[tuple[str, str], list[Mediator]] = {}
+        self.name_waiters: dict[str, list[Mediator]] = {}
+        self.n_in: dict[str, int] = {}
+        self.n_out: dict[str, int] = {}
+        self.order: list[str] = []
+        self.pass_idx = -1
+        self.root_depth = 0
+        self.adhoc = 0
+        self.observers: dict[str, Any] = {}
+        self.stop_requested = False
+        self.stopped_at: str | None = None
+        self.saved: dict[int, Any] = {}
+        self.here: Any = None
+        self.here_value: Any = None
+        self.result: Any = _MISSING
+        self.root: Any = None
+        self.grad_guard: Any = None
+
+    def mark_saved(self, value: Any) -> None:
+        self.saved[id(value)] = value
+
+    def add(self, code: Any, ns: dict, *, assigned: tuple[str, ...], rows: Rows | None, label: str) -> Mediator:
+        m = Mediator(self, code, ns, assigned=assigned, rows=rows, label=label, index=len(self.mediators))
+        self.mediators.append(m)
+        return m
+
+    def start(self, m: Mediator) -> None:
+        """Run a mediator until it first parks (or finishes)."""
+        m.started = True
+        self._handle(m, m.greenlet.switch())
+
+    def new_pass(self) -> None:
+        self.pass_idx += 1
+        self.n_in = {}
+        self.n_out = {}
+        self.order = []
+
+    def serve(self, path: str, kind: str, call: int, value: Any) -> Any:
+        """Called by a module wrapper: hand `value` to every mediator parked on this location."""
+        parked = self.waiting.pop((path, kind), None)
+        if not parked:
+            return value
+        outer_here, outer_value = self.here, self.here_value
+        self.here = (path, kind, self.pass_idx, call)
+        self.here_value = value
+        try:
+            for m in parked:
+                req = m.pending
+                if req is not None and req.key == self.here:
+                    m.pending = None
+                    self._deliver(m, req)
+                elif req is not None:
+                    self._park(m)
+            value = self.here_value
+        finally:
+            self.here, self.here_value = outer_here, outer_value
+        if self.stop_requested:
+            self.stopped_at = path
+            raise EarlyStop()
+        return value
+
+    def _deliver(self, m: Mediator, req: Request) -> None:
+        m.last = self.here
+        if req.op == "get":
+            msg = m.greenlet.switch(narrow(self.here_value, m.rows))
+        else:
+            self.here_value = splice(self.here_value, m.rows, req.value)
+            msg = m.greenlet.switch(None)
+        self._handle(m, msg)
+
+    def _handle(self, m: Mediator, msg: Any) -> None:
+        while True:
+            if msg is DONE:
+                m.done = True
+                self._publish(m)
+                return
+            if msg.op == "name":
+                value = self._published(m, msg.key)
+                if value is _MISSING and self._provider_pending(m, msg.key):
+                    self.name_waiters.setdefault(msg.key, []).append(m)
+                    m.pending = msg
+                    self._publish(m)
+                    return
+                msg = m.greenlet.switch(value)
+                continue
+            if msg.key == self.here and self.here is not None:
+                m.last = self.here
+                if msg.op == "get":
+                    msg = m.greenlet.switch(narrow(self.here_value, m.rows))
+                else:
+                    self.here_value = splice(self.here_value, m.rows, msg.value)
+                    msg = m.greenlet.switch(None)
+                continue
+            problem = self._passed(m, msg.key)
+            if problem is not None:
+                msg = m.greenlet.throw(problem)
+                continue
+            m.pending = msg
+            self._park(m)
+            self._publish(m)
+            return
+
+    def _park(self, m: Mediator) -> None:
+        key = m.pending.key
+        slot = (key[0], key[1]) if len(key) == 4 else key
+        queue = self.waiting.setdefault(slot, [])
+        queue.append(m)
+        if len(queue) > 1 and queue[-2].index > m.index:
+            queue.sort(key=lambda x: x.index)
+
+    def _passed(self, m: Mediator, key: Any) -> Exception | None:
+        if len(key) != 4:
+            return None
+        path, kind, step, call = key
+        if step > self.pass_idx:
+            return None
+        if step == self.pass_idx:
+            count = (self.n_in if kind == "input" else self.n_out).get(path, 0)
+            if count <= call:
+                return None
+        where = self.describe_path(path)
+        now = self._describe_location(m.last) if m.last else "a later module"
+        return OutOfOrderError(
+            f"{where}.{kind} was requested after the forward pass had already computed it "
+            f"(the model was at {now}). One trace is one pass through the model, so read values in the "
+            f"order the model computes them: move this line above the one that reads {now}, "
+            "or read it in a separate trace."
+        )
+
+    def _describe_location(self, key: Any) -> str:
+        if key == RESULT:
+            return "the end of the run"
+        path, kind, step, call = key
+        text = f"{self.describe_path(path)}.{kind}"
+        if call:
+            text += f" (call {call})"
+        if step:
+            text += f" at step {step}"
+        return text
+
+    def _publish(self, m: Mediator) -> None:
+        if len(self.mediators) < 2 or not m.assigned:
+            return
+        for name in m.assigned:
+            value = m.ns.get(name, _MISSING) if isinstance(m.ns, dict) else _MISSING
+            if value is _MISSING:
+                continue
+            for other in self.mediators:
+                if other is not m and name not in other.assigned:
+                    other.ns[name] = value
+            waiters = self.name_waiters.pop(name, None)
+            for waiter in waiters or ():
+                waiter.pending = None
+                self._handle(waiter, waiter.greenlet.switch(value))
+
+    def _published(self, m: Mediator, name: str) -> Any:
+        return dict.get(m.ns, name, _MISSING)
+
+    def _provider_pending(self, m: Mediator, name: str) -> bool:
+        return any(other is not m and not other.done and name in other.assigned for other in self.mediators)
+
+    def await_name(self, m: Mediator, name: str) -> Any:
+        if not self._provider_pending(m, name):
+            return _MISSING
+        return m.greenlet.parent.switch(Request("name", name))
+
+    def observe(self, path: str, call: int, args: tuple, kwargs: dict, output: Any) -> None:
+        self.observers[path](self.pass_idx, call, args, kwargs, output)
+
+    def finish(self, result: Any) -> None:
+        """After the model has run: serve `tracer.result`, end step loops, and report what never came."""
+        self.result = result
+        self.here = RESULT
+        self.here_value = result
+        progress = True
+        while progress:
+            progress = False
+            for m in self.mediators:
+                req = m.pending
+                if m.done or req is None or req.op == "name":
+                    continue
+                if req.key == RESULT and result is not _MISSING:
+                    self._unpark(m)
+                    self._deliver(m, req)
+                    progress = True
+                elif req.soft:
+                    self._unpark(m)
+                    m.last = RESULT
+                    self._handle(m, m.greenlet.switch(ENDED))
+                    progress = True
+        self.here = None
+        for m in self.mediators:
+            req = m.pending
+            if m.done or req is None:
+                continue
+            self._unpark(m)
+            if req.op == "name":
+                self._handle(m, m.greenlet.switch(_MISSING))
+            else:
+                self._handle(m, m.greenlet.throw(self._not_reached(req.key)))
+        for m in self.mediators:
+            if not m.done and m.pending is not None:
+                self._unpark(m)
+                self._handle(m, m.greenlet.throw(self._not_reached(m.pending.key)))
+
+    def _unpark(self, m: Mediator) -> None:
+        req = m.pending
+        m.pending = None
+        if req is None:
+            return
+        if req.op == "name":
+            queue = self.name_waiters.get(req.key, [])
+        else:
+            key = req.key
+            queue = self.waiting.get((key[0], key[1]) if len(key) == 4 else key, [])
+        if m in queue:
+            queue.remove(m)
+
+    def _not_reached(self, key: Any) -> ModuleNotReachedError:
+        if key == RESULT:
+            return ModuleNotReachedError(
+                "tracer.result has no value: the run was ended by tracer.stop() before the model returned."
+            )
+        path, kind, step, call = key
+        where = self.describe_path(path)
+        if self.stopped_at is not None:
+            return ModuleNotReachedError(
+                f"{where}.{kind} was never computed: tracer.stop() ended the forward pass at "
+                f"{self.describe_path(self.stopped_at)}. Read it before calling stop(), or stop later."
+            )
+        if step > self.pass_idx:
+            return ModuleNotReachedError(
+                f"{where}.{kind} was requested for step {step}, but the run ended after "
+                f"{self.pass_idx + 1} forward pass(es). Ask for fewer steps or generate more tokens."
+            )
+        ran = self.n_in.get(path, 0) if step == self.pass_idx else None
+        if ran:
+            return ModuleNotReachedError(
+                f"{where} ran {ran} time(s) in this forward pass, but call {call} was requested. "
+                f"Calls are counted from 0; use .call(i) or .next() with i < {ran}."
+            )
+        seen = list(dict.fromkeys(self.order))
+        shown = ", ".join(self.describe_path(p) for p in seen[:6])
+        if len(seen) > 6:
+            shown += f", ... ({len(seen)} modules in all)"
+        return ModuleNotReachedError(
+            f"{where}.{kind} was never computed: the forward pass did not call {where}. "
+            f"Modules that ran: {shown or 'none'}. Check that this module is used by the model's forward "
+            "for this input (print(model) shows the tree; model.scan(input) shows what runs)."
+        )
+
+    def kill(self) -> None:
+        """End every unfinished mediator (after an error), running its `finally` blocks."""
+        for m in self.mediators:
+            if m.started and not m.done and not m.greenlet.dead:
+                try:
+                    m.greenlet.throw(GreenletExit)
+                except BaseException:
+                    pass
+            m.done = True

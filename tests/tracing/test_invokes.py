@@ -1,0 +1,125 @@
+"""Several invokes batched into one forward pass, each with its own rows, sharing values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nnsight_jupyter
+from nnsight_jupyter import NNsight
+from nnsight_jupyter.errors import InvokeError, TraceError
+
+from .conftest import first_tensor, reference_run
+
+
+def test_invokes_run_as_one_batch_and_each_sees_its_rows(arch):
+    model = NNsight(arch.module)
+    a, b = arch.make_input(1), arch.make_input(2)
+    forward_calls = []
+    handle = arch.module.register_forward_hook(lambda mod, args, out: forward_calls.append(args[0].shape[0]))
+    late = model.resolve(arch.late)
+    try:
+        with torch.no_grad(), model.trace() as tracer:
+            with tracer.invoke(a):
+                la = first_tensor(late.output).save()
+            with tracer.invoke(b):
+                lb = first_tensor(late.output).save()
+            with tracer.invoke():
+                everything = first_tensor(late.output).save()
+    finally:
+        handle.remove()
+    assert forward_calls == [3]  # one forward over the whole batch
+    ref_a, _, _ = reference_run(arch.module, a, [arch.late])
+    ref_b, _, _ = reference_run(arch.module, b, [arch.late])
+    assert la.shape[0] == 1 and lb.shape[0] == 2 and everything.shape[0] == 3
+    assert torch.allclose(la, first_tensor(ref_a[arch.late][0]), atol=1e-5)
+    assert torch.allclose(lb, first_tensor(ref_b[arch.late][0]), atol=1e-5)
+    assert torch.allclose(everything, torch.cat([la, lb]), atol=0)
+
+
+def test_patch_prompt_b_with_prompt_a_activation_in_one_pass(gpt2):
+    model = NNsight(gpt2.module)
+    a, b = gpt2.make_input(1), gpt2.make_input(1)
+    ref_a, _, _ = reference_run(gpt2.module, a, ["transformer.h.1"])
+    act = ref_a["transformer.h.1"][0]
+
+    def put(out):
+        out = out.clone()
+        out[:, -1] = act[:, -1]
+        return out
+
+    _, _, expected_b = reference_run(gpt2.module, b, [], edit={"transformer.h.1": put})
+    with torch.no_grad(), model.trace() as tracer:
+        with tracer.invoke(a):
+            source = model.transformer.h[1].output[:, -1]
+            logits_a = model.lm_head.output.save()
+        with tracer.invoke(b):
+            model.transformer.h[1].output[:, -1] = source
+            logits_b = model.lm_head.output.save()
+    assert torch.allclose(logits_b, expected_b.logits, atol=1e-5)
+    _, _, clean_a = reference_run(gpt2.module, a, [])
+    assert torch.allclose(logits_a, clean_a.logits, atol=1e-5)
+
+
+def test_later_invoke_reads_a_name_from_an_earlier_one_at_a_later_layer(gpt2):
+    model = NNsight(gpt2.module)
+    a, b = gpt2.make_input(1), gpt2.make_input(1)
+    ref_a, _, _ = reference_run(gpt2.module, a, ["transformer.h.0"])
+    with torch.no_grad(), model.trace() as tracer:
+        with tracer.invoke(a):
+            early = model.transformer.h[0].output.clone()
+        with tracer.invoke(b):
+            model.transformer.h[2].output[:] = early
+            seen = model.transformer.h[2].output.save()
+    assert torch.equal(seen, ref_a["transformer.h.0"][0])
+
+
+def test_invokes_in_a_loop_capture_each_iteration(gpt2):
+    model = NNsight(gpt2.module)
+    inputs = [gpt2.make_input(1) for _ in range(3)]
+    with torch.no_grad(), model.trace() as tracer:
+        outs = nnsight_jupyter.save([])
+        for i, x in enumerate(inputs):
+            with tracer.invoke(x):
+                model.transformer.h[i].output[:] = 0.0
+                outs.append(model.lm_head.output)
+    assert len(outs) == 3
+    for i, x in enumerate(inputs):
+        _, _, expected = reference_run(gpt2.module, x, [], edit={f"transformer.h.{i}": lambda o: o * 0.0})
+        assert torch.allclose(outs[i], expected.logits, atol=1e-5)
+
+
+def test_invoke_with_a_trace_input_is_refused(gpt2):
+    model = NNsight(gpt2.module)
+    with pytest.raises(InvokeError, match="already has an input"):
+        with model.trace(gpt2.make_input(1)) as tracer:
+            with tracer.invoke(gpt2.make_input(1)):
+                pass
+
+
+def test_trace_without_any_input_says_what_to_do(gpt2):
+    model = NNsight(gpt2.module)
+    with pytest.raises(TraceError, match="has no input"):
+        with model.trace():
+            pass
+
+
+def test_invoke_after_reading_values_is_refused(gpt2):
+    model = NNsight(gpt2.module)
+    with pytest.raises(InvokeError, match="must come before"):
+        with model.trace() as tracer:
+            with tracer.invoke(gpt2.make_input(1)):
+                pass
+            h = model.transformer.h[0].output
+            with tracer.invoke(gpt2.make_input(1)):
+                pass
+
+
+def test_inputs_that_cannot_be_batched_are_explained(gpt2):
+    model = NNsight(gpt2.module)
+    with pytest.raises(InvokeError, match=r"Cannot batch argument 0 .*\(1, 7\), \(1, 5\)"):
+        with model.trace() as tracer:
+            with tracer.invoke(gpt2.make_input(1)):
+                pass
+            with tracer.invoke(gpt2.make_input(1)[:, :5]):
+                pass
