@@ -12,3 +12,16 @@ from .models.base import NNsight
 from .tracing import Cache, Envoy, ScanResult, save
 
 __all__ = ["Cache", "Envoy", "NNsight", "ScanResult", "__version__", "errors", "save"]
+
+
+def load_ipython_extension(shell):  # noqa: ANN001 - IPython's extension hook
+    """`%load_ext nnsight_jupyter`: register `%%trace`, `%nnsight` and module-path completion."""
+    from .magics import load_ipython_extension as load
+
+    load(shell)
+
+
+def unload_ipython_extension(shell):  # noqa: ANN001
+    from .magics import unload_ipython_extension as unload
+
+    unload(shell)

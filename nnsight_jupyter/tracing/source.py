@@ -117,6 +117,32 @@ def compile_source(source: str, filename: str = "<trace>", *, first_line: int = 
     return _compile_body(tree.body, filename, lineno=first_line, as_name=None, allow_invokes=True)
 
 
+def compile_invokes(source: str, filename: str, count: int, inputs_name: str, *, first_line: int = 1) -> Block:
+    """A trace body that runs `source` once per input, each as its own invoke: `%%trace` with several prompts.
+
+    Every copy keeps the source's own line numbers, so tracebacks point at the cell; the invoke
+    headers get distinct line numbers past the end of the source, which is how each is found.
+    """
+    try:
+        tree = ast.parse(source, filename=filename)
+    except SyntaxError as exc:
+        raise TraceError(f"The trace body is not valid Python: {exc.msg} (line {exc.lineno}).") from exc
+    ast.increment_lineno(tree, first_line - 1)
+    header = first_line + len(source.splitlines()) + 1
+    statements: list[ast.stmt] = []
+    for i in range(count):
+        line = header + i
+        call = ast.parse(f"tracer.invoke({inputs_name}[{i}])", mode="eval").body
+        for node in ast.walk(call):
+            node.lineno = node.end_lineno = line  # type: ignore[attr-defined]
+            node.col_offset, node.end_col_offset = 0, 1  # type: ignore[attr-defined]
+        with_node = ast.With(items=[ast.withitem(context_expr=call)], body=copy.deepcopy(tree.body))
+        with_node.lineno = with_node.end_lineno = line
+        with_node.col_offset, with_node.end_col_offset = 0, 1
+        statements.append(with_node)
+    return _compile_body(statements, filename, lineno=first_line, as_name=None, allow_invokes=True)
+
+
 def compile_with(node: ast.With, filename: str) -> Block:
     item = _trace_item(node)
     target = item.optional_vars

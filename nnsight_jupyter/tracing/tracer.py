@@ -138,6 +138,7 @@ class Tracer:
         self._interleaver: Interleaver | None = None
         self._pending_invokes: list[tuple[Invoker, Block, Scope]] = []
         self._frozen = False
+        self.invoke_values: list[dict[str, Any]] = []
         self._frame: FrameType | None = None
         self._skipper: _BodySkipper | None = None
 
@@ -343,17 +344,21 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
             unpatch_tensor_save()
         if armed:
             grads.disarm()
-    bound: dict[str, Any] = {}
-    for m in il.mediators:
+    def finalised(m: Any) -> dict[str, Any]:
+        values = {}
         for name in m.assigned:
             value = dict.get(m.ns, name, _MISSING)
             if value is not _MISSING:
-                bound[name] = value
+                values[name] = NotSaved(name) if holds_unsaved_tensor(value, il.saved) else value
+        return values
+
+    per_mediator = [finalised(m) for m in il.mediators]
+    tracer.invoke_values = per_mediator[1:]
+    bound: dict[str, Any] = {}
+    for values in per_mediator:
+        bound.update(values)
     if block.as_name:
         bound[block.as_name] = tracer
-    for name, value in bound.items():
-        if holds_unsaved_tensor(value, il.saved):
-            bound[name] = NotSaved(name)
     if module_level:
         ns.update(bound)
         if restore.get(SAVE_NAME, _MISSING) is _MISSING:

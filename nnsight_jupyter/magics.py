@@ -1,0 +1,293 @@
+"""`%%trace` and `%nnsight`: a notebook cell becomes the body of a trace.
+
+    %load_ext nnsight_jupyter
+
+    %%trace smollm2 "The capital of France is"
+    logits = model.lm_head.output[0, -1].save()
+
+The cell body runs exactly as the body of `with model.trace(prompt) as tracer:` would, through
+the same engine; `model` and `tracer` are defined inside it, and saved values land in the
+notebook's namespace. Because the magic is handed the cell text, it needs no source lookup, so it
+composes with `%%time` and other cell magics. The cell is registered with IPython's line cache, so
+tracebacks show the cell's own line numbers.
+
+With several prompts (quoted strings, or a notebook variable holding a list), each prompt is one
+invoke of a single batched forward pass; every name the body binds then holds a list with one
+value per prompt, in prompt order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import shlex
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from .errors import NNsightError, TraceError
+from .models.base import NNsight
+from .tracing.envoy import Envoy
+from .tracing.source import compile_invokes, compile_source
+from .tracing.tracer import Tracer, run_block
+
+
+class MagicUsageError(NNsightError, ValueError):
+    """A `%%trace` or `%nnsight` line that cannot be understood."""
+
+
+_TRACE_USAGE = (
+    "%%trace MODEL [PROMPT ...] [--max-new-tokens N] [--remote] [--timeout S] [--show]\n"
+    "  MODEL   a registry alias (smollm2, gpt2), a Hugging Face id or folder, or a model object in the notebook\n"
+    "  PROMPT  a quoted string or the name of a notebook variable (a list gives one invoke per prompt)"
+)
+
+_NNSIGHT_HELP = """%nnsight commands:
+  %nnsight models              models available here (registry aliases, and whether each works offline)
+  %nnsight tree MODEL          the module tree of MODEL
+  %nnsight status              the remote backend configured for --remote
+  %nnsight config KEY=VALUE    set a configuration value for this kernel (e.g. remote_host=...)
+  %nnsight help                this text
+
+%%trace MODEL [PROMPT ...] [--max-new-tokens N] [--remote] [--timeout S] [--show]
+  runs the cell as the body of a trace; `model` and `tracer` are defined in it."""
+
+
+def _parse_trace_line(line: str) -> tuple[argparse.Namespace, list[str]]:
+    lexer = shlex.shlex(line, posix=False)
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError as exc:
+        raise MagicUsageError(f"Cannot read the %%trace line ({exc}); close every quote.\n{_TRACE_USAGE}") from None
+    parser = argparse.ArgumentParser(prog="%%trace", add_help=False, exit_on_error=False)
+    parser.add_argument("model")
+    parser.add_argument("prompts", nargs="*")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--remote", action="store_true")
+    parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--show", action="store_true")
+    try:
+        args, unknown = parser.parse_known_args(tokens)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise MagicUsageError(f"{exc}\n{_TRACE_USAGE}") from None
+    if unknown:
+        raise MagicUsageError(f"Unknown option(s) {' '.join(unknown)}.\n{_TRACE_USAGE}")
+    return args, tokens
+
+
+@magics_class
+class TraceMagics(Magics):
+    """The `%%trace` cell magic and the `%nnsight` line magic."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self._models: dict[str, NNsight] = {}
+        self.settings: dict[str, str] = {}
+
+    # ----- models ---------------------------------------------------------------------------
+    def model_for(self, spec: str) -> NNsight:
+        """A model object from the notebook, or a registry alias / Hub id loaded once per kernel."""
+        ns = self.shell.user_ns
+        if spec in ns and isinstance(ns[spec], NNsight):
+            return ns[spec]
+        if spec.isidentifier() and spec in ns and isinstance(ns[spec], __import__("torch").nn.Module):
+            return NNsight(ns[spec])
+        if spec not in self._models:
+            from .models.language import LanguageModel
+
+            self._models[spec] = LanguageModel(spec)
+        return self._models[spec]
+
+    def _prompt_values(self, tokens: list[str]) -> list[Any]:
+        values: list[Any] = []
+        for token in tokens:
+            if token[:1] in ("'", '"') or token[:2].lower() in ('f"', "f'", 'r"', "r'"):
+                try:
+                    values.append(ast.literal_eval(token))
+                except (ValueError, SyntaxError):
+                    raise MagicUsageError(f"Cannot read the prompt {token}: write it as a Python string literal.")
+                continue
+            try:
+                value = eval(token, self.shell.user_ns)  # a notebook variable or expression
+            except NameError:
+                raise MagicUsageError(
+                    f"{token!r} is neither a quoted prompt nor a variable in this notebook. "
+                    f'Quote literal prompts: %%trace MODEL "{token}"'
+                ) from None
+            if isinstance(value, (list, tuple)):
+                values.extend(value)
+            else:
+                values.append(value)
+        return values
+
+    # ----- %%trace --------------------------------------------------------------------------
+    @cell_magic("trace")
+    def trace(self, line: str, cell: str) -> None:
+        """Run the cell as the body of a trace of MODEL on PROMPT(s). `%nnsight help` for details."""
+        args, _ = _parse_trace_line(line)
+        if args.remote:
+            raise TraceError(
+                "--remote needs the remote backend, which this installation does not provide yet; "
+                "drop --remote to run the cell locally."
+            )
+        model = self.model_for(args.model)
+        prompts = self._prompt_values(args.prompts)
+        source_name = self.shell.compile.cache(f"%%trace {line}\n{cell}")
+        block = compile_source(cell, source_name, first_line=2)
+        if not prompts:
+            tracer = self._tracer(model, (), args)
+            ns = dict(self.shell.user_ns, model=model, tracer=tracer)
+            bound = run_block(tracer, block, ns, module_level=False)
+            results = bound
+        elif len(prompts) == 1:
+            tracer = self._tracer(model, (prompts[0],), args)
+            ns = dict(self.shell.user_ns, model=model, tracer=tracer)
+            results = run_block(tracer, block, ns, module_level=False)
+        else:
+            results = self._run_invokes(model, prompts, cell, source_name, args)
+        results.pop("model", None)
+        results.pop("tracer", None)
+        self.shell.user_ns.update(results)
+        if args.show:
+            from IPython.display import display
+
+            for name, value in results.items():
+                display(_summary(name, value))
+
+    def _tracer(self, model: NNsight, inputs: tuple, args: argparse.Namespace) -> Tracer:
+        if args.max_new_tokens is not None:
+            return model.generate(*inputs, max_new_tokens=args.max_new_tokens)
+        return model.trace(*inputs)
+
+    def _run_invokes(self, model: NNsight, prompts: list[Any], cell: str, source_name: str,
+                     args: argparse.Namespace) -> dict[str, Any]:
+        block = compile_invokes(cell, source_name, len(prompts), "__nnsight_prompts__", first_line=2)
+        tracer = self._tracer(model, (), args)
+        ns = dict(self.shell.user_ns, model=model, tracer=tracer, __nnsight_prompts__=prompts)
+        run_block(tracer, block, ns, module_level=False)
+        names = list(dict.fromkeys(n for values in tracer.invoke_values for n in values))
+        return {name: [values.get(name) for values in tracer.invoke_values] for name in names}
+
+    # ----- %nnsight -------------------------------------------------------------------------
+    @line_magic("nnsight")
+    def nnsight(self, line: str) -> Any:
+        """`%nnsight models | tree MODEL | status | config KEY=VALUE | help`."""
+        words = line.split()
+        command = words[0] if words else "help"
+        if command == "help":
+            print(_NNSIGHT_HELP)
+            return None
+        if command == "models":
+            from .models.registry import available
+
+            return available()
+        if command == "tree":
+            if len(words) != 2:
+                raise MagicUsageError("Usage: %nnsight tree MODEL")
+            model = self.model_for(words[1])
+            print(model)
+            return None
+        if command == "status":
+            host = self.settings.get("remote_host")
+            print(f"remote backend: {host}" if host else "remote backend: not configured (set it with "
+                  "%nnsight config remote_host=URL)")
+            return None
+        if command == "config":
+            if len(words) < 2 or any("=" not in w for w in words[1:]):
+                raise MagicUsageError("Usage: %nnsight config KEY=VALUE [KEY=VALUE ...]")
+            for word in words[1:]:
+                key, value = word.split("=", 1)
+                self.settings[key.strip()] = value.strip()
+            return None
+        raise MagicUsageError(f"Unknown %nnsight command {command!r}.\n{_NNSIGHT_HELP}")
+
+
+def _summary(name: str, value: Any) -> Any:
+    import torch
+    from IPython.display import HTML
+
+    def describe(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            f = v.detach().float()
+            stats = (
+                f"mean {f.mean():.4g}, std {f.std():.4g}, min {f.min():.4g}, max {f.max():.4g}" if f.numel() > 1
+                else f"value {f.item():.4g}"
+            )
+            return f"tensor {list(v.shape)} {str(v.dtype).replace('torch.', '')}: {stats}"
+        if isinstance(v, (list, tuple)):
+            return f"{type(v).__name__} of {len(v)}: [" + "; ".join(describe(x) for x in v[:4]) + (
+                "; ..." if len(v) > 4 else "") + "]"
+        return repr(v)[:200]
+
+    return HTML(f"<pre><b>{name}</b>: {_escape(describe(value))}</pre>")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_PATH_RE = re.compile(r"([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*|\[\s*-?\d+\s*\]|\[\s*['\"][^'\"]+['\"]\s*\])*)\.(\w*)$")
+
+
+def complete_module_paths(shell: Any, text_before_cursor: str) -> list[str]:
+    """Completions for `model.x.layers[0].<tab>`: child modules, aliases and attributes of the envoy."""
+    match = _PATH_RE.search(text_before_cursor)
+    if not match:
+        return []
+    expr, prefix = match.groups()
+    head = re.match(r"[A-Za-z_]\w*", expr).group(0)  # type: ignore[union-attr]
+    obj = shell.user_ns.get(head)
+    if not isinstance(obj, Envoy):
+        return []
+    rest = expr[len(head):]
+    for part in re.findall(r"\.([A-Za-z_]\w*)|\[\s*(-?\d+)\s*\]|\[\s*['\"]([^'\"]+)['\"]\s*\]", rest):
+        attr, index, key = part
+        try:
+            if attr:
+                obj = getattr(obj, attr)
+            elif index:
+                obj = obj[int(index)]
+            else:
+                obj = obj[key]
+        except Exception:
+            return []
+        if not isinstance(obj, Envoy):
+            return []
+    names = list(obj._children) + list(obj._aliases) + ["output", "input", "inputs", "next", "call"]
+    names += [n for n in dir(obj._module) if not n.startswith("_")]
+    return sorted({n for n in names if n.startswith(prefix) and n.isidentifier()},
+                  key=lambda n: (n not in obj._children and n not in obj._aliases, n))
+
+
+def _matcher(shell: Any):
+    from IPython.core.completer import SimpleCompletion, context_matcher
+
+    @context_matcher()
+    def nnsight_module_paths(context: Any) -> dict:
+        before = context.text_until_cursor
+        names = complete_module_paths(shell, before)
+        return {"completions": [SimpleCompletion(text=n, type="module") for n in names], "suppress": bool(names)}
+
+    return nnsight_module_paths
+
+
+def load_ipython_extension(shell: Any) -> None:
+    magics = TraceMagics(shell)
+    shell.register_magics(magics)
+    matcher = _matcher(shell)
+    shell.Completer.custom_matchers.append(matcher)
+    shell._nnsight_jupyter = (magics, matcher)
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    state = getattr(shell, "_nnsight_jupyter", None)
+    if state is None:
+        return
+    magics, matcher = state
+    if matcher in shell.Completer.custom_matchers:
+        shell.Completer.custom_matchers.remove(matcher)
+    shell.magics_manager.magics["cell"].pop("trace", None)
+    shell.magics_manager.magics["line"].pop("nnsight", None)
+    del shell._nnsight_jupyter

@@ -1,0 +1,161 @@
+"""`%%trace` and `%nnsight` driven through a real IPython shell, checked against forward hooks."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from nnsight_jupyter import NNsight
+from nnsight_jupyter.magics import MagicUsageError, complete_module_paths
+
+
+@pytest.fixture(scope="module")
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext nnsight_jupyter").raise_error()
+    yield shell
+    shell.run_cell("%unload_ext nnsight_jupyter")
+
+
+@pytest.fixture
+def gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _hooked(module, x, path):
+    seen = []
+    handle = module.get_submodule(path).register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_trace_cell_equals_with_block_and_forward_hooks(shell, gpt2):
+    x = torch.randint(1, 97, (2, 6))
+    model = NNsight(gpt2)
+    shell.user_ns.update(net=model, x=x)
+    shell.run_cell("%%trace net x\nh = model.transformer.h[1].output.save()\nunsaved = model.lm_head.output\n").raise_error()
+    with model.trace(x):
+        h_with = model.transformer.h[1].output.save()
+    expected = _hooked(gpt2, x, "transformer.h.1")
+    assert torch.equal(shell.user_ns["h"], h_with)
+    assert torch.equal(shell.user_ns["h"], expected)
+    assert "model" not in shell.user_ns or shell.user_ns["model"] is not model
+    result = shell.run_cell("unsaved + 1")
+    assert type(result.error_in_exec).__name__ == "NotSavedError"
+
+
+def test_plain_torch_module_in_the_notebook_is_wrapped(shell, gpt2):
+    x = torch.randint(1, 97, (1, 5))
+    shell.user_ns.update(raw=gpt2, x=x)
+    shell.run_cell("%%trace raw x\nh0 = model.transformer.h[0].output.save()\n").raise_error()
+    assert torch.equal(shell.user_ns["h0"], _hooked(gpt2, x, "transformer.h.0"))
+
+
+def test_several_prompts_become_one_invoke_each(shell, gpt2):
+    a, b = torch.randint(1, 97, (1, 4)), torch.randint(1, 97, (1, 4))
+    calls = []
+    handle = gpt2.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    shell.user_ns.update(raw=gpt2, batch=[a, b])
+    try:
+        shell.run_cell("%%trace raw batch\nh = model.transformer.h[1].output.save()\n").raise_error()
+    finally:
+        handle.remove()
+    assert calls == [2]
+    values = shell.user_ns["h"]
+    assert isinstance(values, list) and len(values) == 2
+    assert torch.allclose(values[0], _hooked(gpt2, a, "transformer.h.1"), atol=1e-6)
+    assert torch.allclose(values[1], _hooked(gpt2, b, "transformer.h.1"), atol=1e-6)
+
+
+def test_tracebacks_use_the_cells_own_line_numbers(shell, gpt2):
+    shell.user_ns.update(raw=gpt2, x=torch.randint(1, 97, (1, 4)), batch=[torch.randint(1, 97, (1, 4))] * 2)
+    for line in ("raw x", "raw batch"):
+        result = shell.run_cell(f"%%trace {line}\nh = model.transformer.h[0].output\n\nh.no_such_method()\n")
+        assert isinstance(result.error_in_exec, AttributeError)
+        last = traceback.extract_tb(result.error_in_exec.__traceback__)[-1]
+        assert last.lineno == 4
+        assert "no_such_method" in last.line
+
+
+def test_a_typo_in_a_module_path_suggests_the_name(shell, gpt2):
+    shell.user_ns.update(raw=gpt2, x=torch.randint(1, 97, (1, 4)))
+    result = shell.run_cell("%%trace raw x\nh = model.transformer.hh[0].output.save()\n")
+    assert "Did you mean 'h'" in str(result.error_in_exec)
+
+
+def test_unquoted_unknown_prompt_and_bad_options_are_explained(shell, gpt2):
+    shell.user_ns.update(raw=gpt2)
+    result = shell.run_cell("%%trace raw Hello\nmodel.lm_head.output\n")
+    assert isinstance(result.error_in_exec, MagicUsageError)
+    assert 'Quote literal prompts: %%trace MODEL "Hello"' in str(result.error_in_exec)
+    result = shell.run_cell("%%trace raw x --bogus\nmodel.lm_head.output\n")
+    assert "Unknown option(s) --bogus" in str(result.error_in_exec)
+
+
+def test_time_then_trace_composes(shell, gpt2):
+    x = torch.randint(1, 97, (1, 5))
+    shell.user_ns.update(raw=gpt2, x=x)
+    shell.run_cell("%%time\n%%trace raw x\ntimed = model.transformer.h[1].output.save()\n").raise_error()
+    assert torch.equal(shell.user_ns["timed"], _hooked(gpt2, x, "transformer.h.1"))
+
+
+def test_generation_cell_with_per_step_values(shell, gpt2):
+    x = torch.randint(1, 97, (1, 5))
+    shell.user_ns.update(raw=gpt2, x=x)
+    shell.run_cell("import nnsight_jupyter").raise_error()
+    shell.run_cell(
+        "%%trace raw x --max-new-tokens 3\n"
+        "shapes = nnsight_jupyter.save([])\n"
+        "for step in tracer.all():\n"
+        "    shapes.append(tuple(model.transformer.h[0].output.shape))\n"
+        "ids = tracer.result.save()\n",
+    ).raise_error()
+    expected = gpt2.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(shell.user_ns["ids"], expected)
+    assert shell.user_ns["shapes"] == [(1, 5, 32), (1, 1, 32), (1, 1, 32)]
+
+
+def test_show_displays_a_summary(shell, gpt2, capsys):
+    shell.user_ns.update(raw=gpt2, x=torch.randint(1, 97, (1, 5)))
+    shown = []
+    shell.display_pub.publish = lambda data, **kw: shown.append(data)
+    shell.run_cell("%%trace raw x --show\nh = model.transformer.h[0].output.save()\n").raise_error()
+    html = "".join(d.get("text/html", "") for d in shown)
+    assert "<b>h</b>" in html and "tensor [1, 5, 32] float32" in html
+
+
+def test_nnsight_line_magic(shell, gpt2, capsys):
+    shell.user_ns.update(raw=gpt2)
+    shell.run_cell("%nnsight help").raise_error()
+    assert "%nnsight tree MODEL" in capsys.readouterr().out
+    shell.run_cell("%nnsight tree raw").raise_error()
+    assert "GPT2LMHeadModel" in capsys.readouterr().out
+    shell.run_cell("%nnsight config remote_host=http://127.0.0.1:1").raise_error()
+    shell.run_cell("%nnsight status").raise_error()
+    assert "http://127.0.0.1:1" in capsys.readouterr().out
+    result = shell.run_cell("%nnsight frobnicate")
+    assert "Unknown %nnsight command 'frobnicate'" in str(result.error_in_exec)
+
+
+def test_module_path_completion(shell, gpt2):
+    shell.user_ns["m"] = NNsight(gpt2)
+    assert complete_module_paths(shell, "m.transformer.h[0].")[:4] == ["attn", "ln_1", "ln_2", "mlp"]
+    assert complete_module_paths(shell, "x = m.transformer.h[1].a")[0] == "attn"
+    assert complete_module_paths(shell, "m.transformer.zz[0].") == []
+    from IPython.core.completer import provisionalcompleter
+
+    text = "m.transformer.h[0].ml"
+    with provisionalcompleter():
+        completions = [c.text for c in shell.Completer.completions(text, len(text))]
+    assert any(c.endswith("mlp") for c in completions)
