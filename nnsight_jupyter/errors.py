@@ -10,10 +10,12 @@ Messages name the problem and the fix, and point at the user's own code where on
     │       └── OutOfOrderError     ... because the forward had already passed that module
     ├── ModulePathError             a module path that does not exist (with "did you mean" hints)
     ├── NotSavedError               a name set inside a trace is used afterwards without `.save()`
-    └── ScanError                   shape propagation could not get through the model
+    ├── ScanError                   shape propagation could not get through the model
+    └── ProtocolError               a value cannot cross the wire, or bytes are not a valid message
+        └── ProtocolVersionError    (in remote.protocol) client and server speak different versions
 
-`ModulePathError` is also an `AttributeError` and `NotSavedError` a `NameError`, so code that
-catches the built-in kinds keeps working.
+`ModulePathError` is also an `AttributeError`, `NotSavedError` a `NameError` and `ProtocolError`
+a `ValueError`, so code that catches the built-in kinds keeps working.
 """
 
 from __future__ import annotations
@@ -53,3 +55,7 @@ class NotSavedError(NNsightError, NameError):
 
 class ScanError(NNsightError):
     """Shape propagation with fake tensors could not get through the model."""
+
+
+class ProtocolError(NNsightError, ValueError):
+    """A value cannot be encoded for the remote protocol, or bytes are not a valid message."""
