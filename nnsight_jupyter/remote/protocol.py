@@ -70,8 +70,6 @@ Strictness and limits
 
 from __future__ import annotations
 
-from ..errors import ProtocolError
-
 import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -79,6 +77,7 @@ from typing import Any, Final
 import msgpack
 
 from .._version import __version__
+from ..errors import ProtocolError
 from ._codec import Decoder, Encoder
 from ._codec_types import FunctionSource, Unsupported
 
