@@ -35,7 +35,7 @@ class PreparedInput:
 class NNsight(Envoy):
     """Wrap any PyTorch module; `model.trace(...)` then runs code beside its forward pass."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, *, remote_id: str | None = None) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(
                 f"NNsight wraps a torch.nn.Module, not {type(module).__name__}. "
@@ -43,6 +43,7 @@ class NNsight(Envoy):
             )
         object.__setattr__(self, "_model", module)
         object.__setattr__(self, "_interleaver", None)
+        object.__setattr__(self, "remote_id", remote_id)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -69,15 +70,20 @@ class NNsight(Envoy):
                 logits = model.output.save()
 
         With no inputs, add them with `with tracer.invoke(input):` blocks; they are batched into one pass.
+        `remote=True` runs the block on the configured server instead (same code, same values);
+        `blocking=False` returns at once with `tracer.job`, `timeout=` bounds a remote run in seconds.
         """
-        return Tracer(self, inputs, kwargs)
+        remote, blocking, timeout = _remote_options(kwargs)
+        return Tracer(self, inputs, kwargs, remote=remote, blocking=blocking, timeout=timeout)
 
     def generate(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but runs the wrapped module's `.generate(...)`; `tracer.all()` loops over steps."""
         if not hasattr(self._model, "generate"):
             raise TraceError(f"{type(self._model).__name__} has no .generate() method; use model.trace(...).")
+        remote, blocking, timeout = _remote_options(kwargs)
         gen_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_OPTIONS}
-        return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs)
+        return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs, remote=remote,
+                      blocking=blocking, timeout=timeout)
 
     def run_with_cache(self, *inputs: Any, modules: list[Any] | None = None, include_inputs: bool = False,
                        **kwargs: Any) -> tuple[Any, Any]:
@@ -129,6 +135,10 @@ class NNsight(Envoy):
 
     def _run_generate(self, args: tuple, kwargs: dict, generate_kwargs: dict) -> Any:
         return self._model.generate(*args, **kwargs, **generate_kwargs)
+
+
+def _remote_options(kwargs: dict) -> tuple[Any, bool, float | None]:
+    return kwargs.pop("remote", False), bool(kwargs.pop("blocking", True)), kwargs.pop("timeout", None)
 
 
 def _concat(values: list[Any], what: str) -> Any:

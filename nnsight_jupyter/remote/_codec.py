@@ -28,6 +28,9 @@ from ._codec_types import (
     TORCH_DTYPE_NAMES,
     TORCH_DTYPES,
     FunctionSource,
+    ModuleRef,
+    Placeholder,
+    Record,
     Unsupported,
     array_from_wire,
     array_to_wire,
@@ -54,6 +57,9 @@ EXT_DTYPE = 9
 EXT_SIZE = 10
 EXT_DEVICE = 11
 EXT_FUNCTION = 12
+EXT_MODULE_REF = 13
+EXT_RECORD = 14
+EXT_PLACEHOLDER = 15
 
 _TAGS = {
     tuple: msgpack.ExtType(EXT_TUPLE, b""),
@@ -61,6 +67,7 @@ _TAGS = {
     frozenset: msgpack.ExtType(EXT_FROZENSET, b""),
 }
 _SLICE_TAG = msgpack.ExtType(EXT_SLICE, b"")
+_RECORD_TAG = msgpack.ExtType(EXT_RECORD, b"")
 _ELLIPSIS = msgpack.ExtType(EXT_ELLIPSIS, b"")
 
 _TIMESTAMP_HEADERS = tuple(
@@ -119,6 +126,10 @@ class Encoder:
             return [tag, *value]
         if kind is slice:
             return [_SLICE_TAG, value.start, value.stop, value.step]
+        if kind is Record:
+            if type(value.fields) is not dict or not all(type(k) is str for k in value.fields):
+                raise Unsupported(value, "a Record's fields must be a dict with str keys")
+            return [_RECORD_TAG, value.module, value.qualname, value.fields]
         if kind is int:
             return msgpack.ExtType(EXT_BIGINT, _bigint_bytes(value))
         encode = _ENCODERS.get(kind)
@@ -159,6 +170,17 @@ class Encoder:
     def _function_source(self, value: FunctionSource) -> msgpack.ExtType:
         return msgpack.ExtType(EXT_FUNCTION, msgpack.packb([value.name, value.source]))
 
+    def _module_ref(self, value: ModuleRef) -> msgpack.ExtType:
+        if type(value.path) is not str:
+            raise Unsupported(value, "a module reference's path must be a str")
+        return msgpack.ExtType(EXT_MODULE_REF, value.path.encode())
+
+    def _placeholder(self, value: Placeholder) -> msgpack.ExtType:
+        parts = [value.kind, value.name, value.detail]
+        if not all(type(p) is str for p in parts):
+            raise Unsupported(value, "a placeholder's kind, name and detail must be str")
+        return msgpack.ExtType(EXT_PLACEHOLDER, msgpack.packb(parts))
+
 
 _ENCODERS: dict[type, Callable[[Encoder, Any], Any]] = {
     types.EllipsisType: Encoder._ellipsis,
@@ -170,6 +192,8 @@ _ENCODERS: dict[type, Callable[[Encoder, Any], Any]] = {
     np.ndarray: Encoder._ndarray,
     types.FunctionType: Encoder._function,
     FunctionSource: Encoder._function_source,
+    ModuleRef: Encoder._module_ref,
+    Placeholder: Encoder._placeholder,
 }
 
 def _bigint_bytes(value: int) -> bytes:
@@ -261,6 +285,14 @@ class _Tag:
         self.build = build
 
 
+def _build_record(items: list[Any]) -> Record:
+    if len(items) != 3 or type(items[0]) is not str or type(items[1]) is not str or type(items[2]) is not dict:
+        raise ValueError("a record is not [module, qualname, fields]")
+    if not all(type(k) is str for k in items[2]):
+        raise ValueError("a record's field names are not all str")
+    return Record(items[0], items[1], items[2])
+
+
 def _build_slice(items: list[Any]) -> slice:
     if len(items) != 3:
         raise ValueError(f"a slice has {len(items)} parts, not 3")
@@ -272,6 +304,7 @@ _TAGS_BY_CODE = {
     EXT_SET: _Tag(set),
     EXT_FROZENSET: _Tag(frozenset),
     EXT_SLICE: _Tag(_build_slice),
+    EXT_RECORD: _Tag(_build_record),
 }
 
 
@@ -351,6 +384,19 @@ class Decoder:
             raise ValueError("a function payload is not [name, source]")
         return FunctionSource(*parts)
 
+    def _module_ref(self, data: bytes) -> ModuleRef:
+        if len(data) > 4096:
+            raise ValueError("a module path longer than 4096 bytes")
+        return ModuleRef(data.decode())
+
+    def _placeholder(self, data: bytes) -> Placeholder:
+        parts = _plain(data, "placeholder")
+        if len(parts) != 3 or not all(type(p) is str for p in parts):
+            raise ValueError("a placeholder payload is not [kind, name, detail]")
+        if parts[0] not in ("not_saved", "omitted"):
+            raise ValueError(f"unknown placeholder kind {reprlib.repr(parts[0])}")
+        return Placeholder(*parts)
+
 
 _DECODERS: dict[int, Callable[[Decoder, bytes], Any]] = {
     EXT_TENSOR: Decoder._tensor,
@@ -361,6 +407,8 @@ _DECODERS: dict[int, Callable[[Decoder, bytes], Any]] = {
     EXT_SIZE: Decoder._size,
     EXT_DEVICE: Decoder._device,
     EXT_FUNCTION: Decoder._function,
+    EXT_MODULE_REF: Decoder._module_ref,
+    EXT_PLACEHOLDER: Decoder._placeholder,
 }
 
 
@@ -393,4 +441,6 @@ def _holds_timestamp(value: object) -> bool:
             stack.extend(item.values())
         elif kind is slice:
             stack.extend((item.start, item.stop, item.step))
+        elif kind is Record:
+            stack.extend(item.fields.values())
     return False

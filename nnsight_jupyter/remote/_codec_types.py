@@ -122,6 +122,43 @@ class FunctionSource:
     source: str
 
 
+@dataclass(frozen=True)
+class ModuleRef:
+    """A module of the served model, by its dotted path ('' is the model itself).
+
+    Modules never travel: a variable holding an envoy (`layer = model.layers[5]`) is sent as its
+    path and the server resolves it against its own copy of the model.
+    """
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """A structured result (a Hugging Face ModelOutput) as its class name and fields.
+
+    Decoding never imports or instantiates the class; the client rebuilds known output types
+    itself (see `remote.values`).
+    """
+
+    module: str
+    qualname: str
+    fields: dict
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    """A value that is not sent back: an unsaved name, or a field that cannot travel.
+
+    `kind` is "not_saved" (the name was bound in the trace without `.save()`) or "omitted"
+    (e.g. a key-value cache inside a model output); `detail` says which and why.
+    """
+
+    kind: str
+    name: str
+    detail: str
+
+
 def tensor_to_wire(tensor: torch.Tensor) -> tuple[str, list[int], memoryview]:
     """Return the dtype name, shape and a byte view of ``tensor``'s values.
 

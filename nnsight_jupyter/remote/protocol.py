@@ -43,6 +43,9 @@ Extension types
     11    ``torch.device``         ext, payload ``str(device)`` in UTF-8 (``cuda:0``)
     12    function, FunctionSource ext, payload msgpack ``[name, source]``; decodes to
                                    :class:`FunctionSource`
+    13    ``ModuleRef``            ext, payload the module's dotted path in UTF-8
+    14    ``Record``               array ``[tag, module, qualname, fields]``; an empty ext 14
+    15    ``Placeholder``          ext, payload msgpack ``[kind, name, detail]``
     ====  =======================  ===================================================
 
     Containers are tagged arrays rather than ext payloads so that msgpack's C code walks the
@@ -79,14 +82,17 @@ import msgpack
 from .._version import __version__
 from ..errors import ProtocolError
 from ._codec import Decoder, Encoder
-from ._codec_types import FunctionSource, Unsupported
+from ._codec_types import FunctionSource, ModuleRef, Placeholder, Record, Unsupported
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "FunctionSource",
+    "ModuleRef",
     "PROTOCOL_VERSION",
+    "Placeholder",
     "ProtocolError",
     "ProtocolVersionError",
+    "Record",
     "TraceErrorInfo",
     "TraceRequest",
     "TraceResult",

@@ -99,32 +99,37 @@ class NotSaved:
         )
 
     def __getattr__(self, item: str) -> Any:
+        if item.startswith("__") and item.endswith("__"):
+            raise AttributeError(item)
         return self._fail()
 
     def __repr__(self) -> str:
         return f"<not saved: `{self._name}` was set inside a trace without .save()>"
 
-    __str__ = _fail
-    __setattr__ = _fail
-    __call__ = _fail
-    __iter__ = _fail
-    __len__ = _fail
-    __bool__ = _fail
-    __getitem__ = _fail
-    __setitem__ = _fail
-    __contains__ = _fail
-    __format__ = _fail
-    __float__ = _fail
-    __int__ = _fail
-    __index__ = _fail
-    __array__ = _fail
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _fail
-    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __matmul__ = __rmatmul__ = _fail
-    __pow__ = __rpow__ = __mod__ = __rmod__ = __neg__ = __pos__ = __abs__ = _fail
-    __lt__ = __le__ = __gt__ = __ge__ = _fail
-    __and__ = __or__ = __xor__ = __invert__ = _fail
-    __eq__ = _fail  # type: ignore[assignment]
-    __ne__ = _fail  # type: ignore[assignment]
+    def _raise(self, *_: Any, **__: Any) -> Any:
+        return self._fail()
+
+    __str__ = _raise
+    __setattr__ = _raise
+    __call__ = _raise
+    __iter__ = _raise
+    __len__ = _raise
+    __bool__ = _raise
+    __getitem__ = _raise
+    __setitem__ = _raise
+    __contains__ = _raise
+    __format__ = _raise
+    __float__ = _raise
+    __int__ = _raise
+    __index__ = _raise
+    __array__ = _raise
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _raise
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __matmul__ = __rmatmul__ = _raise
+    __pow__ = __rpow__ = __mod__ = __rmod__ = __neg__ = __pos__ = __abs__ = _raise
+    __lt__ = __le__ = __gt__ = __ge__ = _raise
+    __and__ = __or__ = __xor__ = __invert__ = _raise
+    __eq__ = _raise  # type: ignore[assignment]
+    __ne__ = _raise  # type: ignore[assignment]
     __hash__ = None  # type: ignore[assignment]
 
     @classmethod

@@ -71,10 +71,13 @@ class Block:
     assigned: tuple[str, ...]
     body: list[ast.stmt] = field(repr=False)
     invokes: dict[int, "Block"] = field(default_factory=dict, repr=False)
+    text: str | None = field(default=None, repr=False)
 
-    def source(self) -> str:
-        """The body as Python source (used to ship a trace to a server)."""
-        return ast.unparse(ast.Module(body=self.body, type_ignores=[]))
+    def remote_source(self) -> tuple[str, int]:
+        """The body's source and the line it starts on in the user's file (to ship it to a server)."""
+        if self.text is not None:
+            return self.text, self.body[0].lineno if self.body else self.lineno
+        return ast.unparse(ast.Module(body=self.body, type_ignores=[])), self.body[0].lineno if self.body else 1
 
 
 _BLOCKS: collections.OrderedDict[tuple[CodeType, str, int], Block] = collections.OrderedDict()
@@ -92,14 +95,14 @@ def block_for_frame(frame: FrameType, what: str = "model.trace(...)") -> Block:
     invokes = _INVOKES_BY_CODE.get(frame.f_code)
     if invokes is not None and frame.f_lineno in invokes:
         return invokes[frame.f_lineno]
-    tree, filename = _module_tree(frame, what)
+    tree, filename, lines = _module_tree(frame, what)
     node = _find_with(tree, frame.f_lineno)
     if node is None:
         raise SourceUnavailableError(
             f"Could not find the `with {what}` statement at line {frame.f_lineno} of {filename}. "
             "The source on disk may have changed since it was loaded; re-run the cell or restart the script."
         )
-    block = compile_with(node, filename)
+    block = compile_with(node, filename, lines)
     _BLOCKS[key] = block
     if len(_BLOCKS) > _BLOCKS_MAX:
         _BLOCKS.popitem(last=False)
@@ -114,7 +117,9 @@ def compile_source(source: str, filename: str = "<trace>", *, first_line: int = 
         raise TraceError(f"The trace body is not valid Python: {exc.msg} (line {exc.lineno}).") from exc
     if first_line != 1:
         ast.increment_lineno(tree, first_line - 1)
-    return _compile_body(tree.body, filename, lineno=first_line, as_name=None, allow_invokes=True)
+    block = _compile_body(tree.body, filename, lineno=first_line, as_name=None, allow_invokes=True)
+    block.text = source
+    return block
 
 
 def compile_invokes(source: str, filename: str, count: int, inputs_name: str, *, first_line: int = 1) -> Block:
@@ -143,13 +148,28 @@ def compile_invokes(source: str, filename: str, count: int, inputs_name: str, *,
     return _compile_body(statements, filename, lineno=first_line, as_name=None, allow_invokes=True)
 
 
-def compile_with(node: ast.With, filename: str) -> Block:
+def compile_with(node: ast.With, filename: str, lines: list[str] | None = None) -> Block:
     item = _trace_item(node)
     target = item.optional_vars
     as_name = target.id if isinstance(target, ast.Name) else None
     if target is not None and as_name is None:
         raise TraceError(f"line {node.lineno}: write `with ... as tracer:` with a plain name after `as`.")
-    return _compile_body(node.body, filename, lineno=node.lineno, as_name=as_name, allow_invokes=True)
+    block = _compile_body(node.body, filename, lineno=node.lineno, as_name=as_name, allow_invokes=True)
+    block.text = _body_text(node, lines)
+    return block
+
+
+def _body_text(node: ast.With, lines: list[str] | None) -> str | None:
+    """The body's own lines, unindented, when the file's text is at hand and the body has lines of its own."""
+    first, last = node.body[0], node.body[-1]
+    if not lines or first.lineno == node.lineno or (last.end_lineno or 0) > len(lines):
+        return None
+    indent = first.col_offset
+    out = []
+    for line in lines[first.lineno - 1 : last.end_lineno]:
+        line = line.rstrip("\r\n")
+        out.append(line[indent:] if line[:indent].strip() == "" else line.lstrip())
+    return "\n".join(out) + "\n"
 
 
 _TRACE_METHODS = {"trace", "generate", "session"}
@@ -319,7 +339,7 @@ def _parse_cached(filename: str, text: str) -> ast.Module:
     return tree
 
 
-def _module_tree(frame: FrameType, what: str) -> tuple[ast.Module, str]:
+def _module_tree(frame: FrameType, what: str) -> tuple[ast.Module, str, list[str] | None]:
     filename = frame.f_code.co_filename
     lines = linecache.getlines(filename, frame.f_globals)
     if lines:
@@ -328,18 +348,19 @@ def _module_tree(frame: FrameType, what: str) -> tuple[ast.Module, str]:
         except SyntaxError:
             tree = None
         if tree is not None and _find_with(tree, frame.f_lineno) is not None:
-            return tree, filename
+            return tree, filename, lines
     for recorded_name, source in reversed(list(_EXEC_SOURCES)):
         if recorded_name != filename and recorded_name != "<unknown>":
             continue
         tree = _tree_from_recorded(filename, source)
         if tree is not None and _defines_code(tree, filename, frame.f_code):
-            return tree, filename
+            text = source.decode("utf-8", "replace") if isinstance(source, (bytes, bytearray)) else source
+            return tree, filename, text.splitlines(keepends=True) if isinstance(text, str) else None
     if filename == "<string>" and "-c" in sys.orig_argv:
         text = sys.orig_argv[sys.orig_argv.index("-c") + 1]
         tree = _parse_cached(filename, text)
         if _find_with(tree, frame.f_lineno) is not None:
-            return tree, filename
+            return tree, filename, text.splitlines(keepends=True)
     raise SourceUnavailableError(
         f"Cannot read the source of this `with {what}` block (it runs from {filename!r}, line {frame.f_lineno}). "
         "The engine needs the block's source to run it beside the forward pass. "

@@ -128,8 +128,13 @@ class Tracer:
     """Context manager returned by `model.trace(...)` and `model.generate(...)`."""
 
     def __init__(self, model: "NNsight", args: tuple, kwargs: dict, *, generate: bool = False,
-                 generate_kwargs: dict | None = None) -> None:
+                 generate_kwargs: dict | None = None, remote: Any = False, blocking: bool = True,
+                 timeout: float | None = None) -> None:
         self.model = model
+        self._remote = remote
+        self._blocking = blocking
+        self._remote_timeout = timeout
+        self.job: Any = None
         self._args = args
         self._kwargs = kwargs
         self._has_input = bool(args or kwargs)
@@ -168,7 +173,14 @@ class Tracer:
             ns = dict(frame.f_globals)
             ns.update(frame.f_locals)
         try:
-            bound = run_block(self, self._block, ns, module_level=module_level)
+            if self._remote:
+                from ..remote.session import run_remote
+
+                bound = run_remote(self, self._block, ns)
+                if module_level:
+                    ns.update(bound)
+            else:
+                bound = run_block(self, self._block, ns, module_level=module_level)
         except BaseException as error:
             del frame
             raise _clean(error) from error.__cause__

@@ -1,0 +1,105 @@
+"""Turn a trace written in the notebook into a `TraceRequest`, and a `TraceResult` back into names.
+
+The request carries only what the body needs: its source (with its place in the user's file, so
+remote tracebacks show the user's line numbers), the values of the names it reads, and how to
+call the model. Names that refer to the model are sent as names, envoys as module paths, and
+allowlisted modules (`torch`, `math`, ...) as module names to import on the server.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import types
+from typing import TYPE_CHECKING, Any
+
+from ..errors import NNsightError
+from ..tracing.envoy import Envoy
+from .protocol import TraceRequest, TraceResult
+from .values import from_wire, to_wire
+
+if TYPE_CHECKING:
+    from ..tracing.source import Block
+    from ..tracing.tracer import Tracer
+
+
+class RemoteTraceError(NNsightError):
+    """The trace raised on the server; the message carries the server's traceback of the user's lines."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}\n\nRemote traceback:\n{remote_traceback.rstrip()}")
+        self.type_name = type_name
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+
+
+def read_names(block: "Block") -> set[str]:
+    """Every name the body loads (anywhere inside it)."""
+    names: set[str] = set()
+    for stmt in block.body:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                names.add(node.id)
+    return names
+
+
+def build_request(tracer: "Tracer", block: "Block", ns: dict[str, Any]) -> TraceRequest:
+    model = tracer.model
+    model_id = getattr(model, "remote_id", None)
+    if not model_id:
+        raise NNsightError(
+            "This model has no name a server could load it by. Remote traces need a model loaded by name, "
+            'e.g. LanguageModel("smollm2"), or NNsight(module, remote_id="name-the-server-uses").'
+        )
+    variables: dict[str, Any] = {}
+    modules: dict[str, str] = {}
+    model_names: list[str] = []
+    for name in sorted(read_names(block)):
+        if name == block.as_name or name not in ns:
+            continue
+        value = ns[name]
+        if value is model:
+            model_names.append(name)
+        elif isinstance(value, types.ModuleType):
+            modules[name] = value.__name__
+        elif name in builtins.__dict__ and value is builtins.__dict__[name]:
+            continue
+        elif isinstance(value, Envoy) or not name.startswith("__"):
+            variables[name] = to_wire(value, name=name, root=model)
+    text, first_line = block.remote_source()
+    options: dict[str, Any] = {
+        "kind": "generate" if tracer._generate else "trace",
+        "inputs": to_wire(list(tracer._args), name="inputs", root=model),
+        "kwargs": to_wire({**tracer._kwargs, **tracer._generate_kwargs}, name="kwargs", root=model),
+        "model_names": model_names or ["model"],
+        "tracer_name": block.as_name,
+        "modules": modules,
+        "filename": block.filename,
+        "first_line": first_line,
+    }
+    if tracer._remote_timeout is not None:
+        options["timeout"] = float(tracer._remote_timeout)
+    return TraceRequest(model_id=str(model_id), source=text, options=options, variables=variables)
+
+
+def apply_result(result: TraceResult, model: Any) -> dict[str, Any]:
+    """The names a remote run bound, as a local run would have bound them; raises the trace's error."""
+    for line in result.logs:
+        print(line)
+    if result.error is not None:
+        raise _local_error(result.error)
+    return {name: from_wire(value, root=model) for name, value in result.saved.items()}
+
+
+def _local_error(info: Any) -> BaseException:
+    from .. import errors
+
+    known = getattr(errors, info.type_name, None) or getattr(builtins, info.type_name, None)
+    if isinstance(known, type) and issubclass(known, Exception) and known is not RemoteTraceError:
+        try:
+            error = known(info.message)
+        except Exception:
+            return RemoteTraceError(info.type_name, info.message, info.traceback)
+        error.add_note(f"Raised by the remote run. Remote traceback:\n{info.traceback.rstrip()}")
+        return error
+    return RemoteTraceError(info.type_name, info.message, info.traceback)

@@ -1,0 +1,147 @@
+"""Run a trace request through the engine: the server's half of `remote=True`.
+
+The request carries the trace body's source, the values of the names it reads, and how to call
+the model. This module compiles the body with the same compiler a local `with` block uses and runs
+it with the same `run_block`, so a remote run and a local run produce the same values by
+construction. What the server adds around it (a sandbox's builtins and source checks, a log
+sink) comes in as arguments.
+
+Options understood (all optional except `kind`):
+    kind               "trace" or "generate"
+    inputs, kwargs     positional and keyword inputs of `model.trace(...)` / `model.generate(...)`
+    model_names        names the body uses for the model itself (default ["model"])
+    tracer_name        the name after `as` in the client's `with` statement
+    modules            {name: module name} of allowlisted modules the body reads (e.g. torch)
+    filename, first_line  where the body sits in the client's file or cell, for tracebacks
+"""
+
+from __future__ import annotations
+
+import builtins as _builtins
+import io
+import linecache
+import traceback
+from typing import Any, Callable
+
+from ..models.base import NNsight
+from ..tracing.source import USER_CODES, compile_source
+from ..tracing.tracer import run_block
+from .protocol import TraceErrorInfo, TraceRequest, TraceResult
+from .values import from_wire, result_to_wire
+
+
+def run_request(
+    model: NNsight,
+    request: TraceRequest,
+    *,
+    builtins: dict | None = None,
+    validate: Callable[[str], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+    importer: Callable[[str], Any] | None = None,
+) -> TraceResult:
+    """Run one request against `model`; problems in the user's code come back in `result.error`."""
+    logs: list[str] = []
+    options = request.options
+    filename = str(options.get("filename") or "<remote trace>")
+    first_line = int(options.get("first_line") or 1)
+    registered = _register_source(filename, request.source, first_line)
+    try:
+        if validate is not None:
+            validate(request.source)
+        block = compile_source(request.source, filename, first_line=first_line)
+        ns: dict[str, Any] = {"__builtins__": builtins if builtins is not None else _builtins.__dict__}
+        ns["print"] = _printer(logs, on_log)
+        for name, module_name in dict(options.get("modules") or {}).items():
+            ns[name] = (importer or __import__)(module_name) if "." not in module_name else _import_path(
+                module_name, importer)
+
+        def compile_function(fn: Any) -> Any:
+            if validate is not None:
+                validate(fn.source)
+            code = compile(fn.source, f"<function {fn.name}>", "exec" if not fn.source.startswith("lambda") else
+                           "eval", dont_inherit=True)
+            USER_CODES.add(code)
+            if fn.source.startswith("lambda"):
+                return eval(code, ns)
+            exec(code, ns)
+            return ns[fn.name]
+
+        variables = from_wire(request.variables, root=model, compile_function=compile_function)
+        ns.update(variables)
+        for name in options.get("model_names") or ["model"]:
+            ns[str(name)] = model
+        inputs = tuple(from_wire(options.get("inputs") or [], root=model))
+        kwargs = dict(from_wire(options.get("kwargs") or {}, root=model))
+        if options.get("kind", "trace") == "generate":
+            tracer = model.generate(*inputs, **kwargs)
+        else:
+            tracer = model.trace(*inputs, **kwargs)
+        tracer_name = options.get("tracer_name")
+        if tracer_name:
+            ns[str(tracer_name)] = tracer
+        bound = run_block(tracer, block, ns, module_level=False)
+        skip = {str(tracer_name)} if tracer_name else set()
+        saved = {name: result_to_wire(name, value) for name, value in bound.items() if name not in skip}
+        return TraceResult(saved=saved, logs=logs, error=None)
+    except BaseException as exc:  # the server must answer, whatever the user's code raised
+        if isinstance(exc, (SystemExit, GeneratorExit)):
+            exc = RuntimeError(f"{type(exc).__name__} raised inside the trace")
+        return TraceResult(saved={}, logs=logs, error=_error_info(exc))
+    finally:
+        if registered:
+            linecache.cache.pop(filename, None)
+
+
+def _printer(logs: list[str], on_log: Callable[[str], None] | None) -> Callable[..., None]:
+    def remote_print(*args: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
+        buffer = io.StringIO()
+        _builtins.print(*args, sep=sep, end=end, file=buffer)
+        for line in buffer.getvalue().splitlines():
+            logs.append(line)
+            if on_log is not None:
+                on_log(line)
+
+    return remote_print
+
+
+def _import_path(dotted: str, importer: Callable[[str], Any] | None) -> Any:
+    module = (importer or __import__)(dotted)
+    for part in dotted.split(".")[1:]:
+        module = getattr(module, part)
+    return module
+
+
+def _register_source(filename: str, source: str, first_line: int) -> bool:
+    """Let tracebacks show the user's lines, unless this process already knows the file (a simulation)."""
+    if linecache.getlines(filename):
+        return False
+    lines = ["\n"] * (first_line - 1) + [line + "\n" for line in source.splitlines()]
+    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    return True
+
+
+def _error_info(exc: BaseException) -> TraceErrorInfo:
+    tb = exc.__traceback__
+    first = None
+    node = tb
+    while node is not None:
+        if node.tb_frame.f_code in USER_CODES:
+            first = node
+            break
+        node = node.tb_next
+    if first is not None:
+        from ..errors import NNsightError
+
+        if isinstance(exc, NNsightError):
+            last = first
+            node = first
+            while node is not None:
+                if node.tb_frame.f_code in USER_CODES:
+                    last = node
+                node = node.tb_next
+            last.tb_next = None
+        exc = exc.with_traceback(first)
+        text = "".join(traceback.format_exception(exc))
+    else:
+        text = "".join(traceback.format_exception_only(exc))
+    return TraceErrorInfo(type(exc).__name__, str(exc), text)

@@ -1,0 +1,162 @@
+"""Engine values to wire values and back: what changes when a trace's values cross the network.
+
+Most values travel as they are (tensors, numbers, strings, containers). Four kinds are translated,
+on both sides by the same rules:
+- envoys (`layer = model.layers[5]` used inside a trace) travel as `ModuleRef(path)` and are
+  resolved against the server's own copy of the model; modules themselves never travel;
+- Hugging Face `ModelOutput`s travel as a `Record` of their fields and are rebuilt on the client;
+- a name bound in the trace without `.save()` travels as a `Placeholder` and comes back as the
+  same `NotSaved` object a local run gives;
+- a value that cannot travel (a key-value cache object inside a model output, a function the
+  trace defined) comes back as an `Unavailable` stand-in that says why when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import NNsightError
+from ..tracing.cache import Cache, CacheEntry, CachedCall
+from ..tracing.envoy import Envoy
+from ..tracing.saving import NotSaved
+from ._codec_types import FunctionSource, ModuleRef, Placeholder, Record
+
+_LEAVES = (
+    type(None), bool, int, float, complex, str, bytes, torch.Tensor, np.ndarray, torch.dtype, torch.Size,
+    torch.device, type(...), slice, FunctionSource, ModuleRef, Placeholder,
+)
+
+
+class Unavailable(NotSaved):
+    """A value the server could not send back; any use says which and why."""
+
+    def _fail(self, *_: Any, **__: Any) -> Any:
+        raise NNsightError(
+            f"`{self._name}` was not sent back from the remote run: {self._line}. "
+            "Save the tensors you need from it instead (for example `out.logits.save()`)."
+        )
+
+    def __repr__(self) -> str:
+        return f"<not sent back from the remote run: {self._name} ({self._line})>"
+
+
+def to_wire(value: Any, *, name: str = "value", root: Any = None, lenient: bool = False) -> Any:
+    """Translate a value for the codec (see the module docstring).
+
+    With `lenient` (results), a value that cannot travel becomes a stand-in instead of an error.
+    """
+    if isinstance(value, Envoy):
+        if root is not None and value._root is not root:
+            raise NNsightError(
+                f"`{name}` refers to a module of a different model than the one being traced remotely."
+            )
+        return ModuleRef(value._path)
+    if isinstance(value, Unavailable):
+        return Placeholder("omitted", value._name, value._line or "")
+    if isinstance(value, NotSaved):
+        return Placeholder("not_saved", value._name, "")
+    kind = type(value)
+    if kind in (list, tuple, set, frozenset):
+        return kind(to_wire(v, name=name, root=root, lenient=lenient) for v in value)
+    if kind is dict:
+        return {k: to_wire(v, name=name, root=root, lenient=lenient) for k, v in value.items()}
+    if isinstance(value, Cache):
+        entries = {
+            path: [{"output": to_wire(c.output, name=name, root=root, lenient=lenient),
+                    "inputs": to_wire(c.inputs, name=name, root=root, lenient=lenient),
+                    "step": c.step, "call": c.call} for c in entry.calls]
+            for path, entry in value._entries.items()
+        }
+        return Record(Cache.__module__, "Cache", entries)
+    if _is_model_output(value):
+        fields = {}
+        for key, field_value in value.items():
+            fields[key] = to_wire(field_value, name=f"{name}.{key}", root=root, lenient=True)
+        return Record(type(value).__module__, type(value).__qualname__, fields)
+    if lenient and not _travels(value):
+        return Placeholder("omitted", name, f"{type(value).__name__} objects are not sent")
+    return value
+
+
+def result_to_wire(name: str, value: Any) -> Any:
+    """Like `to_wire`, for values coming back: functions and objects that cannot travel become stand-ins."""
+    if isinstance(value, types.FunctionType):
+        return Placeholder("omitted", name, "functions defined inside a remote trace stay on the server")
+    return to_wire(value, name=name, lenient=True)
+
+
+def from_wire(value: Any, *, root: Any = None, compile_function: Callable[[FunctionSource], Any] | None = None) -> Any:
+    """Translate a decoded value back into engine values."""
+    kind = type(value)
+    if kind is ModuleRef:
+        if root is None:
+            raise NNsightError("A module reference arrived where no model is available to resolve it.")
+        return root.resolve(value.path)
+    if kind is Placeholder:
+        return NotSaved(value.name) if value.kind == "not_saved" else Unavailable(value.name, value.detail)
+    if kind is Record:
+        fields = {k: from_wire(v, root=root, compile_function=compile_function) for k, v in value.fields.items()}
+        return _rebuild_record(value, fields)
+    if kind is FunctionSource:
+        if compile_function is None:
+            return value
+        return compile_function(value)
+    if kind in (list, tuple, set, frozenset):
+        return kind(from_wire(v, root=root, compile_function=compile_function) for v in value)
+    if kind is dict:
+        return {k: from_wire(v, root=root, compile_function=compile_function) for k, v in value.items()}
+    return value
+
+
+def _travels(value: Any, depth: int = 0) -> bool:
+    if depth > 50:
+        return False
+    if isinstance(value, (Envoy, Cache)) or _is_model_output(value):
+        return True
+    kind = type(value)
+    if kind in (list, tuple, set, frozenset):
+        return all(_travels(v, depth + 1) for v in value)
+    if kind is dict:
+        return all(_travels(v, depth + 1) for v in value.values())
+    return kind in _LEAVES or kind is torch.nn.Parameter or isinstance(value, (NotSaved, types.FunctionType))
+
+
+def _is_model_output(value: Any) -> bool:
+    cls = type(value)
+    return isinstance(value, dict) and any(
+        base.__name__ == "ModelOutput" and base.__module__.startswith("transformers.") for base in cls.__mro__
+    )
+
+
+def _rebuild_record(record: Record, fields: dict) -> Any:
+    """Rebuild a transformers ModelOutput or a Cache by name; anything else stays a plain dict."""
+    if record.module == Cache.__module__ and record.qualname == "Cache":
+        return _rebuild_cache(fields)
+    if record.module.startswith("transformers.") and record.module.replace(".", "").replace("_", "").isalnum():
+        try:
+            cls = getattr(importlib.import_module(record.module), record.qualname, None)
+        except ImportError:
+            cls = None
+        if isinstance(cls, type) and _is_model_output_class(cls):
+            return cls(**fields)
+    return dict(fields)
+
+
+def _is_model_output_class(cls: type) -> bool:
+    return any(b.__name__ == "ModelOutput" and b.__module__.startswith("transformers.") for b in cls.__mro__)
+
+
+def _rebuild_cache(entries: dict) -> Cache:
+    cache = Cache(None, include_inputs=True, detach=True)  # type: ignore[arg-type]
+    for path, calls in entries.items():
+        entry = cache._entries[path] = CacheEntry(path)
+        for call in calls:
+            inputs = call.get("inputs")
+            entry.calls.append(CachedCall(call.get("output"), tuple(inputs) if inputs is not None else None,
+                                          int(call.get("step", 0)), int(call.get("call", 0))))
+    return cache

@@ -1,0 +1,195 @@
+"""The same trace run locally and through the remote path gives bit-identical saved values.
+
+`remote="local"` sends the request through the codec, runs it with the server's `run_request`
+and sends the result back through the codec: everything a server does except the network.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import nnsight_jupyter
+from nnsight_jupyter import NNsight
+from nnsight_jupyter.errors import NotSavedError, OutOfOrderError
+from nnsight_jupyter.remote.capture import RemoteTraceError
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return NNsight(GPT2LMHeadModel(cfg).eval(), remote_id="tiny-gpt2")
+
+
+def _both(run):
+    local, remote = run(False), run("local")
+    assert local.keys() == remote.keys()
+    return local, remote
+
+
+def _assert_identical(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.detach(), b.detach())
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_identical(x, y)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            _assert_identical(a[k], b[k])
+    else:
+        assert a == b
+
+
+X = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+Y = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(2))
+
+
+def test_save_and_derived_values(model):
+    def run(remote):
+        with model.trace(X, remote=remote):
+            h = model.transformer.h[1].output.save()
+            mean = h.mean(-1).save()
+            out = model.output.save()
+        return {"h": h, "mean": mean, "logits": out.logits, "type": type(out).__name__}
+
+    local, remote = _both(run)
+    for key in local:
+        _assert_identical(local[key], remote[key])
+
+
+def test_patching_in_place_and_whole_value(model):
+    layer = model.transformer.h[0]
+    scale = 1.5
+
+    def run(remote):
+        with model.trace(X, remote=remote):
+            h = layer.output
+            h[:, -1] = 0
+            model.transformer.h[1].output = model.transformer.h[1].output * scale
+            model.transformer.h[2].input = model.transformer.h[2].input + 1
+            logits = model.lm_head.output.save()
+        return {"logits": logits}
+
+    local, remote = _both(run)
+    _assert_identical(local, remote)
+
+
+def test_invokes_with_cross_invoke_sharing(model):
+    def run(remote):
+        with model.trace(remote=remote) as tracer:
+            with tracer.invoke(X):
+                donor = model.transformer.h[1].output[:, -1]
+                a = model.lm_head.output.save()
+            with tracer.invoke(Y):
+                model.transformer.h[1].output[:, -1] = donor[:1]
+                b = model.lm_head.output.save()
+            with tracer.invoke():
+                everything = model.lm_head.output.save()
+        return {"a": a, "b": b, "all": everything}
+
+    local, remote = _both(run)
+    _assert_identical(local, remote)
+
+
+def test_generation_with_step_interventions(model):
+    def run(remote):
+        with model.generate(Y, max_new_tokens=4, do_sample=False, pad_token_id=0, remote=remote) as tracer:
+            per_step = nnsight_jupyter.save([])
+            for step in tracer.iter[1:3]:
+                model.transformer.h[0].output[:] += 1.0
+                per_step.append(model.lm_head.output)
+            ids = tracer.result.save()
+        return {"steps": per_step, "ids": ids}
+
+    local, remote = _both(run)
+    _assert_identical(local, remote)
+
+
+def test_gradients(model):
+    def run(remote):
+        with model.trace(X, remote=remote):
+            h = model.transformer.h[1].output
+            h.retain_grad()
+            model.output.logits.logsumexp(-1).sum().backward()
+            grad = h.grad.save()
+        model._model.zero_grad(set_to_none=True)
+        return {"grad": grad}
+
+    local, remote = _both(run)
+    _assert_identical(local, remote)
+
+
+def test_cache(model):
+    def run(remote):
+        with model.trace(X, remote=remote) as tracer:
+            cache = tracer.cache(include_inputs=True)
+        return {path: (cache[path].output, cache[path].inputs) for path in cache}
+
+    local, remote = _both(run)
+    for path in local:
+        local_tensors, remote_tensors = _tensors(local[path]), _tensors(remote[path])
+        assert len(local_tensors) == len(remote_tensors) > 0, path
+        for a, b in zip(local_tensors, remote_tensors):
+            _assert_identical(a, b)
+    with pytest.raises(Exception, match="not sent back from the remote run"):
+        remote[""][0].past_key_values.get_seq_length()
+
+
+def _tensors(value):
+    """Every tensor inside a value, in order (cache objects that stay on the server are skipped)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def test_notebook_function_and_printing(model, capsys):
+    def double(t):
+        return t * 2
+
+    def run(remote):
+        with model.trace(X, remote=remote):
+            h = double(model.transformer.h[0].output).save()
+            print("norm", round(float(h.detach().norm()), 3))
+        return {"h": h}
+
+    local, remote = _both(run)
+    _assert_identical(local, remote)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed.count(printed[0]) == 2 and printed[0].startswith("norm ")
+
+
+def test_unsaved_names_fail_the_same_way(model):
+    with model.trace(X, remote="local"):
+        h = model.transformer.h[0].output
+    with pytest.raises(NotSavedError, match="`h` was set inside the trace"):
+        h + 1
+
+
+def test_errors_come_back_as_the_same_exception_with_the_users_line(model):
+    with pytest.raises(OutOfOrderError) as info:
+        with model.trace(X, remote="local"):
+            late = model.transformer.h[2].output
+            early = model.transformer.h[0].output  # too late
+    note = "\n".join(getattr(info.value, "__notes__", []))
+    assert "too late" in note and "Remote traceback" in note
+    with pytest.raises(RemoteTraceError, match="CustomProblem"):
+        with model.trace(X, remote="local"):
+            class CustomProblem(Exception):
+                pass
+            raise CustomProblem("boom")
+
+
+def test_model_without_a_name_cannot_go_remote():
+    net = NNsight(torch.nn.Linear(2, 2))
+    with pytest.raises(Exception, match="no name a server could load it by"):
+        with net.trace(torch.randn(1, 2), remote="local"):
+            net.output.save()
