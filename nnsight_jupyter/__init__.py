@@ -9,9 +9,11 @@
 from . import errors
 from ._version import __version__
 from .models.base import NNsight
+from .models.language import LanguageModel
+from .models.registry import models
 from .tracing import Cache, Envoy, ScanResult, save
 
-__all__ = ["Cache", "Envoy", "NNsight", "ScanResult", "__version__", "errors", "save"]
+__all__ = ["Cache", "Envoy", "LanguageModel", "NNsight", "ScanResult", "__version__", "errors", "models", "save"]
 
 
 def load_ipython_extension(shell):  # noqa: ANN001 - IPython's extension hook

@@ -10,22 +10,18 @@ import time
 def demo(prompt: str, layer: int) -> int:
     """Load the bundled SmolLM2, read every layer and patch one, printing what it finds."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models.base import NNsight
-    from .models.bundled import prepare_smollm2
+    from .models.language import LanguageModel
 
     started = time.perf_counter()
-    folder = prepare_smollm2()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    model = NNsight(hf_model)
-    print(f"Loaded SmolLM2-135M-Instruct from {folder} in {time.perf_counter() - started:.1f} s")
+    model = LanguageModel("smollm2", dispatch=True)
+    tokenizer = model.tokenizer
+    print(f"Loaded SmolLM2-135M-Instruct in {time.perf_counter() - started:.1f} s")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    n_layers = len(model.model.layers)
+    n_layers = len(model.layers)
 
     with torch.no_grad(), model.trace(ids):
-        norms = [model.model.layers[i].output[0, -1].norm().save() for i in range(n_layers)]
+        norms = [model.layers[i].output[0, -1].norm().save() for i in range(n_layers)]
         logits = model.lm_head.output[0, -1].save()
 
     probs = torch.softmax(logits, dim=-1)
@@ -42,7 +38,7 @@ def demo(prompt: str, layer: int) -> int:
 
     target = int(top.indices[0])
     with torch.no_grad(), model.trace(ids):
-        model.model.layers[layer].mlp.output[:, -1] = 0
+        model.layers[layer].mlp.output[:, -1] = 0
         patched = torch.softmax(model.lm_head.output[0, -1], dim=-1)[target].save()
     print(
         f"\nZeroing layer {layer}'s MLP output at the last position moves "

