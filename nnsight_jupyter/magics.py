@@ -26,7 +26,7 @@ from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from .errors import NNsightError, TraceError
+from .errors import NNsightError
 from .models.base import NNsight
 from .tracing.envoy import Envoy
 from .tracing.source import compile_invokes, compile_source
@@ -47,7 +47,7 @@ _NNSIGHT_HELP = """%nnsight commands:
   %nnsight models              models available here (registry aliases, and whether each works offline)
   %nnsight tree MODEL          the module tree of MODEL
   %nnsight status              the remote backend configured for --remote
-  %nnsight config KEY=VALUE    set a configuration value for this kernel (e.g. remote_host=...)
+  %nnsight config KEY=VALUE    set the remote backend for this kernel: host=URL, api_key=KEY, timeout=S
   %nnsight help                this text
 
 %%trace MODEL [PROMPT ...] [--max-new-tokens N] [--remote] [--timeout S] [--show]
@@ -84,7 +84,6 @@ class TraceMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self._models: dict[str, NNsight] = {}
-        self.settings: dict[str, str] = {}
 
     # ----- models ---------------------------------------------------------------------------
     def model_for(self, spec: str) -> NNsight:
@@ -127,26 +126,25 @@ class TraceMagics(Magics):
     def trace(self, line: str, cell: str) -> None:
         """Run the cell as the body of a trace of MODEL on PROMPT(s). `%nnsight help` for details."""
         args, _ = _parse_trace_line(line)
-        if args.remote:
-            raise TraceError(
-                "--remote needs the remote backend, which this installation does not provide yet; "
-                "drop --remote to run the cell locally."
-            )
         model = self.model_for(args.model)
         prompts = self._prompt_values(args.prompts)
         source_name = self.shell.compile.cache(f"%%trace {line}\n{cell}")
         block = compile_source(cell, source_name, first_line=2)
-        if not prompts:
-            tracer = self._tracer(model, (), args)
-            ns = dict(self.shell.user_ns, model=model, tracer=tracer)
-            bound = run_block(tracer, block, ns, module_level=False)
-            results = bound
-        elif len(prompts) == 1:
-            tracer = self._tracer(model, (prompts[0],), args)
-            ns = dict(self.shell.user_ns, model=model, tracer=tracer)
-            results = run_block(tracer, block, ns, module_level=False)
-        else:
+        if len(prompts) > 1 and not args.remote:
             results = self._run_invokes(model, prompts, cell, source_name, args)
+        else:
+            inputs = (prompts[0],) if len(prompts) == 1 else ()
+            if len(prompts) > 1:
+                inputs = (prompts,)
+            tracer = self._tracer(model, inputs, args)
+            ns = dict(self.shell.user_ns, model=model, tracer=tracer)
+            if args.remote:
+                from .remote.session import run_remote
+
+                block.as_name = "tracer"
+                results = run_remote(tracer, block, ns)
+            else:
+                results = run_block(tracer, block, ns, module_level=False)
         results.pop("model", None)
         results.pop("tracer", None)
         self.shell.user_ns.update(results)
@@ -157,9 +155,10 @@ class TraceMagics(Magics):
                 display(_summary(name, value))
 
     def _tracer(self, model: NNsight, inputs: tuple, args: argparse.Namespace) -> Tracer:
+        options: dict[str, Any] = {"remote": True, "timeout": args.timeout} if args.remote else {}
         if args.max_new_tokens is not None:
-            return model.generate(*inputs, max_new_tokens=args.max_new_tokens)
-        return model.trace(*inputs)
+            return model.generate(*inputs, max_new_tokens=args.max_new_tokens, **options)
+        return model.trace(*inputs, **options)
 
     def _run_invokes(self, model: NNsight, prompts: list[Any], cell: str, source_name: str,
                      args: argparse.Namespace) -> dict[str, Any]:
@@ -190,16 +189,33 @@ class TraceMagics(Magics):
             print(model)
             return None
         if command == "status":
-            host = self.settings.get("remote_host")
-            print(f"remote backend: {host}" if host else "remote backend: not configured (set it with "
-                  "%nnsight config remote_host=URL)")
+            from .remote.config import CONFIG
+
+            host = CONFIG.resolved_host()
+            if not host:
+                print("remote backend: a local daemon on 127.0.0.1, started on the first --remote cell "
+                      "(set a server with %nnsight config host=URL api_key=KEY)")
+                return None
+            from .remote.client import RemoteClient
+
+            client = RemoteClient(host, CONFIG.resolved_api_key())
+            health = client.health()
+            print(f"remote backend: {host} (protocol {health.get('protocol_version')}, "
+                  f"server {health.get('package_version')})")
+            for entry in client.models():
+                print(f"  {entry.get('name')}: {entry.get('state')}")
             return None
         if command == "config":
+            from .remote.config import CONFIG
+
             if len(words) < 2 or any("=" not in w for w in words[1:]):
                 raise MagicUsageError("Usage: %nnsight config KEY=VALUE [KEY=VALUE ...]")
             for word in words[1:]:
                 key, value = word.split("=", 1)
-                self.settings[key.strip()] = value.strip()
+                try:
+                    CONFIG.set(key.strip(), value.strip())
+                except NNsightError as exc:
+                    raise MagicUsageError(str(exc)) from None
             return None
         raise MagicUsageError(f"Unknown %nnsight command {command!r}.\n{_NNSIGHT_HELP}")
 

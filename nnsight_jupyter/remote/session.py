@@ -39,7 +39,7 @@ class LocalSimulation:
         return decode_result(encode_result(result))
 
 
-def backend_for(tracer: "Tracer") -> Backend:
+def backend_for(tracer: "Tracer", model_id: str | None = None) -> Backend:
     choice = tracer._remote
     if choice == "local":
         return LocalSimulation(tracer.model)
@@ -47,13 +47,13 @@ def backend_for(tracer: "Tracer") -> Backend:
         return choice
     from .client import default_backend
 
-    return default_backend()
+    return default_backend(model_id)
 
 
 def run_remote(tracer: "Tracer", block: "Block", ns: dict[str, Any]) -> dict[str, Any]:
     """Send the trace, wait for its result, and return the names it bound."""
     request = build_request(tracer, block, ns)
-    backend = backend_for(tracer)
+    backend = backend_for(tracer, request.model_id)
     if not tracer._blocking:
         if not hasattr(backend, "submit"):
             raise TypeError("blocking=False needs a server backend; this one only runs requests to completion.")

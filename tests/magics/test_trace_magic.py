@@ -141,9 +141,17 @@ def test_nnsight_line_magic(shell, gpt2, capsys):
     assert "%nnsight tree MODEL" in capsys.readouterr().out
     shell.run_cell("%nnsight tree raw").raise_error()
     assert "GPT2LMHeadModel" in capsys.readouterr().out
-    shell.run_cell("%nnsight config remote_host=http://127.0.0.1:1").raise_error()
-    shell.run_cell("%nnsight status").raise_error()
-    assert "http://127.0.0.1:1" in capsys.readouterr().out
+    from nnsight_jupyter.remote.config import CONFIG
+
+    shell.run_cell("%nnsight config host=http://127.0.0.1:9 api_key=abc").raise_error()
+    try:
+        assert CONFIG.resolved_host() == "http://127.0.0.1:9" and CONFIG.resolved_api_key() == "abc"
+        result = shell.run_cell("%nnsight status")
+        assert "Cannot reach the nnsight-jupyter server at http://127.0.0.1:9" in str(result.error_in_exec)
+    finally:
+        CONFIG.host = CONFIG.api_key = None
+    result = shell.run_cell("%nnsight config colour=blue")
+    assert "Unknown setting 'colour'" in str(result.error_in_exec)
     result = shell.run_cell("%nnsight frobnicate")
     assert "Unknown %nnsight command 'frobnicate'" in str(result.error_in_exec)
 

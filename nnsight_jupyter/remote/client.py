@@ -1,0 +1,300 @@
+"""HTTP client for the remote backend: submit, follow, fetch, cancel.
+
+One `RemoteClient` wraps one `httpx.Client` (tests hand it one wired to the app in process).
+Network failures become `RemoteConnectionError` naming the host; error answers from the server
+become `RemoteServerError` carrying its status, message and detail. A blocking run follows the
+job's event stream, shows live status (queue position, loading, running, printed lines),
+reconnects and resumes by event number if the connection drops, cancels the job on Ctrl-C or
+when `timeout` passes, and then downloads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import httpx
+
+from ..errors import NNsightError
+from .config import CONFIG, RemoteConfig
+from .protocol import TraceRequest, TraceResult, decode_result, encode_request
+
+FINAL_EVENTS = ("completed", "error", "cancelled")
+
+
+class RemoteConnectionError(NNsightError, ConnectionError):
+    """The remote backend could not be reached."""
+
+
+class RemoteServerError(NNsightError):
+    """The server refused or failed a request; `status`, `error` and `detail` are its answer."""
+
+    def __init__(self, status: int, error: str, detail: str, body: dict | None = None) -> None:
+        super().__init__(f"{error} (HTTP {status}): {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.body = body or {}
+
+
+class RemoteTimeout(NNsightError, TimeoutError):
+    """A remote run took longer than its `timeout`; the job was cancelled."""
+
+
+@dataclass
+class JobHandle:
+    """A submitted job; fetch its result now or later (also after a kernel restart, by id)."""
+
+    client: "RemoteClient"
+    job_id: str
+    model: str = ""
+
+    def status(self) -> dict[str, Any]:
+        return self.client.status(self.job_id)
+
+    def wait(self, timeout: float | None = None, on_event: Callable[[dict], None] | None = None) -> dict:
+        """Block until the job ends; returns its final event."""
+        return self.client.follow(self.job_id, timeout=timeout, on_event=on_event)
+
+    def result(self, timeout: float | None = None) -> TraceResult:
+        """Wait for the job and return its `TraceResult`."""
+        self.wait(timeout=timeout)
+        return self.client.result(self.job_id)
+
+    def values(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the job and return the names its trace bound, as a local run would have."""
+        from .capture import apply_result
+
+        return apply_result(self.result(timeout=timeout), None)
+
+    def cancel(self) -> dict[str, Any]:
+        return self.client.cancel(self.job_id)
+
+
+class RemoteClient:
+    """Talks to one nnsight-jupyter server."""
+
+    def __init__(self, host: str, api_key: str | None = None, *, http: httpx.Client | None = None,
+                 poll_interval: float = 0.5, show_status: bool = True) -> None:
+        self.host = host.rstrip("/")
+        self.api_key = api_key
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = http or httpx.Client(base_url=self.host, timeout=httpx.Timeout(30.0, connect=5.0))
+        self.http.headers.update(headers)
+        self.poll_interval = poll_interval
+        self.show_status = show_status
+
+    # ----- plain requests -------------------------------------------------------------------
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise RemoteConnectionError(
+                f"Cannot reach the nnsight-jupyter server at {self.host} ({type(exc).__name__}: {exc}). "
+                "Check that it is running and that the host is right (%nnsight status shows it)."
+            ) from exc
+        if response.status_code >= 400:
+            raise _server_error(response)
+        return response
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/health").json()
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/models").json()["models"]
+
+    def submit(self, request: TraceRequest) -> JobHandle:
+        body = encode_request(request)
+        answer = self._call("POST", "/jobs", content=body, headers={"Content-Type": "application/x-msgpack"}).json()
+        return JobHandle(self, answer["job_id"], request.model_id)
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{job_id}").json()
+
+    def result(self, job_id: str) -> TraceResult:
+        return decode_result(self._call("GET", f"/jobs/{job_id}/result").content)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/jobs/{job_id}/cancel").json()
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle for a job submitted earlier (by id, e.g. after a kernel restart)."""
+        self.status(job_id)
+        return JobHandle(self, job_id)
+
+    # ----- following a job --------------------------------------------------------------------
+    def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        """The job's events from number `after` on, reconnecting if the stream drops."""
+        last = after
+        failures = 0
+        while True:
+            try:
+                with self.http.stream("GET", f"/jobs/{job_id}/events", params={"after": last},
+                                      timeout=httpx.Timeout(60.0, connect=5.0)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise _server_error(response)
+                    for event in _parse_sse(response.iter_lines()):
+                        failures = 0
+                        last = max(last, int(event.get("seq", last)))
+                        yield event
+                        if event.get("type") in FINAL_EVENTS:
+                            return
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > 8:
+                    raise RemoteConnectionError(
+                        f"Lost the connection to {self.host} while following job {job_id} and could not "
+                        f"reconnect ({exc}). The job keeps running; fetch it later with "
+                        f"nnsight_jupyter.remote.job({job_id!r}).result()."
+                    ) from exc
+                time.sleep(min(0.2 * 2**failures, 5.0))
+                continue
+            status = self.status(job_id)
+            if status["status"] in FINAL_EVENTS:
+                return
+
+    def follow(self, job_id: str, *, timeout: float | None = None,
+               on_event: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """Block until the job ends (cancelling it on Ctrl-C or timeout); returns the final event."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        display = _StatusDisplay(job_id) if self.show_status and on_event is None else None
+        final: dict[str, Any] = {}
+        try:
+            for event in self.events(job_id):
+                if on_event is not None:
+                    on_event(event)
+                if display is not None:
+                    display.update(event)
+                if event.get("type") in FINAL_EVENTS:
+                    final = event
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    self._cancel_quietly(job_id)
+                    raise RemoteTimeout(
+                        f"The remote run took longer than timeout={timeout:g} s, so job {job_id} was cancelled. "
+                        "Pass a larger timeout=, or blocking=False to fetch the result later."
+                    )
+        except KeyboardInterrupt:
+            self._cancel_quietly(job_id)
+            raise
+        finally:
+            if display is not None:
+                display.close()
+        return final
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            self.cancel(job_id)
+        except NNsightError:
+            pass
+
+    def run(self, request: TraceRequest, *, timeout: float | None = None) -> TraceResult:
+        """Submit, follow to the end (printed lines appear as they happen), and return the result."""
+        handle = self.submit(request)
+        shown: list[str] = []
+        display = _StatusDisplay(handle.job_id) if self.show_status else None
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("type") == "log":
+                shown.append(event.get("line", ""))
+                print(event.get("line", ""))
+            elif display is not None:
+                display.update(event)
+
+        try:
+            final = self.follow(handle.job_id, timeout=timeout, on_event=on_event)
+        finally:
+            if display is not None:
+                display.close()
+        if final.get("type") == "cancelled":
+            raise RemoteServerError(409, "job cancelled", final.get("reason") or f"job {handle.job_id} was cancelled")
+        result = self.result(handle.job_id)
+        if result.logs[: len(shown)] == shown:
+            result.logs = result.logs[len(shown):]
+        return result
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield json.loads("\n".join(data))
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield json.loads("\n".join(data))
+
+
+def _server_error(response: httpx.Response) -> RemoteServerError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.reason_phrase, "detail": response.text[:500]}
+    return RemoteServerError(response.status_code, str(body.get("error", "error")), str(body.get("detail", "")), body)
+
+
+class _StatusDisplay:
+    """One live status line: an updating output in a notebook, a rewritten line on a terminal."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.handle = None
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+            if shell is not None and getattr(shell, "kernel", None) is not None:
+                from IPython.display import display
+
+                self.handle = display(self._text("submitted"), display_id=True)
+        except ImportError:
+            self.handle = None
+
+    def _text(self, state: str) -> Any:
+        from IPython.display import Pretty
+
+        return Pretty(f"nnsight-jupyter job {self.job_id}: {state}")
+
+    def update(self, event: dict[str, Any]) -> None:
+        kind = event.get("type", "")
+        if kind == "log":
+            return
+        state = kind
+        if kind == "queued" and event.get("position") is not None:
+            state = f"queued (position {event['position']})"
+        if self.handle is not None:
+            self.handle.update(self._text(state))
+        else:
+            sys.stderr.write(f"\rnnsight-jupyter job {self.job_id}: {state:<40}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.handle is None:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def default_backend(model_id: str | None = None, config: RemoteConfig | None = None) -> RemoteClient:
+    """The client for `remote=True`: the configured host, or a local daemon started on demand."""
+    config = config or CONFIG
+    host = config.resolved_host()
+    if host:
+        return RemoteClient(host, config.resolved_api_key(), poll_interval=config.poll_interval)
+    from .daemon import local_daemon_client
+
+    return local_daemon_client(model_id)
+
+
+def job(job_id: str) -> JobHandle:
+    """A handle for an earlier job by id: `nnsight_jupyter.remote.job("...").values()`."""
+    return default_backend().job(job_id)
