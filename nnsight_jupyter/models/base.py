@@ -19,6 +19,7 @@ import torch
 from ..errors import InvokeError, TraceError
 from ..tracing.batching import Rows, batch_size_of
 from ..tracing.envoy import Envoy, display_path
+from ..tracing.hooks import ModuleWrappers
 from ..tracing.source import compile_source
 from ..tracing.tracer import Tracer, run_block
 
@@ -55,6 +56,7 @@ class NNsight(Envoy):
             paths.append((name, module))
         object.__setattr__(self, "_canonical", canonical)
         object.__setattr__(self, "_paths", paths)
+        object.__setattr__(self, "_wrappers", ModuleWrappers(paths))
         Envoy.__init__(self, self._model, "", self)
 
     @staticmethod

@@ -55,9 +55,12 @@ def build_request(tracer: "Tracer", block: "Block", ns: dict[str, Any]) -> Trace
     modules: dict[str, str] = {}
     model_names: list[str] = []
     for name in sorted(read_names(block)):
-        if name == block.as_name or name not in ns:
+        if name == block.as_name:
             continue
-        value = ns[name]
+        try:
+            value = ns[name]
+        except KeyError:
+            continue
         if value is model:
             model_names.append(name)
         elif isinstance(value, types.ModuleType):

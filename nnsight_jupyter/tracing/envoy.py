@@ -53,6 +53,7 @@ class Envoy:
             path = f"{self._path}.{name}" if self._path else name
             children[name] = Envoy(child, canonical.get(id(child), path), self._root)
         object.__setattr__(self, "_children", children)
+        object.__setattr__(self, "_child_list", tuple(children.values()))
 
     # ----- tree navigation -------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -104,18 +105,18 @@ class Envoy:
             raise self._path_error(name) from None
 
     def __getitem__(self, key: int | str | slice) -> Any:
-        names = list(self._children)
-        if isinstance(key, slice):
-            return [self._children[n] for n in names[key]]
+        children = self._child_list
         if isinstance(key, int):
-            if not names:
-                raise ModulePathError(f"{display_path(self._path)} has no child modules to index.")
             try:
-                return self._children[names[key]]
+                return children[key]
             except IndexError:
+                if not children:
+                    raise ModulePathError(f"{display_path(self._path)} has no child modules to index.") from None
                 raise ModulePathError(
-                    f"{display_path(self._path)} has {len(names)} children; index {key} is out of range."
+                    f"{display_path(self._path)} has {len(children)} children; index {key} is out of range."
                 ) from None
+        if isinstance(key, slice):
+            return list(children[key])
         if key in self._children:
             return self._children[key]
         raise self._path_error(str(key))

@@ -8,7 +8,8 @@ instance `forward` of their own (accelerate's dispatch hooks): the wrapper calls
 finished, failed or interrupted — the model is the object it was.
 
 Per call, a wrapper costs two dictionary updates and two membership tests when nobody waits on
-the module.
+the module. The wrappers are built once per model (`ModuleWrappers`), so a trace installs them
+with one dictionary store per module.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ from .interleave import Interleaver
 _NOTHING = object()
 
 
-def _make_wrapper(il: Interleaver, path: str, forward: Callable, is_root: bool) -> Callable:
+def _make_wrapper(holder: list, path: str, forward: Callable, is_root: bool) -> Callable:
     key_in = (path, "input")
     key_out = (path, "output")
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if il.adhoc:
+        il = holder[0]
+        if il is None or il.adhoc:
             return forward(*args, **kwargs)
         n_in = il.n_in
         call = n_in.get(path, 0)
         n_in[path] = call + 1
-        il.order.append(path)
         waiting = il.waiting
         if key_in in waiting:
             args, kwargs = il.serve(path, "input", call, (args, kwargs))
@@ -40,7 +41,7 @@ def _make_wrapper(il: Interleaver, path: str, forward: Callable, is_root: bool) 
         il.n_out[path] = call + 1
         if key_out in waiting:
             out = il.serve(path, "output", call, out)
-        if path in il.observers:
+        if il.observers and path in il.observers:
             il.observe(path, call, args, kwargs, out)
         return out
 
@@ -49,7 +50,8 @@ def _make_wrapper(il: Interleaver, path: str, forward: Callable, is_root: bool) 
         return wrapped
 
     def wrapped_root(*args: Any, **kwargs: Any) -> Any:
-        if il.adhoc:
+        il = holder[0]
+        if il is None or il.adhoc:
             return forward(*args, **kwargs)
         if il.root_depth == 0:
             il.new_pass()
@@ -63,25 +65,44 @@ def _make_wrapper(il: Interleaver, path: str, forward: Callable, is_root: bool) 
     return wrapped_root
 
 
-def install(il: Interleaver, modules: list[tuple[str, torch.nn.Module]]) -> list[tuple[dict, Any]]:
-    """Wrap each module's forward; returns what `uninstall` needs to undo it."""
-    installed: list[tuple[dict, Any]] = []
-    try:
+class ModuleWrappers:
+    """The forward wrappers of one model, built once; each trace installs them and takes them off.
+
+    A wrapper reads the running trace from a shared holder, so installing is a dictionary store
+    per module. A module whose `forward` was replaced since the wrappers were built (an instance
+    `forward` set by accelerate, or a patched class) gets a wrapper around its current `forward`.
+    """
+
+    def __init__(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
+        self.holder: list[Interleaver | None] = [None]
+        self.entries = []
         for path, module in modules:
-            d = module.__dict__
-            previous = d.get("forward", _NOTHING)
-            d["forward"] = _make_wrapper(il, path, module.forward, path == "")
-            installed.append((d, previous))
-    except BaseException:
-        uninstall(installed)
-        raise
-    return installed
+            func = type(module).forward
+            wrapper = _make_wrapper(self.holder, path, func.__get__(module), path == "")
+            self.entries.append((module.__dict__, wrapper, func, module, path))
 
+    def install(self, il: Interleaver) -> list[tuple[dict, Any]]:
+        """Wrap every module's forward for `il`; returns what `uninstall` needs to undo it."""
+        installed: list[tuple[dict, Any]] = []
+        self.holder[0] = il
+        try:
+            for d, wrapper, func, module, path in self.entries:
+                previous = d.get("forward", _NOTHING)
+                if previous is _NOTHING and type(module).forward is func:
+                    d["forward"] = wrapper
+                else:
+                    d["forward"] = _make_wrapper(self.holder, path, module.forward, path == "")
+                installed.append((d, previous))
+        except BaseException:
+            self.uninstall(installed)
+            raise
+        return installed
 
-def uninstall(installed: list[tuple[dict, Any]]) -> None:
-    for d, previous in reversed(installed):
-        if previous is _NOTHING:
-            d.pop("forward", None)
-        else:
-            d["forward"] = previous
-    installed.clear()
+    def uninstall(self, installed: list[tuple[dict, Any]]) -> None:
+        for d, previous in reversed(installed):
+            if previous is _NOTHING:
+                d.pop("forward", None)
+            else:
+                d["forward"] = previous
+        installed.clear()
+        self.holder[0] = None

@@ -22,10 +22,10 @@ it, so `model.layers[3].output[:] = h` in invoke B can use `h` read by invoke A 
 from __future__ import annotations
 
 import builtins
-from dataclasses import dataclass
+import threading
 from typing import Any
 
-from greenlet import GreenletExit, getcurrent, greenlet
+from greenlet import getcurrent, greenlet
 
 from ..errors import ModuleNotReachedError, OutOfOrderError
 from .batching import Rows, narrow, splice
@@ -54,33 +54,110 @@ class EarlyStop(BaseException):
     """Raised from a module wrapper to unwind the forward pass after `tracer.stop()`."""
 
 
-@dataclass
 class Request:
-    op: str  # "get", "set" or "name"
-    key: Any
-    value: Any = None
-    soft: bool = False
+    """What a parked mediator wants: op is "get", "set" or "name"."""
+
+    __slots__ = ("op", "key", "value", "soft")
+
+    def __init__(self, op: str, key: Any, value: Any = None, soft: bool = False) -> None:
+        self.op = op
+        self.key = key
+        self.value = value
+        self.soft = soft
 
 
-class _MediatorGreenlet(greenlet):
-    mediator: "Mediator"
+MEDIATOR_ATTR = "_nnsight_jupyter_mediator"
+"""The greenlet attribute that links a running trace body to its mediator (named to avoid other tools')."""
+
+
+class _Raised:
+    """A worker's message that the body it ran raised `error`."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Abort(BaseException):
+    """Thrown into a parked body to end it after the trace failed."""
+
+
+class _Worker(greenlet):
+    """A greenlet that runs trace bodies one after another.
+
+    Creating and finishing a greenlet for every trace leaves Python's frame stacks to be
+    rebuilt, which made the next forward pass measurably slower; a worker is kept per thread
+    and reused instead.
+    """
+
+    _nnsight_jupyter_mediator: "Mediator | None" = None
+
+
+_idle = threading.local()
+
+
+def _acquire_worker() -> _Worker:
+    pool = getattr(_idle, "workers", None)
+    if pool:
+        worker = pool.pop()
+        if not worker.dead:
+            return worker
+    return _Worker(_worker_main)
+
+
+def _release_worker(worker: _Worker) -> None:
+    worker._nnsight_jupyter_mediator = None
+    if worker.dead:
+        return
+    pool = getattr(_idle, "workers", None)
+    if pool is None:
+        pool = _idle.workers = []
+    if len(pool) < 8:
+        pool.append(worker)
+
+
+def _worker_main(m: "Mediator") -> None:
+    while True:
+        box: list[Any] = []
+        try:
+            m.execute()
+            box.append(DONE)
+        except _Abort:
+            box.append(DONE)
+        except BaseException as error:  # handed to the model side, which raises it there
+            box.append(_Raised(error))
+        main = m.interleaver.main
+        m = None  # type: ignore[assignment]
+        m = main.switch(box.pop())
 
 
 def current_mediator() -> "Mediator | None":
-    return getattr(getcurrent(), "mediator", None)
+    return getattr(getcurrent(), MEDIATOR_ATTR, None)
 
 
 def current_trace() -> "Interleaver | None":
-    m = getattr(getcurrent(), "mediator", None)
+    m = getattr(getcurrent(), MEDIATOR_ATTR, None)
     return m.interleaver if m is not None else None
 
 
 class Scope(dict):
-    """An invoke's namespace: waits for names that another invoke of the same pass will assign."""
+    """An invoke's namespace: waits for names that another invoke of the same pass will assign.
+
+    It starts as a copy of the trace body's namespace; names that namespace falls back on (a
+    function's module globals) are looked up in `fallback`.
+    """
 
     mediator: "Mediator"
+    fallback: Any = None
 
     def __missing__(self, name: str) -> Any:
+        fallback = self.fallback
+        if fallback is not None:
+            try:
+                return fallback[name]
+            except KeyError:
+                pass
         if name in builtins.__dict__:
             raise KeyError(name)
         value = self.mediator.interleaver.await_name(self.mediator, name)
@@ -107,23 +184,21 @@ class Mediator:
         self.step = 0
         self.cursor: dict[str, int] = {}
         self.last: Any = None
-        self.greenlet = _MediatorGreenlet(self._run)
-        self.greenlet.mediator = self
+        self.greenlet: _Worker | None = None
         if isinstance(ns, Scope):
             ns.mediator = self
 
-    def _run(self) -> Any:
+    def execute(self) -> None:
         try:
             exec(self.code, self.ns)
         except StopTrace:
             self.interleaver.stop_requested = True
-        return DONE
 
     def request(self, key: Any, *, soft: bool = False) -> Any:
-        return self.greenlet.parent.switch(Request("get", key, None, soft))
+        return self.interleaver.main.switch(Request("get", key, None, soft))
 
     def swap(self, key: Any, value: Any) -> None:
-        self.greenlet.parent.switch(Request("set", key, value))
+        self.interleaver.main.switch(Request("set", key, value))
 
     def location(self, path: str, kind: str) -> tuple:
         return (path, kind, self.step, self.cursor.get(path, 0))
@@ -139,7 +214,6 @@ class Interleaver:
         self.name_waiters: dict[str, list[Mediator]] = {}
         self.n_in: dict[str, int] = {}
         self.n_out: dict[str, int] = {}
-        self.order: list[str] = []
         self.pass_idx = -1
         self.root_depth = 0
         self.adhoc = 0
@@ -152,6 +226,7 @@ class Interleaver:
         self.result: Any = _MISSING
         self.root: Any = None
         self.grad_guard: Any = None
+        self.main = getcurrent()
 
     def mark_saved(self, value: Any) -> None:
         self.saved[id(value)] = value
@@ -164,13 +239,15 @@ class Interleaver:
     def start(self, m: Mediator) -> None:
         """Run a mediator until it first parks (or finishes)."""
         m.started = True
-        self._handle(m, m.greenlet.switch())
+        worker = _acquire_worker()
+        worker._nnsight_jupyter_mediator = m
+        m.greenlet = worker
+        self._handle(m, worker.switch(m))
 
     def new_pass(self) -> None:
         self.pass_idx += 1
         self.n_in = {}
         self.n_out = {}
-        self.order = []
 
     def serve(self, path: str, kind: str, call: int, value: Any) -> Any:
         """Called by a module wrapper: hand `value` to every mediator parked on this location."""
@@ -209,8 +286,13 @@ class Interleaver:
         while True:
             if msg is DONE:
                 m.done = True
+                _release_worker(m.greenlet)
                 self._publish(m)
                 return
+            if type(msg) is _Raised:
+                m.done = True
+                _release_worker(m.greenlet)
+                raise msg.error
             if msg.op == "name":
                 value = self._published(m, msg.key)
                 if value is _MISSING and self._provider_pending(m, msg.key):
@@ -299,7 +381,7 @@ class Interleaver:
     def await_name(self, m: Mediator, name: str) -> Any:
         if not self._provider_pending(m, name):
             return _MISSING
-        return m.greenlet.parent.switch(Request("name", name))
+        return self.main.switch(Request("name", name))
 
     def observe(self, path: str, call: int, args: tuple, kwargs: dict, output: Any) -> None:
         self.observers[path](self.pass_idx, call, args, kwargs, output)
@@ -376,7 +458,7 @@ class Interleaver:
                 f"{where} ran {ran} time(s) in this forward pass, but call {call} was requested. "
                 f"Calls are counted from 0; use .call(i) or .next() with i < {ran}."
             )
-        seen = list(dict.fromkeys(self.order))
+        seen = list(self.n_in)
         shown = ", ".join(self.describe_path(p) for p in seen[:6])
         if len(seen) > 6:
             shown += f", ... ({len(seen)} modules in all)"
@@ -386,12 +468,27 @@ class Interleaver:
             "for this input (print(model) shows the tree; model.scan(input) shows what runs)."
         )
 
+    def release(self) -> None:
+        """Drop the references that tie greenlets, namespaces and this object together."""
+        for m in self.mediators:
+            m.greenlet = None
+            m.ns = None  # type: ignore[assignment]
+            m.interleaver = None  # type: ignore[assignment]
+        self.mediators = []
+        self.waiting = {}
+        self.name_waiters = {}
+        self.here_value = None
+        self.result = _MISSING
+        self.grad_guard = None
+
     def kill(self) -> None:
         """End every unfinished mediator (after an error), running its `finally` blocks."""
         for m in self.mediators:
-            if m.started and not m.done and not m.greenlet.dead:
+            if m.started and not m.done and m.greenlet is not None and not m.greenlet.dead:
                 try:
-                    m.greenlet.throw(GreenletExit)
+                    msg = m.greenlet.throw(_Abort)
+                    if msg is DONE:
+                        _release_worker(m.greenlet)
                 except BaseException:
                     pass
             m.done = True

@@ -10,10 +10,10 @@ handed back as they are: they cannot go stale.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
+from greenlet import getcurrent
 
 from ..errors import NNsightError, NotSavedError
 
@@ -29,41 +29,28 @@ def save(value: Any) -> Any:
             for layer in model.layers:
                 norms.append(layer.output.norm())
     """
-    from .interleave import current_trace
-
-    trace = current_trace()
-    if trace is None:
+    m = getattr(getcurrent(), "_nnsight_jupyter_mediator", None)
+    if m is None:
         raise NNsightError(
             "save() only works inside a trace: call it on a value inside `with model.trace(...):`. "
             "Outside a trace every value is already yours to keep."
         )
-    trace.mark_saved(value)
+    m.interleaver.saved[id(value)] = value
     return value
 
 
 def _tensor_save(self: torch.Tensor) -> torch.Tensor:
+    if getattr(getcurrent(), "_nnsight_jupyter_mediator", None) is None:
+        other = getattr(object, "save", None)  # another tracing library's `.save()` on every object
+        if other is not None:
+            return other(self)
     return save(self)
 
 
-_patch_lock = threading.Lock()
-_patch_users = 0
-
-
-def patch_tensor_save() -> None:
-    """Give tensors a `.save()` method while at least one trace runs (counted, so threads can overlap)."""
-    global _patch_users
-    with _patch_lock:
-        _patch_users += 1
-        if _patch_users == 1 and "save" not in torch.Tensor.__dict__:
-            torch.Tensor.save = _tensor_save  # type: ignore[attr-defined]
-
-
-def unpatch_tensor_save() -> None:
-    global _patch_users
-    with _patch_lock:
-        _patch_users -= 1
-        if _patch_users == 0 and torch.Tensor.__dict__.get("save") is _tensor_save:
-            del torch.Tensor.save  # type: ignore[attr-defined]
+def install_tensor_save() -> None:
+    """Give tensors a `.save()` method (once, at the first trace; outside a trace it explains itself)."""
+    if "save" not in torch.Tensor.__dict__:
+        torch.Tensor.save = _tensor_save  # type: ignore[attr-defined]
 
 
 def holds_unsaved_tensor(value: Any, saved: dict[int, Any], depth: int = 3) -> bool:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..errors import InvokeError, TraceError
-from . import hooks
 from .batching import Rows
 from .interleave import (
     ENDED,
@@ -37,13 +36,34 @@ from .interleave import (
     _MISSING,
     current_mediator,
 )
-from .saving import NotSaved, holds_unsaved_tensor, patch_tensor_save, save, unpatch_tensor_save
+from .saving import NotSaved, holds_unsaved_tensor, install_tensor_save, save
 from .source import SAVE_NAME, Block, block_for_frame, install_source_recorder
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
 
 install_source_recorder()
+
+
+_CO_OPTIMIZED = 0x0001
+
+
+class FrameNamespace(dict):
+    """A function's locals as a trace body's namespace; other names come from its module's globals.
+
+    Used as the body's globals, so nested functions and comprehensions see the body's names too;
+    missing names fall back to the real globals without copying them.
+    """
+
+    fallback: dict
+
+    def __init__(self, values: dict, *, fallback: dict | None = None) -> None:
+        super().__init__(values)
+        if fallback is not None:
+            self.fallback = fallback
+
+    def __missing__(self, name: str) -> Any:
+        return self.fallback[name]
 
 
 class _SkipBody(Exception):
@@ -55,7 +75,11 @@ def _noop_trace(frame: FrameType, event: str, arg: Any) -> None:
 
 
 class _BodySkipper:
-    """Skip the body of the `with` statement running in `frame`, then put tracing back as it was."""
+    """Skip the body of the `with` statement running in `frame`, then put tracing back as it was.
+
+    A debugger, profiler or coverage tool tracing the program is replaced for the moment between
+    `__enter__` and the body's first instruction, and restored right after.
+    """
 
     def __init__(self, frame: FrameType) -> None:
         self.frame = frame
@@ -64,8 +88,9 @@ class _BodySkipper:
         self.previous_opcodes = frame.f_trace_opcodes
 
     def arm(self) -> None:
-        if self.previous_global is None:
-            sys.settrace(_noop_trace)
+        # A C-level tracer (coverage, profilers) would not call the frame's own trace function,
+        # so a Python no-op takes its place until the skip has fired.
+        sys.settrace(_noop_trace)
         self.frame.f_trace_opcodes = True
         self.frame.f_trace = self._fire
 
@@ -105,6 +130,7 @@ class Invoker:
             )
         block = block_for_frame(frame, "tracer.invoke(...)")
         ns = Scope(frame.f_globals)
+        ns.fallback = getattr(frame.f_globals, "fallback", None)
         if block.as_name:
             ns[block.as_name] = self
         self.tracer._pending_invokes.append((self, block, ns))
@@ -166,12 +192,13 @@ class Tracer:
         if exc_type is not _SkipBody:
             return False
         assert frame is not None
-        module_level = frame.f_locals is frame.f_globals
-        if module_level:
-            ns = frame.f_globals
+        if frame.f_code.co_flags & _CO_OPTIMIZED:
+            module_level = False
+            ns: dict = FrameNamespace(frame.f_locals)
+            ns.fallback = frame.f_globals
         else:
-            ns = dict(frame.f_globals)
-            ns.update(frame.f_locals)
+            module_level = frame.f_locals is frame.f_globals
+            ns = frame.f_globals if module_level else FrameNamespace(frame.f_locals, fallback=frame.f_globals)
         try:
             if self._remote:
                 from ..remote.session import run_remote
@@ -297,15 +324,14 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
     ns[SAVE_NAME] = save
     if block.as_name:
         ns[block.as_name] = tracer
+    wrappers = model._wrappers
     grads = _GradGuard(model._model)
     il.grad_guard = grads
     installed: list = []
-    patched = False
     armed = False
     model._interleaver = il
+    install_tensor_save()
     try:
-        patch_tensor_save()
-        patched = True
         grads.arm()
         armed = True
         main = il.add(block.code, ns, assigned=block.assigned, rows=None, label="trace body")
@@ -327,7 +353,7 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
                 il.add(inner.code, scope, assigned=inner.assigned, rows=row, label="invoke")
             for m in il.mediators[1:]:
                 il.start(m)
-        installed = hooks.install(il, model._paths)
+        installed = wrappers.install(il)
         try:
             if tracer._generate:
                 result = model._run_generate(args, kwargs, tracer._generate_kwargs)
@@ -335,12 +361,13 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
                 result = model._run_forward(args, kwargs)
         except EarlyStop:
             result = _MISSING
-        hooks.uninstall(installed)
+        wrappers.uninstall(installed)
         il.finish(result)
     except BaseException:
-        hooks.uninstall(installed)
+        wrappers.uninstall(installed)
         il.kill()
         grads.restore()
+        il.release()
         if module_level:
             for name, value in restore.items():
                 if value is _MISSING:
@@ -349,11 +376,9 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
                     ns[name] = value
         raise
     finally:
-        hooks.uninstall(installed)
+        wrappers.uninstall(installed)
         model._interleaver = None
         tracer._interleaver = None
-        if patched:
-            unpatch_tensor_save()
         if armed:
             grads.disarm()
     def finalised(m: Any) -> dict[str, Any]:
@@ -365,6 +390,7 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
         return values
 
     per_mediator = [finalised(m) for m in il.mediators]
+    il.release()
     tracer.invoke_values = per_mediator[1:]
     bound: dict[str, Any] = {}
     for values in per_mediator:
@@ -430,17 +456,25 @@ def _guarded_backward(*args: Any, **kwargs: Any) -> Any:
     return _GradGuard._original(*args, **kwargs)
 
 
+_locals_to_fast: Any = None
+
+
 def _write_locals(frame: FrameType, values: dict[str, Any]) -> None:
-    local_names = set(frame.f_code.co_varnames) | set(frame.f_code.co_cellvars) | set(frame.f_code.co_freevars)
+    global _locals_to_fast
+    code = frame.f_code
     f_locals = frame.f_locals
     for name, value in values.items():
-        if name in local_names or name in f_locals:
+        if name in code.co_varnames or name in code.co_cellvars or name in code.co_freevars or name in f_locals:
             f_locals[name] = value
         else:
             frame.f_globals[name] = value
-    locals_to_fast = getattr(ctypes.pythonapi, "PyFrame_LocalsToFast", None)
-    if locals_to_fast is not None:
-        locals_to_fast(ctypes.py_object(frame), ctypes.c_int(0))
+    if _locals_to_fast is None:
+        _locals_to_fast = getattr(ctypes.pythonapi, "PyFrame_LocalsToFast", False)
+        if _locals_to_fast:
+            _locals_to_fast.argtypes = [ctypes.py_object, ctypes.c_int]
+            _locals_to_fast.restype = None
+    if _locals_to_fast:
+        _locals_to_fast(frame, 0)
 
 
 def _clean(error: BaseException) -> BaseException:

@@ -220,7 +220,6 @@ def engine_state(module: nn.Module) -> dict[str, Any]:
         )
     for name, p in module.named_parameters():
         state["param:" + name] = (p.requires_grad, None if p.grad is None else p.grad.clone(), p.data.clone())
-    state["Tensor.save"] = "save" in torch.Tensor.__dict__
     state["grad_enabled"] = torch.is_grad_enabled()
     return state
 
