@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     run_demo = sub.add_parser("demo", help="trace the bundled SmolLM2: top tokens, layer norms, one ablation")
     run_demo.add_argument("prompt", nargs="?", default="The capital of France is")
     run_demo.add_argument("--layer", type=int, default=15, help="layer whose MLP output is zeroed (default 15)")
+    sub.add_parser("serve", help="run the remote backend server (nnsight-jupyter serve --help)", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from .remote.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.prompt, args.layer)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import NNsightError
 from ..tracing.envoy import Envoy
+from ..tracing.saving import save
 from .protocol import TraceRequest, TraceResult
 from .values import from_wire, to_wire
 
@@ -63,6 +64,8 @@ def build_request(tracer: "Tracer", block: "Block", ns: dict[str, Any]) -> Trace
             continue
         if value is model:
             model_names.append(name)
+        elif value is save:
+            modules[name] = "nnsight_jupyter.save"
         elif isinstance(value, types.ModuleType):
             modules[name] = value.__name__
         elif name in builtins.__dict__ and value is builtins.__dict__[name]:

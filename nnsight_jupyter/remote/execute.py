@@ -11,7 +11,8 @@ Options understood (all optional except `kind`):
     inputs, kwargs     positional and keyword inputs of `model.trace(...)` / `model.generate(...)`
     model_names        names the body uses for the model itself (default ["model"])
     tracer_name        the name after `as` in the client's `with` statement
-    modules            {name: module name} of allowlisted modules the body reads (e.g. torch)
+    modules            {name: module name} of allowlisted modules the body reads (e.g. torch); the
+                       names "nnsight_jupyter" and "nnsight_jupyter.save" give the body `save`
     filename, first_line  where the body sits in the client's file or cell, for tracebacks
 """
 
@@ -21,10 +22,12 @@ import builtins as _builtins
 import io
 import linecache
 import traceback
+import types
 from typing import Any, Callable
 
 from ..models.base import NNsight
 from ..tracing.source import USER_CODES, compile_source
+from ..tracing.saving import save
 from ..tracing.tracer import run_block
 from .protocol import TraceErrorInfo, TraceRequest, TraceResult
 from .values import from_wire, result_to_wire
@@ -52,8 +55,12 @@ def run_request(
         ns: dict[str, Any] = {"__builtins__": builtins if builtins is not None else _builtins.__dict__}
         ns["print"] = _printer(logs, on_log)
         for name, module_name in dict(options.get("modules") or {}).items():
-            ns[name] = (importer or __import__)(module_name) if "." not in module_name else _import_path(
-                module_name, importer)
+            if module_name in _ENGINE_API:
+                ns[name] = _ENGINE_API[module_name]
+            elif "." not in module_name:
+                ns[name] = (importer or __import__)(module_name)
+            else:
+                ns[name] = _import_path(module_name, importer)
 
         def compile_function(fn: Any) -> Any:
             if validate is not None:
@@ -90,6 +97,13 @@ def run_request(
     finally:
         if registered:
             linecache.cache.pop(filename, None)
+
+
+_ENGINE_API = {
+    "nnsight_jupyter": types.SimpleNamespace(save=save),
+    "nnsight_jupyter.save": save,
+}
+"""What a trace body may use of this package by name: `nnsight_jupyter.save(...)`."""
 
 
 def _printer(logs: list[str], on_log: Callable[[str], None] | None) -> Callable[..., None]:

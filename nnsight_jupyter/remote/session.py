@@ -54,10 +54,12 @@ def run_remote(tracer: "Tracer", block: "Block", ns: dict[str, Any]) -> dict[str
     """Send the trace, wait for its result, and return the names it bound."""
     request = build_request(tracer, block, ns)
     backend = backend_for(tracer, request.model_id)
+    bound: dict[str, Any] = {block.as_name: tracer} if block.as_name else {}
     if not tracer._blocking:
         if not hasattr(backend, "submit"):
             raise TypeError("blocking=False needs a server backend; this one only runs requests to completion.")
         tracer.job = backend.submit(request)
-        return {}
+        return bound
     result = backend.run(request, timeout=tracer._remote_timeout)
-    return apply_result(result, tracer.model)
+    bound.update(apply_result(result, tracer.model))
+    return bound

@@ -137,7 +137,8 @@ def _rebuild_record(record: Record, fields: dict) -> Any:
     """Rebuild a transformers ModelOutput or a Cache by name; anything else stays a plain dict."""
     if record.module == Cache.__module__ and record.qualname == "Cache":
         return _rebuild_cache(fields)
-    if record.module.startswith("transformers.") and record.module.replace(".", "").replace("_", "").isalnum():
+    if (record.module == "transformers.modeling_outputs" or record.module.startswith("transformers.models.")) \
+            and all(part.isidentifier() for part in record.module.split(".")) and record.qualname.isidentifier():
         try:
             cls = getattr(importlib.import_module(record.module), record.qualname, None)
         except ImportError:

@@ -89,6 +89,11 @@ class Envoy:
         """The envoy (or attribute) at a dotted path below this one: `model.resolve("transformer.h.0")`."""
         node: Any = self
         for part in relative_path.split(".") if relative_path else []:
+            if part.startswith("_"):
+                raise ModulePathError(
+                    f"{relative_path!r}: module paths name child modules and public attributes; "
+                    f"{part!r} is private."
+                )
             node = node[int(part)] if part.isdigit() and isinstance(node, Envoy) else getattr(node, part)
         return node
 

@@ -1,0 +1,488 @@
+"""The persistent job queue: jobs, their states and their event log, in one SQLite file.
+
+Why SQLite
+    A restart must lose nothing: a queued job still runs after the server comes back, and a
+    client that reconnects can read the events it missed. SQLite in WAL mode commits each change
+    durably against a killed process (``synchronous=NORMAL`` only risks the last transactions on
+    power loss), needs no service, and its single writer matches one server per data folder
+    (enforced with a lock file; a second server on the same folder is refused).
+
+States::
+
+    queued ──> loading ──> running ──> completed | error
+       │          │           │
+       └──────────┴───────────┴──> cancelled
+
+``loading`` means a replica took the job but its model is still loading (a cold start or a
+restarted worker). Jobs of one model run in submission order (FIFO by ``seq``). ``attempts``
+counts how often a job started running.
+
+Restart policy
+    A job that was ``loading`` or ``running`` when the server stopped is put back at the front of
+    its queue and run again, once: a job found interrupted a second time is finished as an error
+    saying so, so a job that somehow takes the server down cannot do it forever.
+
+Events
+    Every change appends an event with the next per-job sequence number (``queued`` with the
+    position, ``loading``, ``running``, ``log``, and one final ``completed``, ``error`` or
+    ``cancelled``). Position updates are written for the ``position_updates`` queued jobs nearest
+    the front each time the queue moves, so a long queue costs a bounded number of writes per
+    job; ``GET /jobs/{id}`` always computes the live position.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+__all__ = ["FINAL", "Event", "Job", "JobStore", "iso"]
+
+FINAL = frozenset({"completed", "error", "cancelled"})
+PENDING = frozenset({"queued", "loading", "running"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    model TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    timeout_s REAL NOT NULL,
+    request BLOB,
+    request_bytes INTEGER NOT NULL,
+    error_type TEXT,
+    error_message TEXT,
+    result_bytes INTEGER,
+    expires REAL,
+    expired INTEGER NOT NULL DEFAULT 0,
+    last_event INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (model, status, seq);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expired, expires);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = ("seq", "id", "model", "owner", "status", "created", "started", "finished", "attempts", "timeout_s",
+            "request_bytes", "error_type", "error_message", "result_bytes", "expires", "expired", "last_event")
+_SELECT = "SELECT " + ", ".join(_COLUMNS) + " FROM jobs"
+
+
+def iso(timestamp: float | None) -> str | None:
+    """Seconds since the epoch -> ISO 8601 in UTC (``None`` stays ``None``)."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the queue (without the request body, which is read only when the job runs)."""
+
+    seq: int
+    id: str
+    model: str
+    owner: str
+    status: str
+    created: float
+    started: float | None
+    finished: float | None
+    attempts: int
+    timeout_s: float
+    request_bytes: int
+    error_type: str | None
+    error_message: str | None
+    result_bytes: int | None
+    expires: float | None
+    expired: bool
+    last_event: int
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    def describe(self, *, position: int | None, now: float) -> dict[str, Any]:
+        """The JSON answer of ``GET /jobs/{id}``."""
+        body: dict[str, Any] = {
+            "job_id": self.id,
+            "model": self.model,
+            "status": self.status,
+            "created_at": iso(self.created),
+            "started_at": iso(self.started),
+            "finished_at": iso(self.finished),
+            "timeout_s": self.timeout_s,
+            "attempts": self.attempts,
+            "last_event": self.last_event,
+            "error": None,
+            "result": None,
+        }
+        if self.status == "queued":
+            body["position"] = position
+        if self.error_type is not None:
+            body["error"] = {"type": self.error_type, "message": self.error_message}
+        if self.result_bytes is not None:
+            expired = self.expired or (self.expires is not None and self.expires <= now)
+            body["result"] = {"bytes": self.result_bytes, "expires_at": iso(self.expires), "expired": expired}
+        return body
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's event log."""
+
+    seq: int
+    type: str
+    data: dict[str, Any]
+    time: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "type": self.type, "time": iso(self.time), **self.data}
+
+
+class DataDirInUse(RuntimeError):
+    """Another server process holds the data folder."""
+
+
+class JobStore:
+    """Jobs and events in SQLite; every method is thread-safe and short.
+
+    ``on_event(job_id)`` is called (outside the lock) after each change to a job's events, so
+    streams waiting on that job can wake up.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float],
+                 position_updates: int = 50, on_event: Callable[[str], None] | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_folder(self.path.parent)
+        self.clock = clock
+        self.position_updates = position_updates
+        self.on_event = on_event
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+                self._lock_file.close()
+
+    # ----- transactions ----------------------------------------------------------------------
+    def _transaction(self, work: Callable[[sqlite3.Connection, list[str]], Any]) -> Any:
+        touched: list[str] = []
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the job store is closed (the server is shutting down)")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                value = work(self._db, touched)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        if self.on_event is not None:
+            for job_id in dict.fromkeys(touched):
+                self.on_event(job_id)
+        return value
+
+    def _append(self, db: sqlite3.Connection, touched: list[str], job_id: str, kind: str,
+                data: dict[str, Any], now: float) -> int:
+        row = db.execute("UPDATE jobs SET last_event = last_event + 1 WHERE id = ? RETURNING last_event",
+                         (job_id,)).fetchone()
+        db.execute("INSERT INTO events (job_id, seq, type, data, time) VALUES (?, ?, ?, ?, ?)",
+                   (job_id, row[0], kind, json.dumps(data), now))
+        touched.append(job_id)
+        return row[0]
+
+    def _position(self, db: sqlite3.Connection, model: str, seq: int) -> int:
+        (ahead,) = db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued' AND seq < ?",
+                              (model, seq)).fetchone()
+        return ahead + 1
+
+    def _announce_positions(self, db: sqlite3.Connection, touched: list[str], model: str, now: float,
+                            after_seq: int = 0) -> None:
+        rows = db.execute(
+            "SELECT id, seq FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq LIMIT ?",
+            (model, self.position_updates),
+        ).fetchall()
+        for position, (job_id, seq) in enumerate(rows, start=1):
+            if seq > after_seq:
+                self._append(db, touched, job_id, "queued", {"position": position}, now)
+
+    # ----- reading ---------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute(_SELECT + " WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def position(self, job: Job) -> int | None:
+        if job.status != "queued":
+            return None
+        with self._lock:
+            return self._position(self._db, job.model, job.seq)
+
+    def request_body(self, job_id: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT request FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    def events_after(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, type, data, time FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, after, limit),
+            ).fetchall()
+        return [Event(seq, kind, json.loads(data), at) for seq, kind, data, at in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{model: {status: n}}`` for pending jobs."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, status, COUNT(*) FROM jobs WHERE status IN ('queued', 'loading', 'running') "
+                "GROUP BY model, status"
+            ).fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for model, status, n in rows:
+            out.setdefault(model, {})[status] = n
+        return out
+
+    def queued_count(self, model: str) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued'",
+                                    (model,)).fetchone()
+        return n
+
+    def has_queued(self, model: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM jobs WHERE model = ? AND status = 'queued' LIMIT 1",
+                                   (model,)).fetchone()
+        return row is not None
+
+    # ----- changing ---------------------------------------------------------------------------
+    def submit(self, *, model: str, owner: str, request: bytes, timeout_s: float) -> tuple[Job, int]:
+        """Queue a job; returns it with its position (1 = next to run)."""
+        job_id = secrets.token_urlsafe(12)
+
+        def work(db: sqlite3.Connection, touched: list[str]) -> int:
+            now = self.clock()
+            cursor = db.execute(
+                "INSERT INTO jobs (id, model, owner, status, created, timeout_s, request, request_bytes) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, model, owner, now, timeout_s, request, len(request)),
+            )
+            position = self._position(db, model, cursor.lastrowid)
+            self._append(db, touched, job_id, "queued", {"position": position}, now)
+            return position
+
+        position = self._transaction(work)
+        job = self.get(job_id)
+        if job is None:
+            raise RuntimeError(f"job {job_id} vanished right after it was queued")
+        return job, position
+
+    def claim(self, model: str, *, ready: bool, worker: str) -> Job | None:
+        """Take the oldest queued job of ``model`` for a replica: ``running`` if its worker is
+        ready, else ``loading``. Returns None when nothing is queued."""
+
+        def work(db: sqlite3.Connection, touched: list[str]) -> str | None:
+            row = db.execute("SELECT id, seq FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq LIMIT 1",
+                             (model,)).fetchone()
+            if row is None:
+                return None
+            job_id, seq = row
+            now = self.clock()
+            status = "running" if ready else "loading"
+            db.execute("UPDATE jobs SET status = ?, attempts = attempts + ?, started = ? WHERE id = ?",
+                       (status, 1 if ready else 0, now if ready else None, job_id))
+            if ready:
+                self._append(db, touched, job_id, "running", {"worker": worker}, now)
+            else:
+                self._append(db, touched, job_id, "loading",
+                             {"model": model, "detail": f"waiting for model {model!r} to load"}, now)
+            self._announce_positions(db, touched, model, now)
+            return job_id
+
+        job_id = self._transaction(work)
+        return self.get(job_id) if job_id else None
+
+    def mark_running(self, job_id: str, *, worker: str) -> bool:
+        def work(db: sqlite3.Connection, touched: list[str]) -> bool:
+            now = self.clock()
+            changed = db.execute("UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1 "
+                                 "WHERE id = ? AND status = 'loading'", (now, job_id)).rowcount
+            if changed:
+                self._append(db, touched, job_id, "running", {"worker": worker}, now)
+            return bool(changed)
+
+        return self._transaction(work)
+
+    def add_events(self, job_id: str, events: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        batch = list(events)
+        if not batch:
+            return
+
+        def work(db: sqlite3.Connection, touched: list[str]) -> None:
+            now = self.clock()
+            for kind, data in batch:
+                self._append(db, touched, job_id, kind, data, now)
+
+        self._transaction(work)
+
+    def finish(self, job_id: str, status: str, *, result_bytes: int | None = None, ttl_s: float | None = None,
+               error: tuple[str, str, str] | None = None, reason: str | None = None) -> bool:
+        """Move a pending job to a final state, with its final event; False if it already was final."""
+        if status not in FINAL:
+            raise ValueError(f"{status!r} is not a final state")
+
+        def work(db: sqlite3.Connection, touched: list[str]) -> bool:
+            row = db.execute("SELECT model, seq, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[2] in FINAL:
+                return False
+            model, seq, previous = row
+            now = self.clock()
+            expires = now + ttl_s if result_bytes is not None and ttl_s is not None else None
+            db.execute(
+                "UPDATE jobs SET status = ?, finished = ?, request = NULL, result_bytes = ?, expires = ?, "
+                "error_type = ?, error_message = ? WHERE id = ?",
+                (status, now, result_bytes, expires, error[0] if error else None, error[1] if error else None,
+                 job_id),
+            )
+            data: dict[str, Any] = {}
+            if result_bytes is not None:
+                data["result_bytes"] = result_bytes
+                data["expires_at"] = iso(expires)
+            if error is not None:
+                data["error"] = {"type": error[0], "message": error[1], "traceback": error[2]}
+            if reason is not None:
+                data["reason"] = reason
+            self._append(db, touched, job_id, status, data, now)
+            if previous == "queued":
+                self._announce_positions(db, touched, model, now, after_seq=seq)
+            return True
+
+        return self._transaction(work)
+
+    def cancel_if_queued(self, job_id: str, reason: str) -> bool:
+        def work(db: sqlite3.Connection, touched: list[str]) -> bool:
+            row = db.execute("SELECT model, seq FROM jobs WHERE id = ? AND status = 'queued'", (job_id,)).fetchone()
+            if row is None:
+                return False
+            now = self.clock()
+            db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, request = NULL WHERE id = ?",
+                       (now, job_id))
+            self._append(db, touched, job_id, "cancelled", {"reason": reason}, now)
+            self._announce_positions(db, touched, row[0], now, after_seq=row[1])
+            return True
+
+        return self._transaction(work)
+
+    def queued_ids(self, model: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq",
+                                    (model,)).fetchall()
+        return [r[0] for r in rows]
+
+    def recover(self, *, served: Iterable[str]) -> list[tuple[str, str]]:
+        """After a restart: re-queue interrupted jobs once (or fail them), fail jobs of models no
+        longer served. Returns ``(job_id, what happened)`` pairs."""
+        served = set(served)
+
+        def work(db: sqlite3.Connection, touched: list[str]) -> list[tuple[str, str]]:
+            now = self.clock()
+            report: list[tuple[str, str]] = []
+            rows = db.execute("SELECT id, model, status, attempts FROM jobs WHERE status IN "
+                              "('queued', 'loading', 'running') ORDER BY seq").fetchall()
+            for job_id, model, status, attempts in rows:
+                if model not in served:
+                    message = (f"the server restarted without model {model!r}; it now serves "
+                               f"{sorted(served)}. Submit the job again to a served model.")
+                    db.execute("UPDATE jobs SET status = 'error', finished = ?, request = NULL, error_type = ?, "
+                               "error_message = ? WHERE id = ?", (now, "ModelUnavailable", message, job_id))
+                    self._append(db, touched, job_id, "error",
+                                 {"error": {"type": "ModelUnavailable", "message": message, "traceback": ""}}, now)
+                    report.append((job_id, "failed: model no longer served"))
+                elif status == "queued":
+                    report.append((job_id, "still queued"))
+                elif attempts >= 2:
+                    message = ("the server stopped twice while this job was running, so it was not run a third "
+                               "time. If the job is very large, lower its memory or time use and submit it again.")
+                    db.execute("UPDATE jobs SET status = 'error', finished = ?, request = NULL, error_type = ?, "
+                               "error_message = ? WHERE id = ?", (now, "ServerRestarted", message, job_id))
+                    self._append(db, touched, job_id, "error",
+                                 {"error": {"type": "ServerRestarted", "message": message, "traceback": ""}}, now)
+                    report.append((job_id, "failed: interrupted twice"))
+                else:
+                    db.execute("UPDATE jobs SET status = 'queued', started = NULL WHERE id = ?", (job_id,))
+                    position = self._position(db, model, db.execute("SELECT seq FROM jobs WHERE id = ?",
+                                                                    (job_id,)).fetchone()[0])
+                    self._append(db, touched, job_id, "queued", {
+                        "position": position, "requeued": True,
+                        "reason": f"the server restarted while the job was {status}; it runs again (once)",
+                    }, now)
+                    report.append((job_id, "requeued"))
+            return report
+
+        return self._transaction(work)
+
+    def due_for_expiry(self, now: float) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE expired = 0 AND expires IS NOT NULL AND expires <= ?",
+                                    (now,)).fetchall()
+        return [r[0] for r in rows]
+
+    def mark_expired(self, job_id: str) -> None:
+        """Record that the result is gone; drop the job's log lines, keep its lifecycle events."""
+
+        def work(db: sqlite3.Connection, touched: list[str]) -> None:
+            db.execute("UPDATE jobs SET expired = 1 WHERE id = ?", (job_id,))
+            db.execute("DELETE FROM events WHERE job_id = ? AND type = 'log'", (job_id,))
+
+        self._transaction(work)
+
+
+def _job(row: tuple) -> Job:
+    values = dict(zip(_COLUMNS, row))
+    values["expired"] = bool(values["expired"])
+    return Job(**values)
+
+
+def _lock_folder(folder: Path):
+    handle = open(folder / "server.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise DataDirInUse(
+            f"another nnsight-jupyter server (pid {holder}) is using the data folder {folder}; "
+            "stop it, or give this server its own folder with --data-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

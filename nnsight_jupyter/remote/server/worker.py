@@ -1,0 +1,373 @@
+"""The model worker: a separate process that loads one model, locks itself down and runs jobs.
+
+User code never runs in the server process. Each replica of a served model is one worker
+process, started with ``forkserver`` (or ``spawn``), so a worker that is killed (a job past its
+time or memory limit, or one that will not stop when cancelled) is replaced in about the time its
+model takes to load, and the server keeps serving.
+
+Inside the worker, in order: load the model (with file and network access, as any program
+would), import every module traces may use, take the integrity baseline, then apply
+``lockdown.apply``. From then on it runs one job at a time, on the main thread, with the
+sandbox's builtins, importer and source check (``sandbox.py``); printed lines stream back as they
+happen; the result is encoded here, so oversized or unsendable results fail with a clear message
+before they reach the server.
+
+Stopping a job: the server sends ``cancel``; the listener thread records the reason and
+interrupts the main thread, where a ``SIGINT`` handler raises :class:`JobStopped` only while
+trace code is running (never while a message is being written, so the pipe stays consistent).
+If the job still runs after the grace period, the server kills the process.
+
+Two threads besides the main one, started before the lockdown (which forbids new threads): the
+listener reads the pipe and the sender writes it, so the main thread never blocks on the pipe
+and an interrupt can never land in the middle of a message.
+"""
+
+from __future__ import annotations
+
+import _thread
+import gc
+import importlib
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .channel import BrokenChannel, Channel
+
+__all__ = ["JobStopped", "load_model", "main"]
+
+
+class JobStopped(BaseException):
+    """Raised inside a running trace when the server stops it (cancel or time limit).
+
+    A ``BaseException`` that trace code cannot name, so ``except Exception`` does not catch it.
+    """
+
+
+def load_model(spec: str, *, factory: bool) -> Any:
+    """An ``NNsight`` model from a ``module:function`` factory, or a ``LanguageModel`` by name."""
+    import torch
+
+    from ...models.base import NNsight
+
+    if factory:
+        module_name, _, function_name = spec.partition(":")
+        function = getattr(importlib.import_module(module_name), function_name, None)
+        if not callable(function):
+            raise ValueError(f"{spec!r}: {module_name} has no function {function_name!r}")
+        model = function()
+        if isinstance(model, torch.nn.Module):
+            model = NNsight(model)
+        if not isinstance(model, NNsight):
+            raise TypeError(f"{spec!r} returned {type(model).__name__}; a model factory must return an "
+                            "NNsight model or a torch.nn.Module")
+        return model
+    from ...models.language import LanguageModel
+
+    return LanguageModel(spec, dispatch=True)
+
+
+def _warm_up(model: Any, name: str) -> None:
+    """Run the engine once before the integrity baseline and the lockdown.
+
+    Lazy imports then happen while files can still be read, and what the engine sets up once per
+    process (such as ``Tensor.save``) is part of the baseline rather than mistaken for a change a
+    job made. A trace without input still gets that far for any model; a ``LanguageModel`` also
+    runs a real forward pass and one generation step.
+    """
+    from ...models.language import LanguageModel
+    from ..execute import run_request
+    from ..protocol import TraceRequest
+
+    import torch
+
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    run_request(model, TraceRequest(model_id=name, source="pass", options={"kind": "trace"}))
+    if not isinstance(model, LanguageModel):
+        return
+    for options in ({"kind": "trace", "inputs": ["Hello"]},
+                    {"kind": "generate", "inputs": ["Hello"], "kwargs": {"max_new_tokens": 1}}):
+        result = run_request(model, TraceRequest(model_id=name, source="pass", options=options))
+        if result.error is not None:
+            print(f"nnsight-jupyter worker {name}: warm-up {options['kind']} failed: "
+                  f"{result.error.type_name}: {result.error.message}", file=sys.stderr)
+
+
+def _quiet_progress_bars() -> None:
+    """No download or loading bars in the server log (and no tqdm lock left to clean up at exit)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(connection: Any, name: str, spec: str, settings: dict[str, Any]) -> None:
+    """Entry point of a worker process; it exits when the server says stop or goes away."""
+    channel = Channel(connection, max_bytes=settings["max_request_bytes"] + 2**20)
+    try:
+        channel.send({"ev": "loading"})
+    except BrokenChannel:
+        return
+    worker = _Worker(channel, name, settings)
+    signal.signal(signal.SIGINT, worker.on_interrupt)
+    try:
+        import torch
+
+        if settings.get("threads"):
+            torch.set_num_threads(int(settings["threads"]))
+        _quiet_progress_bars()
+        model = load_model(spec, factory=settings["factory"])
+        from . import integrity, lockdown, sandbox
+
+        sandbox.preimport()
+        sandbox.harden_engine()
+        _warm_up(model, name)
+        protected = integrity.protect_weights(model)
+        baseline = integrity.Baseline(model)
+        gc.collect()
+        gc.freeze()
+        worker.start_threads()
+        report = lockdown.LockdownReport(skipped=["all process-level layers (--no-os-sandbox)"])
+        if settings["os_sandbox"]:
+            report = lockdown.apply(memory_bytes=settings["max_job_memory_bytes"] + 512 * 2**20,
+                                    protected=[Path(p) for p in settings["protected"]])
+        if protected:
+            report.active.append(protected)
+    except BaseException as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        try:
+            channel.send({"ev": "failed", "reason": text})
+        except BrokenChannel:
+            pass
+        return
+    worker.model = model
+    worker.baseline = baseline
+    worker.post({"ev": "ready", "pid": os.getpid(), "lockdown": report.as_json()})
+    worker.serve()
+
+
+class _Worker:
+    def __init__(self, channel: Channel, name: str, settings: dict[str, Any]) -> None:
+        self.channel = channel
+        self.name = name
+        self.settings = settings
+        self.model: Any = None
+        self.baseline: Any = None
+        self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.outbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.lock = threading.Lock()
+        self.current: str | None = None
+        self.stop_reason: str | None = None
+        self.in_trace = False
+        self.started = False
+
+    # ----- threads -------------------------------------------------------------------------
+    def start_threads(self) -> None:
+        threading.Thread(target=self._listen, name="nnsj-listener", daemon=True).start()
+        threading.Thread(target=self._send, name="nnsj-sender", daemon=True).start()
+        self.started = True
+
+    def post(self, message: dict[str, Any]) -> None:
+        if self.started:
+            self.outbox.put(message)
+        else:
+            self.channel.send(message)
+
+    def _send(self) -> None:
+        while True:
+            message = self.outbox.get()
+            try:
+                if message is None:
+                    return
+                self.channel.send(message)
+            except BrokenChannel:
+                os._exit(0)
+            finally:
+                self.outbox.task_done()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                message = self.channel.recv()
+            except BrokenChannel:
+                os._exit(0)
+            op = message.get("op")
+            if op == "run":
+                self.inbox.put(message)
+            elif op == "cancel":
+                with self.lock:
+                    if self.current is not None and self.current == message.get("job_id") and not self.stop_reason:
+                        self.stop_reason = str(message.get("reason") or "cancelled")
+                        _thread.interrupt_main()
+            elif op == "stop":
+                self.inbox.put(None)
+
+    def on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.in_trace and self.stop_reason:
+            raise JobStopped(self.stop_reason)
+
+    # ----- jobs ----------------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            try:
+                message = self.inbox.get()
+            except JobStopped:
+                continue
+            if message is None:
+                self.outbox.put(None)
+                self.outbox.join()
+                os._exit(0)
+            reply = self._run(message)
+            self.post(reply)
+            if reply.get("restart"):
+                self.outbox.join()
+                os._exit(0)
+
+    def _run(self, message: dict[str, Any]) -> dict[str, Any]:
+        from ..protocol import TraceErrorInfo, TraceResult
+        from . import integrity
+
+        job_id = str(message.get("job_id"))
+        sink = _LogSink(self, job_id, self.settings["max_log_bytes"])
+        with self.lock:
+            self.current, self.stop_reason = job_id, None
+        result: Any = None
+        try:
+            result = self._execute(message, sink)
+        except JobStopped:
+            result = None
+        self.in_trace = False
+        with self.lock:
+            self.current = None
+            stopped = self.stop_reason
+        if result is None:
+            result = TraceResult(error=TraceErrorInfo("JobStopped", stopped or "stopped", ""))
+        elif result.error is not None and _is_out_of_memory(result.error):
+            detail = f" ({result.error.message})" if result.error.message else ""
+            result.error = TraceErrorInfo("MemoryError", _memory_message(self.settings) + detail,
+                                          result.error.traceback)
+        try:
+            integrity.reset_shared_state(self.baseline)
+            problems = self.baseline.check()
+        except Exception as exc:
+            problems = [f"the model could not be checked after the job ({type(exc).__name__}: {exc})"]
+        restart = None
+        if problems:
+            restart = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            result = TraceResult(error=TraceErrorInfo(
+                "ModelModifiedError",
+                f"the trace changed the served model or state shared with later jobs: {restart}. A shared server "
+                "does not keep such changes; change activations inside the trace instead (e.g. "
+                "`model.layer.output = ...`). The server replaced this worker, so no other job saw the change.",
+                "",
+            ))
+        result.logs = sink.lines()
+        data, error = self._encode(result)
+        del result
+        gc.collect()
+        return {"ev": "done", "job_id": job_id, "result": data, "stopped": stopped, "restart": restart,
+                "error": None if error is None else [error.type_name, error.message, error.traceback]}
+
+    def _execute(self, message: dict[str, Any], sink: "_LogSink") -> Any:
+        from ..execute import run_request
+        from ..protocol import ProtocolError, TraceErrorInfo, TraceResult, decode_request
+        from . import lockdown, sandbox
+
+        try:
+            request = decode_request(message["request"], max_size=self.settings["max_request_bytes"])
+        except (ProtocolError, KeyError, TypeError) as exc:
+            return TraceResult(error=TraceErrorInfo("ProtocolError", str(exc), ""))
+        lockdown.set_user_files({str(request.options.get("filename") or "<remote trace>")})
+        if self.settings["os_sandbox"]:
+            timeout = float(message.get("timeout") or 60.0)
+            lockdown.set_cpu_budget(timeout * max(1, os.cpu_count() or 1) + 10)
+        self.in_trace = True
+        try:
+            return run_request(self.model, request, builtins=sandbox.make_builtins(), validate=sandbox.validate,
+                               on_log=sink.add, importer=sandbox.restricted_import)
+        finally:
+            self.in_trace = False
+
+    def _encode(self, result: Any) -> tuple[bytes, Any]:
+        """The result's bytes and its error (a replacement error if it cannot be sent)."""
+        from ..protocol import ProtocolError, TraceErrorInfo, TraceResult, encode_result
+        from .config import describe_bytes
+
+        limit = self.settings["max_result_bytes"]
+        try:
+            data = encode_result(result)
+        except ProtocolError as exc:
+            result = TraceResult(logs=result.logs, error=TraceErrorInfo(
+                "ProtocolError", f"the trace's saved values cannot be sent back: {exc}", ""))
+            data = encode_result(result)
+        except MemoryError:
+            result = TraceResult(logs=result.logs, error=TraceErrorInfo(
+                "MemoryError", "the result did not fit in the job's memory while being encoded; save fewer or "
+                "smaller values", ""))
+            data = encode_result(result)
+        if len(data) > limit:
+            result = TraceResult(logs=result.logs, error=TraceErrorInfo(
+                "ResultTooLarge",
+                f"the result is {describe_bytes(len(data))}, over this server's limit of {describe_bytes(limit)}; "
+                "save fewer or smaller values (slice tensors before .save()), or ask the operator to raise "
+                "--max-result-mb",
+                "",
+            ))
+            data = encode_result(result)
+        return data, result.error
+
+
+def _is_out_of_memory(error: Any) -> bool:
+    if error.type_name == "MemoryError":
+        return True
+    message = error.message.lower()
+    return error.type_name in ("RuntimeError", "OutOfMemoryError") and (
+        "can't allocate memory" in message or "out of memory" in message)
+
+
+def _memory_message(settings: dict[str, Any]) -> str:
+    from .config import describe_bytes
+
+    return (f"the job ran out of memory: each job may use about {describe_bytes(settings['max_job_memory_bytes'])} "
+            "beyond the loaded model (server setting --max-job-memory-mb); use smaller tensors or batches")
+
+
+class _LogSink:
+    """The lines a job prints: streamed to the server as they come, capped in total size."""
+
+    def __init__(self, worker: _Worker, job_id: str, limit: int) -> None:
+        self.worker = worker
+        self.job_id = job_id
+        self.limit = limit
+        self.used = 0
+        self.kept: list[str] = []
+        self.dropped = 0
+
+    def add(self, line: str) -> None:
+        if self.dropped:
+            self.dropped += 1
+            return
+        size = len(line.encode("utf-8", "replace")) + 1
+        if self.used + size > self.limit:
+            self.dropped = 1
+            note = (f"[nnsight-jupyter: output truncated; a job may print {self.limit} bytes "
+                    "(server setting --max-log-kb)]")
+            self.kept.append(note)
+            self.worker.post({"ev": "log", "job_id": self.job_id, "line": note})
+            return
+        self.used += size
+        self.kept.append(line)
+        self.worker.post({"ev": "log", "job_id": self.job_id, "line": line})
+
+    def lines(self) -> list[str]:
+        if self.dropped:
+            return [*self.kept[:-1], self.kept[-1].replace("truncated", f"truncated, {self.dropped} lines dropped")]
+        return list(self.kept)

@@ -1,0 +1,167 @@
+"""`remote=` traces through the httpx client against a real server on 127.0.0.1.
+
+Each run is compared bit for bit with the same trace run locally on an identical model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nnsight_jupyter
+from nnsight_jupyter.errors import NotSavedError, OutOfOrderError
+from nnsight_jupyter.remote.client import RemoteClient, RemoteServerError
+
+from .conftest import tokens
+from .tiny_models import tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def client(live_server):
+    return RemoteClient(str(live_server.http.base_url), live_server.key, show_status=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_gpt2()
+    object.__setattr__(m, "remote_id", "tiny")
+    return m
+
+
+def _identical(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.detach(), b.detach())
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _identical(x, y)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            _identical(a[k], b[k])
+    else:
+        assert a == b
+
+
+X = tokens(1, batch=2)
+Y = tokens(2)
+
+
+def _both(run, client):
+    return run(False), run(client)
+
+
+def test_save_patch_and_derived_values(model, client):
+    layer = model.transformer.h[0]
+
+    def run(remote):
+        with model.trace(X, remote=remote):
+            layer.output[:, -1] = 0
+            h = model.transformer.h[1].output.save()
+            mean = h.mean(-1).save()
+            out = model.output.save()
+        return {"h": h, "mean": mean, "logits": out.logits}
+
+    local, remote = _both(run, client)
+    _identical(local, remote)
+
+
+def test_invokes_with_sharing(model, client):
+    def run(remote):
+        with model.trace(remote=remote) as tracer:
+            with tracer.invoke(X):
+                donor = model.transformer.h[0].output[:, -1]
+            with tracer.invoke(Y):
+                model.transformer.h[0].output[:, -1] = donor[:1]
+                b = model.lm_head.output.save()
+        return {"b": b}
+
+    local, remote = _both(run, client)
+    _identical(local, remote)
+
+
+def test_generation_steps_gradients_and_cache(model, client):
+    def gen(remote):
+        with model.generate(Y, max_new_tokens=3, do_sample=False, pad_token_id=0, remote=remote) as tracer:
+            steps = nnsight_jupyter.save([])
+            for step in tracer.all():
+                model.transformer.h[1].output[:] *= 1.5
+                steps.append(model.lm_head.output)
+            ids = tracer.result.save()
+        return {"steps": steps, "ids": ids}
+
+    def grad(remote):
+        with model.trace(X, remote=remote) as tracer:
+            cache = tracer.cache(modules=[model.transformer.h[0]])
+            h = model.transformer.h[1].output
+            h.retain_grad()
+            model.output.logits.logsumexp(-1).sum().backward()
+            g = h.grad.save()
+        model._model.zero_grad(set_to_none=True)
+        return {"g": g, "cached": cache["transformer.h.0"].output}
+
+    for run in (gen, grad):
+        local, remote = _both(run, client)
+        _identical(local, remote)
+
+
+def test_prints_errors_and_unsaved_names(model, client, capsys):
+    with model.trace(X, remote=client):
+        h = model.transformer.h[0].output
+        print("rows", h.shape[0])
+    assert "rows 2" in capsys.readouterr().out
+    with pytest.raises(NotSavedError):
+        h.sum()
+    with pytest.raises(OutOfOrderError) as info:
+        with model.trace(X, remote=client):
+            late = model.transformer.h[1].output
+            early = model.transformer.h[0].output  # asked too late
+    assert "asked too late" in "\n".join(info.value.__notes__)
+
+
+def test_non_blocking_job_handle(model, client):
+    with model.trace(X, remote=client, blocking=False) as tracer:
+        h = model.transformer.h[1].output.save()
+    job_id = tracer.job.job_id
+    values = client.job(job_id).values()
+    with model.trace(X):
+        expected = model.transformer.h[1].output.save()
+    _identical(values["h"], expected)
+
+
+def test_timeout_cancels_the_job(model, client):
+    with pytest.raises(TimeoutError, match="time limit of 0.5 s|was cancelled"):
+        with model.trace(X, remote=client, timeout=0.5):
+            total = 0
+            for i in range(10**9):
+                total += i
+    handle = client.submit(_last_request(model))
+    handle.cancel()
+    with pytest.raises(RemoteServerError, match="cancelled"):
+        client.result(handle.job_id)
+
+
+def _last_request(model):
+    from nnsight_jupyter.remote.protocol import TraceRequest
+
+    return TraceRequest("tiny", "total = 0\nfor i in range(10**9):\n    total += i\n",
+                        {"kind": "trace", "inputs": [X]}, {})
+
+
+def test_trace_magic_remote(model, client, live_server):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nnsight_jupyter.remote.config import CONFIG
+
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext nnsight_jupyter").raise_error()
+    shell.user_ns.update(net=model, x=X)
+    CONFIG.host, CONFIG.api_key = str(live_server.http.base_url), live_server.key
+    try:
+        shell.run_cell("%%trace net x --remote\nh = model.transformer.h[1].output.save()\n").raise_error()
+    finally:
+        CONFIG.host = CONFIG.api_key = None
+    with model.trace(X):
+        expected = model.transformer.h[1].output.save()
+    _identical(shell.user_ns["h"], expected)

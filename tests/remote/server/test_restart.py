@@ -1,0 +1,106 @@
+"""Kill -9 the server with jobs queued and one running; restart on the same folder; nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import TINY, Client, free_port, trace_request
+
+ROOT = Path(__file__).resolve().parents[3]
+SLOW = "t = 0\nfor i in range(4_000_000):\n    t += i\nx = t\n"
+
+
+def _start(data_dir: Path, key_file: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", TINY, "--port", str(port),
+         "--data-dir", str(data_dir), "--api-key-file", str(key_file), "--threads", "1", "--log-level", "warning"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _ready(http: httpx.Client, headers: dict[str, str], process: subprocess.Popen, timeout: float = 90) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            models = http.get("/models", headers=headers).json()["models"]
+            if models[0]["state"] == "ready":
+                return models
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server did not become ready")
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_9_loses_no_job(tmp_path, key_file):
+    port = free_port()
+    data_dir = tmp_path / "data"
+    first = _start(data_dir, key_file[0], port)
+    second = None
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            client = Client(http, key_file[1])
+            models = _ready(http, client.headers, first)
+            worker_pid = models[0]["replicas"][0]["pid"]
+            slow = client.submit(trace_request(SLOW))
+            quick = [client.submit(trace_request(f"x = {i} * 2")) for i in range(8)]
+            deadline = time.monotonic() + 30
+            while client.status(slow)["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert all(client.status(j)["status"] == "queued" for j in quick)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            assert _gone(worker_pid), "the worker outlived the killed server"
+
+            second = _start(data_dir, key_file[0], port)
+            _ready(http, client.headers, second)
+            status = client.wait(slow, timeout=60)
+            assert status["status"] == "completed" and status["attempts"] == 2, (status["error"], status["attempts"])
+            assert client.result(slow).saved["x"] == sum(range(4_000_000))
+            requeued = [e for e in client.events(slow) if e.get("requeued")]
+            assert len(requeued) == 1 and "restarted" in requeued[0]["reason"]
+            for i, job_id in enumerate(quick):
+                assert client.wait(job_id)["status"] == "completed"
+                assert client.result(job_id).saved["x"] == i * 2
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def test_a_second_server_on_the_same_folder_is_refused(tmp_path, key_file):
+    from nnsight_jupyter.remote.server.jobs import DataDirInUse, JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite3", clock=time.time)
+    try:
+        with pytest.raises(DataDirInUse, match="--data-dir"):
+            JobStore(tmp_path / "jobs.sqlite3", clock=time.time)
+    finally:
+        store.close()
+    JobStore(tmp_path / "jobs.sqlite3", clock=time.time).close()

@@ -1,0 +1,48 @@
+"""The `serve` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from nnsight_jupyter.remote import serve
+from nnsight_jupyter.remote.server.auth import ApiKeys
+
+
+def test_add_key_prints_it_once(tmp_path, capsys):
+    path = tmp_path / "keys.txt"
+    assert serve.main(["--add-key", "alice", "--api-key-file", str(path)]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert ApiKeys(path).owner(key) == "alice" and key not in path.read_text()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--models", "smollm2"], "--add-key"),
+    ([], "no models"),
+    (["--models", "smollm2", "--insecure-no-auth", "--host", "0.0.0.0"], "loopback"),
+    (["--add-key", "alice"], "--api-key-file"),
+    (["--models", "a,a", "--insecure-no-auth"], "unique"),
+    (["--models", "x", "--api-key-file", "/nonexistent/keys.txt"], "does not exist"),
+])
+def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("NNSIGHT_JUPYTER_API_KEY_FILE", raising=False)
+    with pytest.raises(SystemExit) as info:
+        serve.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_config_from_flags(tmp_path):
+    args = serve.build_parser().parse_args(["--models", "tiny=pkg.m:f", "--insecure-no-auth", "--data-dir",
+                                            str(tmp_path), "--max-request-mb", "2", "--result-ttl", "5",
+                                            "--replicas", "2", "--threads", "1"])
+    config = serve.config_from_args(args)
+    assert config.models[0].name == "tiny" and not config.auth and config.max_request_bytes == 2 * 2**20
+    assert config.result_ttl_s == 5 and config.replicas == 2 and config.worker_threads == 1
+
+
+def test_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "nnsight_jupyter.remote.serve", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--models" in done.stdout and "--api-key-file" in done.stdout

@@ -1,0 +1,40 @@
+"""The real deployment path: the bundled SmolLM2 served as a LanguageModel, with text inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from nnsight_jupyter.models.language import LanguageModel
+from nnsight_jupyter.remote.execute import run_request
+from nnsight_jupyter.remote.protocol import TraceRequest
+from nnsight_jupyter.remote.server.app import create_app
+from nnsight_jupyter.remote.server.config import parse_model_specs
+
+from .conftest import Client, _wait_ready, make_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_trace_and_generate_match_a_local_run(tmp_path):
+    config = make_config(tmp_path, None, models=parse_model_specs("smollm2"), max_job_memory_bytes=2 * 2**30)
+    trace = TraceRequest("smollm2", "h = model.model.layers[3].output.save()\n"
+                                    "logits = model.lm_head.output[0, -1].save()\nprint(h.shape)",
+                         {"kind": "trace", "inputs": ["The capital of France is"]})
+    generate = TraceRequest("smollm2", "ids = tracer.result.save()",
+                            {"kind": "generate", "inputs": ["Hello, my name is"], "kwargs": {"max_new_tokens": 4},
+                             "tracer_name": "tracer"})
+    with TestClient(create_app(config)) as http:
+        client = Client(http, "unused")
+        _wait_ready(http, {})
+        sandbox = http.get("/models").json()["models"][0]["replicas"][0]["sandbox"]["active"]
+        assert any(layer.startswith("weights read-only") for layer in sandbox)
+        remote = [client.run(trace), client.run(generate), client.run(trace)]
+    local_model = LanguageModel("smollm2")
+    local = [run_request(local_model, trace), run_request(local_model, generate)]
+    assert all(r.error is None for r in remote), [r.error for r in remote]
+    assert torch.allclose(remote[0].saved["logits"], local[0].saved["logits"], atol=1e-4)
+    assert torch.equal(remote[1].saved["ids"], local[1].saved["ids"])
+    assert torch.equal(remote[0].saved["logits"], remote[2].saved["logits"])
+    assert remote[0].logs == ["torch.Size([1, 5, 576])"]
