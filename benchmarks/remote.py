@@ -1,0 +1,131 @@
+"""Remote execution over loopback against local execution, measured in the same run.
+
+Starts the real server (uvicorn on 127.0.0.1, sandboxed workers) with a tiny GPT-2, then:
+1. latency: the same small trace locally and through the server; target: the remote median is at
+   most 20 ms slower than the local median;
+2. transfer: a remote trace that saves a 64 MiB tensor against one that saves a scalar; the extra
+   time carries the tensor from the worker to the notebook (encode, store, HTTP, decode); target:
+   at least 300 MB/s;
+3. codec: encode + decode of a 64 MiB tensor; target: at least 1 GB/s (benchmarks/codec.py has the
+   full table).
+Exits non-zero if a target is missed.
+
+    .venv/bin/python benchmarks/remote.py [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
+
+from nnsight_jupyter.remote.client import RemoteClient  # noqa: E402
+from nnsight_jupyter.remote.protocol import decode, encode  # noqa: E402
+from nnsight_jupyter.remote.server.app import create_app  # noqa: E402
+from nnsight_jupyter.remote.server.auth import create_api_key  # noqa: E402
+from nnsight_jupyter.remote.server.config import ServerConfig, parse_model_specs  # noqa: E402
+from tests.remote.server.tiny_models import tiny_gpt2  # noqa: E402
+
+SPEC = "tiny=tests.remote.server.tiny_models:tiny_gpt2"
+BIG = 16 * 2**20  # float32 elements: 64 MiB
+
+
+def start_server(folder: Path) -> tuple[uvicorn.Server, str, str]:
+    keys = folder / "keys.txt"
+    key = create_api_key(keys, "bench")
+    config = ServerConfig(models=parse_model_specs(SPEC), data_dir=folder / "data", api_key_file=keys, auth=True,
+                          max_result_bytes=512 * 2**20, max_job_memory_bytes=2048 * 2**20)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            models = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()["models"]
+            if all(m["state"] == "ready" for m in models):
+                return server, url, key
+        except (httpx.TransportError, KeyError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server did not become ready")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=25)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        server, url, key = start_server(Path(tmp))
+        client = RemoteClient(url, key, show_status=False)
+        model = tiny_gpt2()
+        object.__setattr__(model, "remote_id", "tiny")
+        x = torch.randint(1, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+
+        def small(remote):
+            start = time.perf_counter()
+            with model.trace(x, remote=remote):
+                h = model.transformer.h[1].output.save()
+            return time.perf_counter() - start
+
+        def saving(size, remote):
+            start = time.perf_counter()
+            with model.trace(x, remote=remote):
+                big = torch.ones(size).save()
+            elapsed = time.perf_counter() - start
+            assert big.shape == (size,)
+            return elapsed
+
+        for _ in range(3):
+            small(False), small(client), saving(1, client), saving(BIG, client)
+        local, remote, tiny_save, big_save = [], [], [], []
+        for _ in range(args.rounds):
+            local.append(small(False))
+            remote.append(small(client))
+        for _ in range(max(5, args.rounds // 3)):
+            tiny_save.append(saving(1, client))
+            big_save.append(saving(BIG, client))
+        server.should_exit = True
+
+    t = torch.randn(BIG)
+    codec = []
+    for _ in range(5):
+        start = time.perf_counter()
+        decode(encode(t))
+        codec.append(time.perf_counter() - start)
+
+    ms = lambda v: statistics.median(v) * 1e3  # noqa: E731
+    extra_ms = ms(remote) - ms(local)
+    transfer = BIG * 4 / max(statistics.median(big_save) - statistics.median(tiny_save), 1e-9) / 1e6
+    codec_rate = BIG * 4 / min(codec) / 1e9
+    print(f"small trace: local {ms(local):.2f} ms, through the server {ms(remote):.2f} ms, extra {extra_ms:.2f} ms")
+    print(f"saved tensor of 64 MiB: {ms(big_save):.1f} ms vs a scalar {ms(tiny_save):.1f} ms -> {transfer:.0f} MB/s")
+    print(f"codec encode+decode of 64 MiB: {codec_rate:.2f} GB/s")
+    checks = [
+        (extra_ms <= 20.0, f"remote small trace at most 20 ms slower than local: {extra_ms:.2f} ms"),
+        (transfer >= 300.0, f"saved-tensor transfer at least 300 MB/s: {transfer:.0f} MB/s"),
+        (codec_rate >= 1.0, f"codec at least 1 GB/s: {codec_rate:.2f} GB/s"),
+    ]
+    for ok, text in checks:
+        print(("PASS  " if ok else "FAIL  ") + text)
+    return 0 if all(ok for ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
