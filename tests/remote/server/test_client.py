@@ -165,3 +165,58 @@ def test_trace_magic_remote(model, client, live_server):
     with model.trace(X):
         expected = model.transformer.h[1].output.save()
     _identical(shell.user_ns["h"], expected)
+
+
+def test_ctrl_c_while_waiting_cancels_the_servers_job(model, client):
+    import signal
+    import threading
+    import time
+
+    handle = client.submit(_last_request(model))
+    timer = threading.Timer(1.0, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.follow(handle.job_id, timeout=30)
+    finally:
+        timer.cancel()
+    deadline = time.monotonic() + 15
+    while client.status(handle.job_id)["status"] not in ("cancelled", "error", "completed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.status(handle.job_id)["status"] == "cancelled"
+
+
+def test_a_dropped_event_stream_is_resumed(model, client, monkeypatch):
+    from contextlib import contextmanager
+
+    import httpx
+
+    real_stream = client.http.stream
+    calls = []
+
+    @contextmanager
+    def flaky_stream(method, url, **kwargs):
+        with real_stream(method, url, **kwargs) as response:
+            if url.endswith("/events"):
+                calls.append(dict(kwargs.get("params") or {}))
+                if len(calls) == 1:
+                    lines = response.iter_lines
+
+                    def dropping():
+                        for line in lines():
+                            yield line
+                            if line == "":
+                                raise httpx.ReadError("connection dropped after the first event")
+
+                    response.iter_lines = dropping
+            yield response
+
+    monkeypatch.setattr(client.http, "stream", flaky_stream)
+    with model.trace(X, remote=client):
+        h = model.transformer.h[1].output.save()
+    with model.trace(X):
+        expected = model.transformer.h[1].output.save()
+    assert calls[0] == {"after": 0}
+    assert len(calls) >= 2 and calls[1]["after"] >= 1
+    _identical(h, expected)
