@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import InvokeError, TraceError
-from ..tracing.batching import Rows, batch_size_of
+from ..tracing.batching import Rows, batch_size_of, rows_for
 from ..tracing.envoy import Envoy, display_path
 from ..tracing.hooks import ModuleWrappers
 from ..tracing.source import compile_source
@@ -121,16 +121,7 @@ class NNsight(Envoy):
             raise InvokeError("Every invoke must call the model with the same arguments (same count and keywords).")
         args = tuple(_concat([p.args[i] for p in real], f"argument {i}") for i in range(len(first.args)))
         kwargs = {k: _concat([p.kwargs[k] for p in real], f"keyword {k!r}") for k in first.kwargs}
-        total = sum(p.size for p in real)  # type: ignore[misc]
-        rows: list[Rows | None] = []
-        start = 0
-        for p in prepared:
-            if p is None:
-                rows.append(None)
-            else:
-                rows.append(Rows(start, p.size, total))  # type: ignore[arg-type]
-                start += p.size  # type: ignore[operator]
-        return args, kwargs, rows
+        return args, kwargs, rows_for([p.size if p is not None else None for p in prepared])
 
     def _run_forward(self, args: tuple, kwargs: dict) -> Any:
         return self._model(*args, **kwargs)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ..errors import InvokeError, ModulePathError, TraceError
-from ..tracing.batching import Rows
+from ..tracing.batching import Rows, rows_for
 from .architectures import ArchitectureNames, apply_aliases, names_for
 from .base import NNsight, PreparedInput
 from . import registry
@@ -437,16 +437,7 @@ class LanguageModel(NNsight):
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         device = self._input_device()
         kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        total = ids.shape[0]
-        rows: list[Rows | None] = []
-        start = 0
-        for p in prepared:
-            if p is None:
-                rows.append(None)
-            else:
-                rows.append(Rows(start, p.size, total))  # type: ignore[arg-type]
-                start += p.size  # type: ignore[operator]
-        return (), kwargs, rows
+        return (), kwargs, rows_for([p.size if p is not None else None for p in prepared])
 
     def _input_device(self) -> torch.device:
         try:

@@ -24,6 +24,20 @@ class Rows:
     total: int
 
 
+def rows_for(sizes: list[int | None]) -> list[Rows | None]:
+    """Consecutive row ranges for invokes of these sizes (None: an empty invoke, which sees every row)."""
+    total = sum(size for size in sizes if size is not None)
+    rows: list[Rows | None] = []
+    start = 0
+    for size in sizes:
+        if size is None:
+            rows.append(None)
+        else:
+            rows.append(Rows(start, size, total))
+            start += size
+    return rows
+
+
 def narrow(value: Any, rows: Rows | None) -> Any:
     if rows is None or (rows.start == 0 and rows.size == rows.total):
         return value

@@ -274,13 +274,15 @@ class Interleaver:
         return value
 
     def _deliver(self, m: Mediator, req: Request) -> None:
+        self._handle(m, self._serve_here(m, req))
+
+    def _serve_here(self, m: Mediator, req: Request) -> Any:
+        """Answer a request for the location being served now; returns the mediator's next message."""
         m.last = self.here
         if req.op == "get":
-            msg = m.greenlet.switch(narrow(self.here_value, m.rows))
-        else:
-            self.here_value = splice(self.here_value, m.rows, req.value)
-            msg = m.greenlet.switch(None)
-        self._handle(m, msg)
+            return m.greenlet.switch(narrow(self.here_value, m.rows))
+        self.here_value = splice(self.here_value, m.rows, req.value)
+        return m.greenlet.switch(None)
 
     def _handle(self, m: Mediator, msg: Any) -> None:
         while True:
@@ -303,12 +305,7 @@ class Interleaver:
                 msg = m.greenlet.switch(value)
                 continue
             if msg.key == self.here and self.here is not None:
-                m.last = self.here
-                if msg.op == "get":
-                    msg = m.greenlet.switch(narrow(self.here_value, m.rows))
-                else:
-                    self.here_value = splice(self.here_value, m.rows, msg.value)
-                    msg = m.greenlet.switch(None)
+                msg = self._serve_here(m, msg)
                 continue
             problem = self._passed(m, msg.key)
             if problem is not None:

@@ -12,6 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import nnsight_jupyter
 from nnsight_jupyter import NNsight
+
+from .identical import assert_identical
 from nnsight_jupyter.errors import NotSavedError, OutOfOrderError
 from nnsight_jupyter.remote.capture import RemoteTraceError
 
@@ -29,22 +31,6 @@ def _both(run):
     return local, remote
 
 
-def _assert_identical(a, b):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.detach(), b.detach())
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_identical(x, y)
-    elif isinstance(a, dict):
-        assert set(a) == set(b)
-        for k in a:
-            _assert_identical(a[k], b[k])
-    else:
-        assert a == b
-
-
 X = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))
 Y = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(2))
 
@@ -59,7 +45,7 @@ def test_save_and_derived_values(model):
 
     local, remote = _both(run)
     for key in local:
-        _assert_identical(local[key], remote[key])
+        assert_identical(local[key], remote[key])
 
 
 def test_patching_in_place_and_whole_value(model):
@@ -76,7 +62,7 @@ def test_patching_in_place_and_whole_value(model):
         return {"logits": logits}
 
     local, remote = _both(run)
-    _assert_identical(local, remote)
+    assert_identical(local, remote)
 
 
 def test_invokes_with_cross_invoke_sharing(model):
@@ -93,7 +79,7 @@ def test_invokes_with_cross_invoke_sharing(model):
         return {"a": a, "b": b, "all": everything}
 
     local, remote = _both(run)
-    _assert_identical(local, remote)
+    assert_identical(local, remote)
 
 
 def test_generation_with_step_interventions(model):
@@ -107,7 +93,7 @@ def test_generation_with_step_interventions(model):
         return {"steps": per_step, "ids": ids}
 
     local, remote = _both(run)
-    _assert_identical(local, remote)
+    assert_identical(local, remote)
 
 
 def test_gradients(model):
@@ -121,7 +107,7 @@ def test_gradients(model):
         return {"grad": grad}
 
     local, remote = _both(run)
-    _assert_identical(local, remote)
+    assert_identical(local, remote)
 
 
 def test_cache(model):
@@ -135,7 +121,7 @@ def test_cache(model):
         local_tensors, remote_tensors = _tensors(local[path]), _tensors(remote[path])
         assert len(local_tensors) == len(remote_tensors) > 0, path
         for a, b in zip(local_tensors, remote_tensors):
-            _assert_identical(a, b)
+            assert_identical(a, b)
     with pytest.raises(Exception, match="not sent back from the remote run"):
         remote[""][0].past_key_values.get_seq_length()
 
@@ -162,7 +148,7 @@ def test_notebook_function_and_printing(model, capsys):
         return {"h": h}
 
     local, remote = _both(run)
-    _assert_identical(local, remote)
+    assert_identical(local, remote)
     printed = capsys.readouterr().out.splitlines()
     assert printed.count(printed[0]) == 2 and printed[0].startswith("norm ")
 

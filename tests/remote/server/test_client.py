@@ -12,6 +12,7 @@ import nnsight_jupyter
 from nnsight_jupyter.errors import NotSavedError, OutOfOrderError
 from nnsight_jupyter.remote.client import RemoteClient, RemoteServerError
 
+from ..identical import assert_identical
 from .conftest import tokens
 from .tiny_models import tiny_gpt2
 
@@ -26,22 +27,6 @@ def model():
     m = tiny_gpt2()
     object.__setattr__(m, "remote_id", "tiny")
     return m
-
-
-def _identical(a, b):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.detach(), b.detach())
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b):
-            _identical(x, y)
-    elif isinstance(a, dict):
-        assert set(a) == set(b)
-        for k in a:
-            _identical(a[k], b[k])
-    else:
-        assert a == b
 
 
 X = tokens(1, batch=2)
@@ -64,7 +49,7 @@ def test_save_patch_and_derived_values(model, client):
         return {"h": h, "mean": mean, "logits": out.logits}
 
     local, remote = _both(run, client)
-    _identical(local, remote)
+    assert_identical(local, remote)
 
 
 def test_invokes_with_sharing(model, client):
@@ -78,7 +63,7 @@ def test_invokes_with_sharing(model, client):
         return {"b": b}
 
     local, remote = _both(run, client)
-    _identical(local, remote)
+    assert_identical(local, remote)
 
 
 def test_generation_steps_gradients_and_cache(model, client):
@@ -103,7 +88,7 @@ def test_generation_steps_gradients_and_cache(model, client):
 
     for run in (gen, grad):
         local, remote = _both(run, client)
-        _identical(local, remote)
+        assert_identical(local, remote)
 
 
 def test_prints_errors_and_unsaved_names(model, client, capsys):
@@ -127,7 +112,7 @@ def test_non_blocking_job_handle(model, client):
     values = client.job(job_id).values()
     with model.trace(X):
         expected = model.transformer.h[1].output.save()
-    _identical(values["h"], expected)
+    assert_identical(values["h"], expected)
 
 
 def test_timeout_cancels_the_job(model, client):
@@ -164,7 +149,7 @@ def test_trace_magic_remote(model, client, live_server):
         CONFIG.host = CONFIG.api_key = None
     with model.trace(X):
         expected = model.transformer.h[1].output.save()
-    _identical(shell.user_ns["h"], expected)
+    assert_identical(shell.user_ns["h"], expected)
 
 
 def test_ctrl_c_while_waiting_cancels_the_servers_job(model, client):
@@ -219,4 +204,4 @@ def test_a_dropped_event_stream_is_resumed(model, client, monkeypatch):
         expected = model.transformer.h[1].output.save()
     assert calls[0] == {"after": 0}
     assert len(calls) >= 2 and calls[1]["after"] >= 1
-    _identical(h, expected)
+    assert_identical(h, expected)
