@@ -103,15 +103,15 @@ class NNsight(Envoy):
 
     # ----- how inputs become one model call ------------------------------------------------------
     def _prepare_input(self, *args: Any, **kwargs: Any) -> PreparedInput:
-        return PreparedInput(args, kwargs, batch_size_of((args, kwargs)))
+        return PreparedInput(args, kwargs, None)
 
     def _batch_inputs(self, prepared: list[PreparedInput | None]) -> tuple[tuple, dict, list[Rows | None]]:
         real = [p for p in prepared if p is not None]
         if len(real) == 1:
-            only = real[0]
-            size = only.size or 1
-            return only.args, only.kwargs, [Rows(0, size, size) if p is not None else None for p in prepared]
+            return real[0].args, real[0].kwargs, [None] * len(prepared)
         for p in real:
+            if p.size is None:
+                p.size = batch_size_of((p.args, p.kwargs))
             if p.size is None:
                 raise InvokeError(
                     "To batch several invokes, each input needs a tensor whose first dimension is the batch."

@@ -385,6 +385,8 @@ class Interleaver:
 
     def finish(self, result: Any) -> None:
         """After the model has run: serve `tracer.result`, end step loops, and report what never came."""
+        if all(m.done for m in self.mediators):
+            return
         self.result = result
         self.here = RESULT
         self.here_value = result

@@ -80,7 +80,9 @@ class Block:
         return ast.unparse(ast.Module(body=self.body, type_ignores=[])), self.body[0].lineno if self.body else 1
 
 
-_BLOCKS: collections.OrderedDict[tuple[CodeType, str, int], Block] = collections.OrderedDict()
+_BLOCKS: collections.OrderedDict[tuple[int, int], tuple[CodeType, Block]] = collections.OrderedDict()
+"""Compiled blocks by (id of the running code object, line); the code object is kept alive with its
+block, so its id cannot be reused while cached (hashing a code object would hash its whole body)."""
 _BLOCKS_MAX = 512
 USER_CODES: "weakref.WeakSet[CodeType]" = weakref.WeakSet()
 _INVOKES_BY_CODE: weakref.WeakKeyDictionary[CodeType, dict[int, Block]] = weakref.WeakKeyDictionary()
@@ -88,10 +90,11 @@ _INVOKES_BY_CODE: weakref.WeakKeyDictionary[CodeType, dict[int, Block]] = weakre
 
 def block_for_frame(frame: FrameType, what: str = "model.trace(...)") -> Block:
     """Return the compiled body of the `with` statement the frame is executing now."""
-    key = (frame.f_code, frame.f_code.co_filename, frame.f_lineno)
-    block = _BLOCKS.get(key)
-    if block is not None:
-        return block
+    code = frame.f_code
+    key = (id(code), frame.f_lineno)
+    hit = _BLOCKS.get(key)
+    if hit is not None and hit[0] is code:
+        return hit[1]
     invokes = _INVOKES_BY_CODE.get(frame.f_code)
     if invokes is not None and frame.f_lineno in invokes:
         return invokes[frame.f_lineno]
@@ -103,7 +106,7 @@ def block_for_frame(frame: FrameType, what: str = "model.trace(...)") -> Block:
             "The source on disk may have changed since it was loaded; re-run the cell or restart the script."
         )
     block = compile_with(node, filename, lines)
-    _BLOCKS[key] = block
+    _BLOCKS[key] = (code, block)
     if len(_BLOCKS) > _BLOCKS_MAX:
         _BLOCKS.popitem(last=False)
     return block
