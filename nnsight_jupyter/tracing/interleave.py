@@ -185,6 +185,7 @@ class Mediator:
         self.cursor: dict[str, int] = {}
         self.last: Any = None
         self.greenlet: _Worker | None = None
+        self.initial = {name: dict.get(ns, name, _MISSING) for name in assigned} if isinstance(ns, Scope) else {}
         if isinstance(ns, Scope):
             ns.mediator = self
 
@@ -225,6 +226,7 @@ class Interleaver:
         self.here_value: Any = None
         self.result: Any = _MISSING
         self.root: Any = None
+        self.block: Any = None
         self.grad_guard: Any = None
         self.main = getcurrent()
 
@@ -357,13 +359,16 @@ class Interleaver:
     def _publish(self, m: Mediator) -> None:
         if len(self.mediators) < 2 or not m.assigned:
             return
+        published = []
         for name in m.assigned:
             value = m.ns.get(name, _MISSING) if isinstance(m.ns, dict) else _MISSING
-            if value is _MISSING:
-                continue
+            if value is _MISSING or value is m.initial.get(name, _MISSING):
+                continue  # not bound by this body yet: a value it started with is not news
             for other in self.mediators:
                 if other is not m and name not in other.assigned:
                     other.ns[name] = value
+            published.append((name, value))
+        for name, value in published:  # every name is in place before any waiting invoke resumes
             waiters = self.name_waiters.pop(name, None)
             for waiter in waiters or ():
                 waiter.pending = None

@@ -131,6 +131,11 @@ class Invoker:
         block = block_for_frame(frame, "tracer.invoke(...)")
         ns = Scope(frame.f_globals)
         ns.fallback = getattr(frame.f_globals, "fallback", None)
+        for sibling in set(m.interleaver.block.invokes.values()):
+            if sibling is not block:  # a value left from an earlier run must not stand in for this run's
+                for name in sibling.assigned:
+                    if name not in block.assigned:
+                        dict.pop(ns, name, None)
         if block.as_name:
             ns[block.as_name] = self
         self.tracer._pending_invokes.append((self, block, ns))
@@ -312,6 +317,7 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
         raise TraceError("A trace of this model is already running; finish it before starting another.")
     il = Interleaver(model._describe)
     il.root = model
+    il.block = block
     tracer._interleaver = il
     tracer._pending_invokes = []
     tracer._frozen = False

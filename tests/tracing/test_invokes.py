@@ -123,3 +123,52 @@ def test_inputs_that_cannot_be_batched_are_explained(gpt2):
                 pass
             with tracer.invoke(gpt2.make_input(1)[:, :5]):
                 pass
+
+
+def test_repeating_a_shared_name_trace_at_module_level_uses_this_runs_value(gpt2):
+    """A name left from an earlier run (a NotSaved placeholder) must not stand in for this run's."""
+    model = NNsight(gpt2.module)
+    a, b = gpt2.make_input(1), gpt2.make_input(1)
+    ns = {"model": model, "a": a, "b": b, "torch": torch, "results": []}
+    source = (
+        "for pos in range(2):\n"
+        "    with model.trace() as tracer:\n"
+        "        with tracer.invoke(a):\n"
+        "            h = model.transformer.h[0].output[0, pos]\n"
+        "        with tracer.invoke(b):\n"
+        "            model.transformer.h[0].output[0, pos] = h\n"
+        "            logits = model.lm_head.output.save()\n"
+        "    results.append(logits)\n"
+    )
+    exec(compile(source, "<module-level loop>", "exec"), ns)
+    ref_a, _, _ = reference_run(gpt2.module, a, ["transformer.h.0"])
+    for pos, got in enumerate(ns["results"]):
+        def put(out, pos=pos):
+            out = out.clone()
+            out[0, pos] = ref_a["transformer.h.0"][0][0, pos]
+            return out
+
+        _, _, expected = reference_run(gpt2.module, b, [], edit={"transformer.h.0": put})
+        assert torch.allclose(got, expected.logits, atol=1e-5)
+
+
+def test_a_list_made_in_one_invoke_is_used_by_invokes_opened_in_a_loop(gpt2):
+    model = NNsight(gpt2.module)
+    a, b = gpt2.make_input(1), gpt2.make_input(1)
+    with torch.no_grad(), model.trace() as tracer:
+        with tracer.invoke(a):
+            h = model.transformer.h[0].output[0]
+            firsts = nnsight_jupyter.save([])
+        for pos in range(2):
+            with tracer.invoke(b):
+                model.transformer.h[0].output[0, pos] = h[pos]
+                firsts.append(model.lm_head.output[0, -1, 0].item())
+    ref_a, _, _ = reference_run(gpt2.module, a, ["transformer.h.0"])
+    for pos in range(2):
+        def put(out, pos=pos):
+            out = out.clone()
+            out[0, pos] = ref_a["transformer.h.0"][0][0, pos]
+            return out
+
+        _, _, expected = reference_run(gpt2.module, b, [], edit={"transformer.h.0": put})
+        assert abs(firsts[pos] - float(expected.logits[0, -1, 0])) < 1e-5
