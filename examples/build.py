@@ -1,0 +1,590 @@
+"""Write and execute the example notebooks.
+
+    python examples/build.py          # regenerate every notebook in examples/
+    python examples/build.py 03       # only the notebooks whose name contains "03"
+
+Each notebook is defined below as a list of markdown / code cells. The script writes
+`examples/NN_name.ipynb` with nbformat, runs it top to bottom with nbclient (kernel `python3`,
+working directory `examples/`, 300 s per cell) and saves the executed notebook with its outputs.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
+KERNEL = "python3"
+CELL_TIMEOUT = 300
+
+
+def md(text: str) -> tuple[str, str]:
+    return ("markdown", textwrap.dedent(text).strip("\n"))
+
+
+def code(text: str) -> tuple[str, str]:
+    return ("code", textwrap.dedent(text).strip("\n"))
+
+
+# A small HTML heatmap, shared by the notebooks that show a table of numbers (no matplotlib).
+HEATMAP = code('''
+    from IPython.display import HTML, display
+
+    def heatmap(rows, cols, values, fmt="{:.2f}"):
+        """Show `values[i][j]` as an HTML table shaded from white (min) to blue (max), and as text."""
+        flat = [v for row in values for v in row]
+        lo, hi = min(flat), max(flat)
+        def shade(v):
+            t = 0.0 if hi == lo else (v - lo) / (hi - lo)
+            return f"background: rgba(30, 100, 220, {0.1 + 0.8 * t:.2f})"
+        head = "".join(f"<th>{c}</th>" for c in cols)
+        body = "".join(
+            f"<tr><th>{r}</th>" + "".join(f'<td style="{shade(v)}">{fmt.format(v)}</td>' for v in row) + "</tr>"
+            for r, row in zip(rows, values)
+        )
+        display(HTML(f"<table><tr><th></th>{head}</tr>{body}</table>"))
+        width = max(len(str(c)) for c in cols) + 1
+        print(" " * 10 + "".join(f"{str(c):>{max(width, 7)}}" for c in cols))
+        for r, row in zip(rows, values):
+            print(f"{str(r):>10}" + "".join(f"{fmt.format(v):>{max(width, 7)}}" for v in row))
+''')
+
+NOTEBOOKS: dict[str, list[tuple[str, str]]] = {}
+
+NOTEBOOKS["01_quickstart"] = [
+    md('''
+        # 01 · Quickstart
+
+        Load the bundled SmolLM2-135M-Instruct, look at its module tree, run a first trace and read
+        the model's next-token prediction straight from the `lm_head` output.
+    '''),
+    code('''
+        import torch
+        from nnsight_jupyter import LanguageModel
+
+        model = LanguageModel("smollm2")   # bundled weights, no download
+        print(model)
+    '''),
+    md('''
+        ## A first trace
+
+        Inside `with model.trace(prompt):` every `.output` / `.input` is a real tensor of the running
+        forward pass. Values marked with `.save()` are kept after the block.
+    '''),
+    code('''
+        prompt = "The capital of France is"
+        with torch.no_grad(), model.trace(prompt):
+            hidden = model.layers[5].output.save()          # residual stream after layer 5
+            logits = model.lm_head.output[0, -1].save()     # next-token logits at the last position
+
+        print("tokens:", [model.tokenizer.decode(t) for t in model.tokenizer(prompt)["input_ids"]])
+        print("layer 5 output:", tuple(hidden.shape))
+        print("logits:", tuple(logits.shape))
+    '''),
+    md('''
+        ## Logits to the top-5 next tokens
+    '''),
+    code('''
+        probs = logits.softmax(-1)
+        top = probs.topk(5)
+        for p, i in zip(top.values, top.indices):
+            print(f"{model.tokenizer.decode(int(i))!r:>12}  {p.item():.3f}")
+    '''),
+    md('''
+        ## The same trace as a `%%trace` cell
+
+        With the extension loaded, a `%%trace MODEL "prompt"` cell *is* the trace body: `model` and
+        `tracer` are defined in it, and saved values land in the notebook.
+    '''),
+    code('''
+        %load_ext nnsight_jupyter
+    '''),
+    code('''
+        %%trace model "The capital of France is"
+        logits_magic = model.lm_head.output[0, -1].save()
+    '''),
+    code('''
+        print("same logits as the with-block:", torch.equal(logits, logits_magic))
+        print("top token:", repr(model.tokenizer.decode(int(logits_magic.argmax()))))
+    '''),
+]
+
+NOTEBOOKS["02_activations"] = [
+    md('''
+        # 02 · Reading activations
+
+        The residual-stream norm at every layer (one trace, one saved list), an attention pattern,
+        and the model's top next tokens.
+    '''),
+    code('''
+        import torch
+        from nnsight_jupyter import LanguageModel, save
+
+        model = LanguageModel("smollm2")
+        prompt = "The capital of France is"
+    '''),
+    md('''
+        ## Residual norm at every layer
+
+        A plain `for` loop over `model.layers` inside the trace; `save([])` keeps the list.
+    '''),
+    code('''
+        with torch.no_grad(), model.trace(prompt):
+            norms = save([])
+            for layer in model.layers:
+                norms.append(layer.output[0, -1].norm().item())
+
+        peak = max(norms)
+        for i, n in enumerate(norms):
+            print(f"layer {i:2d} {n:8.1f} " + "#" * int(40 * n / peak))
+    '''),
+    md('''
+        ## The `%%trace` form of the same read
+    '''),
+    code('''
+        %load_ext nnsight_jupyter
+    '''),
+    code('''
+        %%trace model "The capital of France is"
+        norms_magic = save([layer.output[0, -1].norm().item() for layer in model.layers])
+    '''),
+    code('''
+        print("same norms:", norms_magic == norms)
+    '''),
+    md('''
+        ## Attention pattern of one layer
+
+        With `attn_implementation="eager"` the attention module returns `(output, weights)`;
+        `weights` has shape `[batch, heads, query, key]`. Here: layer 3, averaged over heads.
+        Rows are query positions; most of the weight goes to the first token (an "attention sink"),
+        the rest to recent tokens.
+    '''),
+    HEATMAP,
+    code('''
+        eager = LanguageModel("smollm2", attn_implementation="eager")
+        with torch.no_grad(), eager.trace(prompt):
+            weights = eager.layers[3].attn.output[1].save()
+
+        tokens = [eager.tokenizer.decode(t) for t in eager.tokenizer(prompt)["input_ids"]]
+        print("weights:", tuple(weights.shape))
+        pattern = weights[0].mean(0)        # [query, key], each row sums to 1
+        heatmap([repr(t) for t in tokens], [repr(t) for t in tokens], pattern.tolist())
+    '''),
+    md('''
+        ## Top next tokens
+    '''),
+    code('''
+        with torch.no_grad(), model.trace(prompt):
+            probs = model.lm_head.output[0, -1].softmax(-1).save()
+        top = probs.topk(5)
+        for p, i in zip(top.values, top.indices):
+            print(f"{model.tokenizer.decode(int(i))!r:>12}  {p.item():.3f}")
+    '''),
+]
+
+NOTEBOOKS["03_patching"] = [
+    md('''
+        # 03 · Activation patching
+
+        Clean prompt "The Eiffel Tower is in" vs corrupted "The Colosseum is in". We copy the clean
+        run's residual stream at one (layer, position) into the corrupted run and watch P(" Paris").
+        Both prompts tokenize to the same length, so positions line up one to one.
+    '''),
+    code('''
+        import torch
+        from nnsight_jupyter import LanguageModel, save
+
+        model = LanguageModel("smollm2")
+        clean, corrupted = "The Eiffel Tower is in", "The Colosseum is in"
+        paris = model.tokenizer.encode(" Paris")[0]
+        ids_clean = model.tokenizer(clean)["input_ids"]
+        ids_corr = model.tokenizer(corrupted)["input_ids"]
+        assert len(ids_clean) == len(ids_corr)
+        print([model.tokenizer.decode(t) for t in ids_clean])
+        print([model.tokenizer.decode(t) for t in ids_corr])
+    '''),
+    md('''
+        ## Baselines
+    '''),
+    code('''
+        def p_paris(prompt):
+            with torch.no_grad(), model.trace(prompt):
+                probs = model.lm_head.output[0, -1].softmax(-1).save()
+            return probs[paris].item()
+
+        p_clean, p_corr = p_paris(clean), p_paris(corrupted)
+        print(f"P(' Paris') clean:     {p_clean:.4f}")
+        print(f"P(' Paris') corrupted: {p_corr:.4f}")
+    '''),
+    md('''
+        ## Patch one layer's last position
+
+        Two invokes in **one** forward pass: invoke 1 reads the clean activation, invoke 2 writes it
+        into the corrupted run. Everything after the patched layer sees the clean value.
+    '''),
+    code('''
+        LAYER = 24
+        with torch.no_grad(), model.trace() as tracer:
+            with tracer.invoke(clean):
+                h_clean = model.layers[LAYER].output[0, -1]
+            with tracer.invoke(corrupted):
+                model.layers[LAYER].output[0, -1] = h_clean
+                p_patched = model.lm_head.output[0, -1].softmax(-1)[paris].save()
+
+        print(f"P(' Paris') corrupted {p_corr:.4f} -> patched at layer {LAYER}, last position: {p_patched.item():.4f}")
+    '''),
+    md('''
+        ## Layer × position sweep
+
+        Every 3rd layer, every position. Each cell is P(" Paris") in the corrupted run after
+        patching that single (layer, position); each layer is one batched pass (one clean invoke,
+        one corrupted invoke per position). The subject tokens carry the information through the
+        early and middle layers; from about layer 24 it has moved to the last position, which is
+        why the single patch above uses layer 24.
+    '''),
+    HEATMAP,
+    code('''
+        def patched_row(layer, positions):
+            """P(' Paris') in the corrupted run, patching the clean residual at (layer, pos) for each pos.
+
+            One forward pass per layer: invoke 0 is the clean run, then one corrupted invoke per position.
+            """
+            probs = []
+            with torch.no_grad(), model.trace() as tracer:
+                with tracer.invoke(clean):
+                    h = model.layers[layer].output[0]
+                for pos in positions:
+                    with tracer.invoke(corrupted):
+                        model.layers[layer].output[0, pos] = h[pos]
+                        probs.append(model.lm_head.output[0, -1].softmax(-1)[paris].save())
+            return [p.item() for p in probs]
+
+        layers = list(range(0, len(model.layers), 3))
+        positions = list(range(len(ids_corr)))
+        grid = [patched_row(layer, positions) for layer in layers]
+
+        heatmap([f"layer {l}" for l in layers], [f"{i}:{model.tokenizer.decode(t)!r}" for i, t in enumerate(ids_corr)],
+                grid, fmt="{:.3f}")
+    '''),
+]
+
+NOTEBOOKS["04_cross_prompt"] = [
+    md('''
+        # 04 · Cross-prompt injection
+
+        Take one prompt's activation and inject it into another prompt, in a single forward pass:
+        the first invoke reads, the second writes, and both run as one batch.
+    '''),
+    code('''
+        import torch
+        from nnsight_jupyter import LanguageModel
+
+        model = LanguageModel("smollm2")
+        source = "The capital of France is"
+        target = "The capital of Japan is"
+
+        def top3(logits):
+            top = logits.softmax(-1).topk(3)
+            return ", ".join(f"{model.tokenizer.decode(int(i))!r} {p.item():.3f}" for p, i in zip(top.values, top.indices))
+    '''),
+    code('''
+        with torch.no_grad(), model.trace() as tracer:
+            with tracer.invoke(source):
+                src_logits = model.lm_head.output[0, -1].save()
+            with tracer.invoke(target):
+                tgt_logits = model.lm_head.output[0, -1].save()
+        print("source:", top3(src_logits))
+        print("target:", top3(tgt_logits))
+    '''),
+    md('''
+        ## Inject the source's last-position residual into the target
+
+        The whole residual stream at the last position after layer 24 is swapped in (notebook 03
+        shows the answer reaches the last position around there); from there on the target run
+        "thinks" about France. At an earlier layer such as 12 the country is still held at the
+        subject token, and the same injection barely changes the prediction.
+    '''),
+    code('''
+        LAYER = 24
+        with torch.no_grad(), model.trace() as tracer:
+            with tracer.invoke(source):
+                h = model.layers[LAYER].output[0, -1]
+            with tracer.invoke(target):
+                model.layers[LAYER].output[0, -1] = h
+                injected = model.lm_head.output[0, -1].save()
+        print(f"target with source layer-{LAYER} residual:", top3(injected))
+    '''),
+    md('''
+        ## The same injection as a `%%trace` cell
+
+        A `%%trace` cell traces one prompt (or runs its body once per prompt, as one invoke each).
+        To inject across prompts from a cell, save the source activation first and use it as an
+        ordinary notebook variable in the target's cell: two passes, same result.
+    '''),
+    code('''
+        %load_ext nnsight_jupyter
+    '''),
+    code('''
+        with torch.no_grad(), model.trace(source):
+            h_source = model.layers[LAYER].output[0, -1].save()
+    '''),
+    code('''
+        %%trace model "The capital of Japan is"
+        model.layers[LAYER].output[0, -1] = h_source
+        injected_magic = model.lm_head.output[0, -1].save()
+    '''),
+    code('''
+        print("magic:", top3(injected_magic))
+        print("same as the single-pass injection:", torch.allclose(injected, injected_magic, atol=1e-4))
+    '''),
+]
+
+NOTEBOOKS["05_gradients"] = [
+    md('''
+        # 05 · Gradients
+
+        The gradient of the target-token logit with respect to hidden states: `h.retain_grad()` on
+        the activations, `backward()` inside the trace, and the gradients read afterwards.
+        No `torch.no_grad()` here, since we want the graph.
+    '''),
+    code('''
+        import torch
+        from nnsight_jupyter import LanguageModel, save
+
+        model = LanguageModel("smollm2")
+        prompt = "The capital of France is"
+        paris = model.tokenizer.encode(" Paris")[0]
+    '''),
+    md('''
+        ## One layer
+    '''),
+    code('''
+        with model.trace(prompt):
+            h = model.layers[10].output
+            h.retain_grad()
+            logit = model.lm_head.output[0, -1, paris]
+            logit.backward()
+            grad = h.grad.save()
+            logit = logit.save()
+
+        print("logit of ' Paris':", round(logit.item(), 3))
+        print("grad shape:", tuple(grad.shape))
+        print("grad norm per position:", [round(x, 3) for x in grad[0].norm(dim=-1).tolist()])
+    '''),
+    md('''
+        ## Gradient norm at every layer
+
+        The same in one trace for all layers: keep each layer's output, retain its grad,
+        backpropagate once.
+    '''),
+    code('''
+        with model.trace(prompt):
+            hs = [layer.output for layer in model.layers]
+            for x in hs:
+                x.retain_grad()
+            model.lm_head.output[0, -1, paris].backward()
+            grad_norms = save([x.grad[0].norm().item() for x in hs])
+
+        peak = max(grad_norms)
+        for i, g in enumerate(grad_norms):
+            print(f"layer {i:2d} {g:8.3f} " + "#" * int(40 * g / peak))
+    '''),
+    md('''
+        ## The `%%trace` form
+    '''),
+    code('''
+        %load_ext nnsight_jupyter
+    '''),
+    code('''
+        %%trace model "The capital of France is"
+        h = model.layers[10].output
+        h.retain_grad()
+        model.lm_head.output[0, -1, paris].backward()
+        grad_magic = h.grad.save()
+    '''),
+    code('''
+        print("same gradient:", torch.allclose(grad, grad_magic))
+        model.zero_grad(set_to_none=True)   # parameter grads accumulated by the backward passes
+    '''),
+]
+
+NOTEBOOKS["06_generation"] = [
+    md('''
+        # 06 · Generation and steering
+
+        `model.generate` runs a trace over every generated step. A steering vector — the mean
+        difference of layer-10 residuals between positive and negative sentences — is added at
+        every step with `for step in tracer.all():`.
+    '''),
+    code('''
+        import torch
+        from nnsight_jupyter import LanguageModel
+
+        model = LanguageModel("smollm2")
+        prompt = "I think the movie was"
+        LAYER = 10
+    '''),
+    md('''
+        ## Plain generation
+    '''),
+    code('''
+        with torch.no_grad(), model.generate(prompt, max_new_tokens=12) as tracer:
+            plain = tracer.result.save()
+        print(repr(model.decode(plain[0])))
+    '''),
+    md('''
+        ## A steering vector
+
+        Mean of each sentence's layer-10 residual over its tokens, positives minus negatives.
+    '''),
+    code('''
+        positive = ["I love this, it is wonderful.", "What a great, happy day.", "This is excellent and delightful."]
+        negative = ["I hate this, it is awful.", "What a terrible, sad day.", "This is horrible and disgusting."]
+
+        def mean_residual(sentences):
+            acts = []
+            for s in sentences:
+                with torch.no_grad(), model.trace(s):
+                    acts.append(model.layers[LAYER].output[0].mean(0).save())
+            return torch.stack(acts).mean(0)
+
+        steering = mean_residual(positive) - mean_residual(negative)
+        print("steering vector:", tuple(steering.shape), "norm", round(steering.norm().item(), 2))
+    '''),
+    md('''
+        ## Steered generation
+
+        The vector (scaled) is added to the last position's residual at every step.
+    '''),
+    code('''
+        SCALE = 4.0
+        def generate(vec):
+            with torch.no_grad(), model.generate(prompt, max_new_tokens=12) as tracer:
+                for step in tracer.all():
+                    model.layers[LAYER].output[:, -1] += vec
+                ids = tracer.result.save()
+            return model.decode(ids[0])
+
+        print("plain:   ", repr(model.decode(plain[0])))
+        print("positive:", repr(generate(SCALE * steering)))
+        print("negative:", repr(generate(-SCALE * steering)))
+    '''),
+    md('''
+        ## The `%%trace` form
+
+        `--max-new-tokens N` turns the cell into a generation.
+    '''),
+    code('''
+        %load_ext nnsight_jupyter
+        vec = SCALE * steering
+    '''),
+    code('''
+        %%trace model "I think the movie was" --max-new-tokens 12
+        for step in tracer.all():
+            model.layers[LAYER].output[:, -1] += vec
+        ids_magic = tracer.result.save()
+    '''),
+    code('''
+        print("magic:   ", repr(model.decode(ids_magic[0])))
+    '''),
+]
+
+NOTEBOOKS["07_remote"] = [
+    md('''
+        # 07 · Remote execution
+
+        The same trace with `remote=True`. With no server configured, the first remote call starts
+        a local backend daemon on 127.0.0.1 (about 20 s); the block's source and the values it reads
+        are sent there, and the saved values come back.
+    '''),
+    code('''
+        import torch
+        from nnsight_jupyter import LanguageModel
+
+        model = LanguageModel("smollm2")
+        prompt = "The capital of France is"
+        with torch.no_grad(), model.trace(prompt):
+            local_hidden = model.layers[5].output.save()
+            local_logits = model.lm_head.output[0, -1].save()
+        print("local top token:", repr(model.tokenizer.decode(int(local_logits.argmax()))))
+    '''),
+    md('''
+        ## `remote=True`
+    '''),
+    code('''
+        import time
+        t0 = time.perf_counter()
+        with model.trace(prompt, remote=True, timeout=180):
+            remote_hidden = model.layers[5].output.save()
+            remote_logits = model.lm_head.output[0, -1].save()
+        print(f"remote trace took {time.perf_counter() - t0:.1f} s")
+        print("remote top token:", repr(model.tokenizer.decode(int(remote_logits.argmax()))))
+        print("hidden equal:", torch.equal(local_hidden, remote_hidden))
+        print("logits equal:", torch.equal(local_logits, remote_logits))
+    '''),
+    md('''
+        ## `%%trace ... --remote`
+    '''),
+    code('''
+        %load_ext nnsight_jupyter
+    '''),
+    code('''
+        %%trace smollm2 "The capital of France is" --remote --timeout 180
+        magic_logits = model.lm_head.output[0, -1].save()
+    '''),
+    code('''
+        print("magic logits equal to local:", torch.equal(local_logits, magic_logits))
+    '''),
+    md('''
+        ## Stop the daemon
+    '''),
+    code('''
+        from nnsight_jupyter.remote.daemon import stop_daemon
+        print("daemon stopped:", stop_daemon())
+    '''),
+]
+
+
+def make_notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for kind, source in cells:
+        cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+        nb.cells.append(cell)
+    return nb
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path = HERE, timeout: int = CELL_TIMEOUT) -> nbformat.NotebookNode:
+    """Run `nb` in place with a fresh `python3` kernel; raises CellExecutionError on the first error."""
+    NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def build(name: str) -> float:
+    nb = make_notebook(NOTEBOOKS[name])
+    nbformat.validate(nb)
+    t0 = time.perf_counter()
+    execute(nb)
+    elapsed = time.perf_counter() - t0
+    nbformat.write(nb, HERE / f"{name}.ipynb")
+    return elapsed
+
+
+def main(argv: list[str]) -> int:
+    names = [n for n in NOTEBOOKS if not argv or any(a in n for a in argv)]
+    if not names:
+        print(f"no notebook matches {argv}; have {list(NOTEBOOKS)}", file=sys.stderr)
+        return 1
+    for name in names:
+        print(f"{name}: {build(name):.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
