@@ -167,3 +167,29 @@ def test_module_path_completion(shell, gpt2):
     with provisionalcompleter():
         completions = [c.text for c in shell.Completer.completions(text, len(text))]
     assert any(c.endswith("mlp") for c in completions)
+
+
+def test_registry_models_are_loaded_once_per_kernel(shell, monkeypatch):
+    from nnsight_jupyter.models.language import LanguageModel
+
+    loads = []
+    original = LanguageModel._from_pretrained
+
+    def counting(self):
+        loads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(LanguageModel, "_from_pretrained", counting)
+    magics = shell._nnsight_jupyter[0]
+    magics._models.pop("smollm2", None)
+    for _ in range(2):
+        shell.run_cell('%%trace smollm2 "The capital of France is"\n'
+                       "top = model.lm_head.output[0, -1].argmax().item()\n").raise_error()
+    assert loads == [1]
+    assert magics._models["smollm2"].tokenizer.decode([shell.user_ns["top"]]) == " Paris"
+
+
+def test_a_missing_model_says_what_is_available(shell):
+    result = shell.run_cell('%%trace no-such-model-anywhere "x"\nmodel.lm_head.output\n')
+    message = str(result.error_in_exec)
+    assert "no-such-model-anywhere" in message and "smollm2" in message
