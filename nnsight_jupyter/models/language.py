@@ -178,8 +178,7 @@ class LanguageModel(NNsight):
         try:
             tok = AutoTokenizer.from_pretrained(where.location, **config_kwargs)
         except Exception as exc:
-            if where.hub_id is not None and registry.is_connection_error(exc):
-                raise registry.unavailable_error(where.hub_id, "the download failed") from exc
+            _raise_if_offline(where, exc)
             object.__setattr__(self, "_tokenizer_error", exc)
             return None
         tok.padding_side = "left"
@@ -193,8 +192,7 @@ class LanguageModel(NNsight):
         try:
             config = AutoConfig.from_pretrained(where.location, **config_kwargs)
         except Exception as exc:
-            if where.hub_id is not None and registry.is_connection_error(exc):
-                raise registry.unavailable_error(where.hub_id, "the download failed") from exc
+            _raise_if_offline(where, exc)
             raise
         build: dict[str, Any] = {}
         if isinstance(dtype, torch.dtype):
@@ -213,8 +211,7 @@ class LanguageModel(NNsight):
         try:
             model = AutoModelForCausalLM.from_pretrained(where.location, **load_kwargs)
         except Exception as exc:
-            if where.hub_id is not None and registry.is_connection_error(exc):
-                raise registry.unavailable_error(where.hub_id, "the download failed") from exc
+            _raise_if_offline(where, exc)
             raise
         return model.eval()
 
@@ -470,6 +467,12 @@ class LanguageModel(NNsight):
         if not self._dispatched:
             text += "\n(weights not loaded yet: they load on the first trace, or call model.dispatch())"
         return text
+
+
+def _raise_if_offline(where: registry.Resolved, exc: BaseException) -> None:
+    """A failed Hub download becomes the error that says so and lists the models available offline."""
+    if where.hub_id is not None and registry.is_connection_error(exc):
+        raise registry.unavailable_error(where.hub_id, "the download failed") from exc
 
 
 def _adopt(skeleton: torch.nn.Module, real: torch.nn.Module) -> bool:

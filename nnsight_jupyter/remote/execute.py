@@ -28,7 +28,7 @@ from typing import Any, Callable
 from ..models.base import NNsight
 from ..tracing.source import USER_CODES, compile_source
 from ..tracing.saving import save
-from ..tracing.tracer import run_block
+from ..tracing.tracer import run_block, user_traceback
 from .protocol import TraceErrorInfo, TraceRequest, TraceResult
 from .values import from_wire, result_to_wire
 
@@ -135,26 +135,9 @@ def _register_source(filename: str, source: str, first_line: int) -> bool:
 
 
 def _error_info(exc: BaseException) -> TraceErrorInfo:
+    exc = user_traceback(exc)
     tb = exc.__traceback__
-    first = None
-    node = tb
-    while node is not None:
-        if node.tb_frame.f_code in USER_CODES:
-            first = node
-            break
-        node = node.tb_next
-    if first is not None:
-        from ..errors import NNsightError
-
-        if isinstance(exc, NNsightError):
-            last = first
-            node = first
-            while node is not None:
-                if node.tb_frame.f_code in USER_CODES:
-                    last = node
-                node = node.tb_next
-            last.tb_next = None
-        exc = exc.with_traceback(first)
+    if tb is not None and tb.tb_frame.f_code in USER_CODES:
         text = "".join(traceback.format_exception(exc))
     else:
         text = "".join(traceback.format_exception_only(exc))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from ..errors import ModulePathError
+from .envoy import first_argument
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
@@ -43,10 +44,7 @@ class CachedCall:
 
     @property
     def input(self) -> Any:
-        if not self.inputs:
-            return None
-        args, kwargs = self.inputs
-        return args[0] if args else next(iter(kwargs.values()), None)
+        return first_argument(*self.inputs) if self.inputs else None
 
 
 @dataclass

@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 _RESERVED = {"output", "input", "inputs"}
 
 
+def first_argument(args: tuple, kwargs: dict) -> Any:
+    """What `.input` means: the first positional argument, else the first keyword one, else None."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()), None)
+
+
 def display_path(path: str, root: str = "model") -> str:
     """`transformer.h.0.attn` -> `model.transformer.h[0].attn`."""
     if not path:
@@ -200,12 +207,7 @@ class Envoy:
     @property
     def input(self) -> Any:
         """The first positional argument of the call (or the first keyword one if it has none)."""
-        args, kwargs = self.inputs
-        if args:
-            return args[0]
-        if kwargs:
-            return next(iter(kwargs.values()))
-        raise TraceError(f"{display_path(self._path)} was called with no arguments; it has no .input.")
+        return _required_input(self._path, *self.inputs)
 
     @input.setter
     def input(self, value: Any) -> None:
@@ -273,5 +275,10 @@ class _CallView:
 
     @property
     def input(self) -> Any:
-        args, kwargs = self.inputs
-        return args[0] if args else next(iter(kwargs.values()))
+        return _required_input(self._envoy._path, *self.inputs)
+
+
+def _required_input(path: str, args: tuple, kwargs: dict) -> Any:
+    if not args and not kwargs:
+        raise TraceError(f"{display_path(path)} was called with no arguments; it has no .input.")
+    return first_argument(args, kwargs)

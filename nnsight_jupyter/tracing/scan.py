@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from ..errors import ScanError
-from .envoy import display_path
+from .envoy import display_path, first_argument
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
@@ -53,8 +53,7 @@ class ModuleShapes:
 
     @property
     def input(self) -> Any:
-        args, kwargs = self.inputs
-        return args[0] if args else next(iter(kwargs.values()), None)
+        return first_argument(*self.inputs)
 
 
 class ScanResult(Mapping[str, ModuleShapes]):

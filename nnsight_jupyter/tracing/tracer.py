@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ..errors import InvokeError, TraceError
-from .batching import Rows
+from ..errors import InvokeError, NNsightError, TraceError
 from .interleave import (
     ENDED,
     RESULT,
@@ -37,7 +36,7 @@ from .interleave import (
     current_mediator,
 )
 from .saving import NotSaved, holds_unsaved_tensor, install_tensor_save, save
-from .source import SAVE_NAME, Block, block_for_frame, install_source_recorder
+from .source import SAVE_NAME, USER_CODES, Block, block_for_frame, install_source_recorder
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
@@ -215,7 +214,7 @@ class Tracer:
                 bound = run_block(self, self._block, ns, module_level=module_level)
         except BaseException as error:
             del frame
-            raise _clean(error) from error.__cause__
+            raise user_traceback(error) from error.__cause__
         if not module_level:
             _write_locals(frame, bound)
         del frame
@@ -483,15 +482,15 @@ def _write_locals(frame: FrameType, values: dict[str, Any]) -> None:
         _locals_to_fast(frame, 0)
 
 
-def _clean(error: BaseException) -> BaseException:
-    """Start the traceback at the user's trace body; for the engine's own errors, end it there too."""
-    from ..errors import NNsightError
+def user_traceback(error: BaseException) -> BaseException:
+    """Start the traceback at the user's trace body; for the engine's own errors, end it there too.
 
-    user_codes = _user_codes()
+    The error is returned unchanged when no frame of a trace body is in its traceback.
+    """
     first_user = last_user = None
     node = error.__traceback__
     while node is not None:
-        if node.tb_frame.f_code in user_codes:
+        if node.tb_frame.f_code in USER_CODES:
             first_user = first_user or node
             last_user = node
         node = node.tb_next
@@ -500,10 +499,4 @@ def _clean(error: BaseException) -> BaseException:
     if isinstance(error, NNsightError) and last_user is not None:
         last_user.tb_next = None
     return error.with_traceback(first_user)
-
-
-def _user_codes() -> Any:
-    from .source import USER_CODES
-
-    return USER_CODES
 

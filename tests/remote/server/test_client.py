@@ -6,7 +6,6 @@ Each run is compared bit for bit with the same trace run locally on an identical
 from __future__ import annotations
 
 import pytest
-import torch
 
 import nnsight_jupyter
 from nnsight_jupyter.errors import NotSavedError, OutOfOrderError
