@@ -59,6 +59,14 @@ class Envoy:
         for name, child in self._module.named_children():
             path = f"{self._path}.{name}" if self._path else name
             children[name] = Envoy(child, canonical.get(id(child), path), self._root)
+        for name in list(self.__dict__):
+            if isinstance(self.__dict__[name], Envoy) and not name.startswith("_"):
+                del self.__dict__[name]
+        for name, envoy in children.items():
+            # Found by plain attribute lookup, without a __getattr__ call, unless the name is taken.
+            if (name.isidentifier() and not name.startswith("_") and not hasattr(type(self), name)
+                    and name not in self.__dict__):
+                object.__setattr__(self, name, envoy)
         object.__setattr__(self, "_children", children)
         object.__setattr__(self, "_child_list", tuple(children.values()))
 
@@ -225,7 +233,7 @@ class Envoy:
     def next(self, step: int = 1) -> "Envoy":
         """Move to the module's next call in this forward pass (for modules that run more than once)."""
         m = self._mediator("next()")
-        m.cursor[self._path] = m.cursor.get(self._path, 0) + step
+        m.cursor = {**m.cursor, self._path: m.cursor.get(self._path, 0) + step}
         return self
 
     def call(self, index: int) -> "_CallView":
@@ -239,12 +247,8 @@ class Envoy:
         m = current_mediator()
         if m is None or m.interleaver.root is not self._root:
             return self._module(*args, **kwargs)
-        il = m.interleaver
-        il.adhoc += 1
-        try:
+        with self._root._wrappers.paused():
             return self._module(*args, **kwargs)
-        finally:
-            il.adhoc -= 1
 
 
 class _CallView:

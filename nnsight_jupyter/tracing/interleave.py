@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import threading
+from types import FunctionType
 from typing import Any
 
 from greenlet import getcurrent, greenlet
@@ -166,8 +167,15 @@ class Scope(dict):
         return value
 
 
+_EMPTY: dict = {}
+"""A shared empty dict for mediator fields that are replaced, never mutated, when they change."""
+
+
 class Mediator:
     """One participant of a trace: a compiled body running in its own greenlet."""
+
+    __slots__ = ("interleaver", "code", "ns", "assigned", "rows", "label", "index", "pending", "done",
+                 "started", "step", "cursor", "last", "greenlet", "initial")
 
     def __init__(self, interleaver: "Interleaver", code: Any, ns: dict, *, assigned: tuple[str, ...],
                  rows: Rows | None, label: str, index: int) -> None:
@@ -182,16 +190,20 @@ class Mediator:
         self.done = False
         self.started = False
         self.step = 0
-        self.cursor: dict[str, int] = {}
+        self.cursor: dict[str, int] = _EMPTY  # `.next()` replaces it
         self.last: Any = None
         self.greenlet: _Worker | None = None
-        self.initial = {name: dict.get(ns, name, _MISSING) for name in assigned} if isinstance(ns, Scope) else {}
         if isinstance(ns, Scope):
+            self.initial = {name: dict.get(ns, name, _MISSING) for name in assigned}
             ns.mediator = self
+        else:
+            self.initial = _EMPTY
 
     def execute(self) -> None:
+        # Called as a function rather than exec'd: the same namespace semantics (the body's code is
+        # module-level code, so its locals are `ns`), one C stack frame less for every switch.
         try:
-            exec(self.code, self.ns)
+            FunctionType(self.code, self.ns)()
         except StopTrace:
             self.interleaver.stop_requested = True
 
@@ -206,32 +218,44 @@ class Mediator:
 
 
 class Interleaver:
-    """The model side of one trace: serves parked mediators as the forward pass reaches them."""
+    """The model side of one trace: serves parked mediators as the forward pass reaches them.
 
-    def __init__(self, describe_path) -> None:
-        self.describe_path = describe_path
+    Mediators parked on a module wait in `wait_in` / `wait_out` under the module's path, so a
+    module wrapper's check for waiters is one lookup of a string whose hash is cached.
+    """
+
+    __slots__ = ("root", "block", "describe_path", "mediators", "wait_in", "wait_out", "wait_other",
+                 "name_waiters", "n_in", "n_out", "saved", "main", "observers", "stop_requested",
+                 "stopped_at", "here", "here_value", "result", "grad_snapshot", "root_depth", "pass_idx")
+
+    def __init__(self, root: Any, block: Any = None) -> None:
+        self.root = root
+        self.block = block
+        self.describe_path = root._describe
         self.mediators: list[Mediator] = []
-        self.waiting: dict[tuple[str, str], list[Mediator]] = {}
+        self.wait_in: dict[str, list[Mediator]] = {}
+        self.wait_out: dict[str, list[Mediator]] = {}
+        self.wait_other: dict[Any, list[Mediator]] = {}
         self.name_waiters: dict[str, list[Mediator]] = {}
         self.n_in: dict[str, int] = {}
         self.n_out: dict[str, int] = {}
-        self.pass_idx = -1
-        self.root_depth = 0
-        self.adhoc = 0
-        self.observers: dict[str, Any] = {}
+        self.saved: dict[int, Any] = {}
+        self.main = getcurrent()
+        self.observers: dict[str, Any] | None = None
         self.stop_requested = False
         self.stopped_at: str | None = None
-        self.saved: dict[int, Any] = {}
         self.here: Any = None
         self.here_value: Any = None
         self.result: Any = _MISSING
-        self.root: Any = None
-        self.block: Any = None
-        self.grad_guard: Any = None
-        self.main = getcurrent()
+        self.grad_snapshot: list | None = None
+        self.root_depth = 0
+        self.pass_idx = -1
 
-    def mark_saved(self, value: Any) -> None:
-        self.saved[id(value)] = value
+    def _queues(self, key: Any) -> tuple[dict, Any]:
+        """The waiting dict and slot for a request key."""
+        if len(key) == 4:
+            return (self.wait_in if key[1] == "input" else self.wait_out), key[0]
+        return self.wait_other, key
 
     def add(self, code: Any, ns: dict, *, assigned: tuple[str, ...], rows: Rows | None, label: str) -> Mediator:
         m = Mediator(self, code, ns, assigned=assigned, rows=rows, label=label, index=len(self.mediators))
@@ -253,7 +277,7 @@ class Interleaver:
 
     def serve(self, path: str, kind: str, call: int, value: Any) -> Any:
         """Called by a module wrapper: hand `value` to every mediator parked on this location."""
-        parked = self.waiting.pop((path, kind), None)
+        parked = (self.wait_in if kind == "input" else self.wait_out).pop(path, None)
         if not parked:
             return value
         outer_here, outer_value = self.here, self.here_value
@@ -282,7 +306,7 @@ class Interleaver:
         """Answer a request for the location being served now; returns the mediator's next message."""
         m.last = self.here
         if req.op == "get":
-            return m.greenlet.switch(narrow(self.here_value, m.rows))
+            return m.greenlet.switch(self.here_value if m.rows is None else narrow(self.here_value, m.rows))
         self.here_value = splice(self.here_value, m.rows, req.value)
         return m.greenlet.switch(None)
 
@@ -319,9 +343,8 @@ class Interleaver:
             return
 
     def _park(self, m: Mediator) -> None:
-        key = m.pending.key
-        slot = (key[0], key[1]) if len(key) == 4 else key
-        queue = self.waiting.setdefault(slot, [])
+        waiting, slot = self._queues(m.pending.key)
+        queue = waiting.setdefault(slot, [])
         queue.append(m)
         if len(queue) > 1 and queue[-2].index > m.index:
             queue.sort(key=lambda x: x.index)
@@ -390,7 +413,10 @@ class Interleaver:
 
     def finish(self, result: Any) -> None:
         """After the model has run: serve `tracer.result`, end step loops, and report what never came."""
-        if all(m.done for m in self.mediators):
+        for m in self.mediators:
+            if not m.done:
+                break
+        else:
             return
         self.result = result
         self.here = RESULT
@@ -434,8 +460,8 @@ class Interleaver:
         if req.op == "name":
             queue = self.name_waiters.get(req.key, [])
         else:
-            key = req.key
-            queue = self.waiting.get((key[0], key[1]) if len(key) == 4 else key, [])
+            waiting, slot = self._queues(req.key)
+            queue = waiting.get(slot, [])
         if m in queue:
             queue.remove(m)
 
@@ -479,11 +505,13 @@ class Interleaver:
             m.ns = None  # type: ignore[assignment]
             m.interleaver = None  # type: ignore[assignment]
         self.mediators = []
-        self.waiting = {}
+        self.wait_in = {}
+        self.wait_out = {}
+        self.wait_other = {}
         self.name_waiters = {}
         self.here_value = None
         self.result = _MISSING
-        self.grad_guard = None
+        self.grad_snapshot = None
 
     def kill(self) -> None:
         """End every unfinished mediator (after an error), running its `finally` blocks."""

@@ -40,11 +40,14 @@ def save(value: Any) -> Any:
 
 
 def _tensor_save(self: torch.Tensor) -> torch.Tensor:
-    if getattr(getcurrent(), "_nnsight_jupyter_mediator", None) is None:
+    m = getattr(getcurrent(), "_nnsight_jupyter_mediator", None)
+    if m is None:
         other = getattr(object, "save", None)  # another tracing library's `.save()` on every object
         if other is not None:
             return other(self)
-    return save(self)
+        return save(self)
+    m.interleaver.saved[id(self)] = self
+    return self
 
 
 def install_tensor_save() -> None:

@@ -72,6 +72,8 @@ class Block:
     body: list[ast.stmt] = field(repr=False)
     invokes: dict[int, "Block"] = field(default_factory=dict, repr=False)
     text: str | None = field(default=None, repr=False)
+    frame_names: frozenset[str] | None = field(default=None, repr=False)
+    """The fast (local, cell, free) names of the function whose `with` this is, once known."""
 
     def remote_source(self) -> tuple[str, int]:
         """The body's source and the line it starts on in the user's file (to ship it to a server)."""
@@ -81,7 +83,7 @@ class Block:
 
 
 _BLOCKS: collections.OrderedDict[tuple[int, int], tuple[CodeType, Block]] = collections.OrderedDict()
-"""Compiled blocks by (id of the running code object, line); the code object is kept alive with its
+"""Compiled blocks by (id of the running code object, offset of its `with`); the code object is kept alive with its
 block, so its id cannot be reused while cached (hashing a code object would hash its whole body)."""
 _BLOCKS_MAX = 512
 USER_CODES: "weakref.WeakSet[CodeType]" = weakref.WeakSet()
@@ -91,7 +93,7 @@ _INVOKES_BY_CODE: weakref.WeakKeyDictionary[CodeType, dict[int, Block]] = weakre
 def block_for_frame(frame: FrameType, what: str = "model.trace(...)") -> Block:
     """Return the compiled body of the `with` statement the frame is executing now."""
     code = frame.f_code
-    key = (id(code), frame.f_lineno)
+    key = (id(code), frame.f_lasti)
     hit = _BLOCKS.get(key)
     if hit is not None and hit[0] is code:
         return hit[1]

@@ -10,15 +10,16 @@ caller's namespace: saved values as they are, unsaved tensors as loud `NotSaved`
 function serves a `with` block, a `%%trace` cell, and a trace received by the remote server.
 
 Whatever happens — an exception in the body, in the model, or a KeyboardInterrupt — the module
-wrappers come off, `Tensor.save` goes away, parameter gradients touched by a failed run are put
-back, and names the body had bound in the caller's namespace are restored.
+wrappers come off, parameter gradients touched by a failed run are put back, and names the body
+had bound in the caller's namespace are restored. (`Tensor.save` and a pass-through wrapper of
+`torch.autograd.backward` are installed at the first trace and stay; outside a trace they do
+nothing new.)
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
-import threading
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -157,6 +158,15 @@ class _StepSelector:
 class Tracer:
     """Context manager returned by `model.trace(...)` and `model.generate(...)`."""
 
+    # Set while the trace runs or after it; class defaults keep building a tracer cheap.
+    job: Any = None
+    invoke_values: list[dict[str, Any]] | tuple = ()
+    _interleaver: Interleaver | None = None
+    _pending_invokes: list[tuple[Invoker, Block, Scope]] | tuple = ()
+    _frozen = False
+    _frame: FrameType | None = None
+    _skipper: _BodySkipper | None = None
+
     def __init__(self, model: "NNsight", args: tuple, kwargs: dict, *, generate: bool = False,
                  generate_kwargs: dict | None = None, remote: Any = False, blocking: bool = True,
                  timeout: float | None = None) -> None:
@@ -164,18 +174,11 @@ class Tracer:
         self._remote = remote
         self._blocking = blocking
         self._remote_timeout = timeout
-        self.job: Any = None
         self._args = args
         self._kwargs = kwargs
         self._has_input = bool(args or kwargs)
         self._generate = generate
         self._generate_kwargs = generate_kwargs or {}
-        self._interleaver: Interleaver | None = None
-        self._pending_invokes: list[tuple[Invoker, Block, Scope]] = []
-        self._frozen = False
-        self.invoke_values: list[dict[str, Any]] = []
-        self._frame: FrameType | None = None
-        self._skipper: _BodySkipper | None = None
 
     # ----- the with statement -------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -216,7 +219,7 @@ class Tracer:
             del frame
             raise user_traceback(error) from error.__cause__
         if not module_level:
-            _write_locals(frame, bound)
+            _write_locals(frame, bound, self._block)
         del frame
         return True
 
@@ -251,8 +254,10 @@ class Tracer:
             raise TraceError("Call tracer.cache() before reading any module value, so that it sees every module.")
         paths = [p for p, _ in self.model._paths] if modules is None else [_path_of(x) for x in modules]
         cache = Cache(self.model, include_inputs=include_inputs, detach=detach)
+        observers = dict(il.observers or {})
         for path in paths:
-            il.observers[path] = cache._recorder(path)
+            observers[path] = cache._recorder(path)
+        il.observers = observers
         return cache
 
     def all(self) -> Iterator[int]:
@@ -314,50 +319,22 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
     model = tracer.model
     if model._interleaver is not None:
         raise TraceError("A trace of this model is already running; finish it before starting another.")
-    il = Interleaver(model._describe)
-    il.root = model
-    il.block = block
+    il = Interleaver(model, block)
     tracer._interleaver = il
     tracer._pending_invokes = []
     tracer._frozen = False
-    every_assigned: set[str] = set(block.assigned)
-    for inner in block.invokes.values():
-        every_assigned.update(inner.assigned)
-    if block.as_name:
-        every_assigned.add(block.as_name)
-    restore = {name: ns.get(name, _MISSING) for name in every_assigned | {SAVE_NAME}} if module_level else {}
+    restore = _bindings_before(block, ns) if module_level else None
     ns[SAVE_NAME] = save
     if block.as_name:
         ns[block.as_name] = tracer
-    wrappers = model._wrappers
-    grads = _GradGuard(model._model)
-    il.grad_guard = grads
-    installed: list = []
-    armed = False
     model._interleaver = il
-    install_tensor_save()
+    if not _process_setup_done:
+        _setup_process()
     try:
-        grads.arm()
-        armed = True
-        main = il.add(block.code, ns, assigned=block.assigned, rows=None, label="trace body")
-        il.start(main)
+        il.start(il.add(block.code, ns, assigned=block.assigned, rows=None, label="trace body"))
         tracer._frozen = True
-        if tracer._has_input:
-            prepared = [model._prepare_input(*tracer._args, **tracer._kwargs)]
-        else:
-            prepared = [model._prepare_input(*inv.args, **inv.kwargs) if (inv.args or inv.kwargs) else None
-                        for inv, _, _ in tracer._pending_invokes]
-            if not any(p is not None for p in prepared):
-                raise TraceError(
-                    "This trace has no input: pass one to model.trace(input), or add "
-                    "`with tracer.invoke(input):` blocks inside it."
-                )
-        args, kwargs, rows = model._batch_inputs(prepared)
-        if not tracer._has_input:
-            for (inv, inner, scope), row in zip(tracer._pending_invokes, rows):
-                il.add(inner.code, scope, assigned=inner.assigned, rows=row, label="invoke")
-            for m in il.mediators[1:]:
-                il.start(m)
+        args, kwargs = _model_call(tracer, model, il)
+        wrappers = model._wrappers
         installed = wrappers.install(il)
         try:
             if tracer._generate:
@@ -366,14 +343,14 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
                 result = model._run_forward(args, kwargs)
         except EarlyStop:
             result = _MISSING
-        wrappers.uninstall(installed)
+        finally:
+            wrappers.uninstall(installed)
         il.finish(result)
     except BaseException:
-        wrappers.uninstall(installed)
         il.kill()
-        grads.restore()
+        restore_grads(il)
         il.release()
-        if module_level:
+        if restore is not None:
             for name, value in restore.items():
                 if value is _MISSING:
                     ns.pop(name, None)
@@ -381,95 +358,128 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
                     ns[name] = value
         raise
     finally:
-        wrappers.uninstall(installed)
         model._interleaver = None
         tracer._interleaver = None
-        if armed:
-            grads.disarm()
-    def finalised(m: Any) -> dict[str, Any]:
-        values = {}
-        for name in m.assigned:
-            value = dict.get(m.ns, name, _MISSING)
-            if value is not _MISSING:
-                values[name] = NotSaved(name) if holds_unsaved_tensor(value, il.saved) else value
-        return values
-
-    per_mediator = [finalised(m) for m in il.mediators]
+    saved = il.saved
+    per_mediator = [_finalised(m, saved) for m in il.mediators]
     il.release()
-    tracer.invoke_values = per_mediator[1:]
-    bound: dict[str, Any] = {}
-    for values in per_mediator:
-        bound.update(values)
+    if len(per_mediator) == 1:
+        bound = per_mediator[0]
+        tracer.invoke_values = []
+    else:
+        tracer.invoke_values = per_mediator[1:]
+        bound = {}
+        for values in per_mediator:
+            bound.update(values)
     if block.as_name:
         bound[block.as_name] = tracer
-    if module_level:
+    if restore is not None:
         ns.update(bound)
-        if restore.get(SAVE_NAME, _MISSING) is _MISSING:
+        if restore[SAVE_NAME] is _MISSING:
             ns.pop(SAVE_NAME, None)
     return bound
 
 
-class _GradGuard:
-    """Put parameter gradients back if a failed run had called backward.
+def _bindings_before(block: Block, ns: dict) -> dict[str, Any]:
+    """What a module-level namespace holds under every name the trace may bind, to put back on failure."""
+    names = set(block.assigned)
+    for inner in block.invokes.values():
+        names.update(inner.assigned)
+    if block.as_name:
+        names.add(block.as_name)
+    names.add(SAVE_NAME)
+    return {name: ns.get(name, _MISSING) for name in names}
 
-    While any trace runs, `torch.autograd.backward` (which `Tensor.backward` calls) is wrapped
-    once; a backward started from a trace body first snapshots that trace's parameter gradients.
+
+def _model_call(tracer: Tracer, model: "NNsight", il: Interleaver) -> tuple[tuple, dict]:
+    """The one batched model call of this trace; starts the invoke bodies on their rows."""
+    if tracer._has_input:
+        prepared = [model._prepare_input(*tracer._args, **tracer._kwargs)]
+    else:
+        prepared = [model._prepare_input(*inv.args, **inv.kwargs) if (inv.args or inv.kwargs) else None
+                    for inv, _, _ in tracer._pending_invokes]
+        if not any(p is not None for p in prepared):
+            raise TraceError(
+                "This trace has no input: pass one to model.trace(input), or add "
+                "`with tracer.invoke(input):` blocks inside it."
+            )
+    args, kwargs, rows = model._batch_inputs(prepared)
+    if not tracer._has_input:
+        for (inv, inner, scope), row in zip(tracer._pending_invokes, rows):
+            il.add(inner.code, scope, assigned=inner.assigned, rows=row, label="invoke")
+        for m in il.mediators[1:]:
+            il.start(m)
+    return args, kwargs
+
+
+def _finalised(m: Any, saved: dict[int, Any]) -> dict[str, Any]:
+    """The names a body bound: saved values as they are, unsaved tensors as `NotSaved` placeholders."""
+    values = {}
+    ns = m.ns
+    for name in m.assigned:
+        value = dict.get(ns, name, _MISSING)
+        if value is not _MISSING:
+            values[name] = NotSaved(name) if holds_unsaved_tensor(value, saved) else value
+    return values
+
+
+_process_setup_done = False
+
+
+def _setup_process() -> None:
+    """What the first trace of a process installs for good: `Tensor.save` and the backward guard."""
+    global _process_setup_done
+    install_tensor_save()
+    install_backward_guard()
+    _process_setup_done = True
+
+
+def install_backward_guard() -> None:
+    """Route `torch.autograd.backward` (which `Tensor.backward` calls) through `_guarded_backward`, once.
+
+    Installed at the first trace and left in place, like `Tensor.save`: outside a trace it only
+    passes the call on. Inside one, the first backward snapshots the traced model's parameter
+    gradients, so that a run that fails afterwards can put them back (`restore_grads`).
     """
+    global _original_backward
+    if _original_backward is None:
+        _original_backward = torch.autograd.backward
+        torch.autograd.backward = _guarded_backward
 
-    _lock = threading.Lock()
-    _users = 0
-    _original: Any = None
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.snapshot: list[tuple[torch.nn.Parameter, torch.Tensor | None]] | None = None
-
-    def take_snapshot(self) -> None:
-        if self.snapshot is None:
-            self.snapshot = [(p, None if p.grad is None else p.grad.detach().clone()) for p in self.module.parameters()]
-
-    def arm(self) -> None:
-        cls = _GradGuard
-        with cls._lock:
-            cls._users += 1
-            if cls._users == 1:
-                cls._original = torch.autograd.backward
-                torch.autograd.backward = _guarded_backward
-
-    def disarm(self) -> None:
-        cls = _GradGuard
-        with cls._lock:
-            cls._users -= 1
-            if cls._users == 0 and torch.autograd.backward is _guarded_backward:
-                torch.autograd.backward = cls._original
-                cls._original = None
-
-    def restore(self) -> None:
-        if self.snapshot is not None:
-            for p, g in self.snapshot:
-                p.grad = g
-            self.snapshot = None
+_original_backward: Any = None
 
 
 def _guarded_backward(*args: Any, **kwargs: Any) -> Any:
     from .interleave import current_trace
 
     trace = current_trace()
-    guard = getattr(trace, "grad_guard", None)
-    if guard is not None:
-        guard.take_snapshot()
-    return _GradGuard._original(*args, **kwargs)
+    if trace is not None and trace.grad_snapshot is None:
+        trace.grad_snapshot = [
+            (p, None if p.grad is None else p.grad.detach().clone()) for p in trace.root._model.parameters()
+        ]
+    return _original_backward(*args, **kwargs)
+
+
+def restore_grads(il: Interleaver) -> None:
+    if il.grad_snapshot is not None:
+        for p, g in il.grad_snapshot:
+            p.grad = g
+        il.grad_snapshot = None
 
 
 _locals_to_fast: Any = None
 
 
-def _write_locals(frame: FrameType, values: dict[str, Any]) -> None:
+def _write_locals(frame: FrameType, values: dict[str, Any], block: Block) -> None:
     global _locals_to_fast
-    code = frame.f_code
+    fast = block.frame_names
+    if fast is None:
+        code = frame.f_code
+        fast = block.frame_names = frozenset(code.co_varnames + code.co_cellvars + code.co_freevars)
     f_locals = frame.f_locals
     for name, value in values.items():
-        if name in code.co_varnames or name in code.co_cellvars or name in code.co_freevars or name in f_locals:
+        if name in fast or name in f_locals:
             f_locals[name] = value
         else:
             frame.f_globals[name] = value
