@@ -1,6 +1,7 @@
 """Remote execution over loopback against local execution, measured in the same run.
 
-Starts the real server (uvicorn on 127.0.0.1, sandboxed workers) with a tiny GPT-2, then:
+Starts the real server (`nnsight-jupyter serve` in its own process: uvicorn on 127.0.0.1, sandboxed
+workers) with a tiny GPT-2, then:
 1. latency: the same small trace locally and through the server; target: the remote median is at
    most 20 ms slower than the local median;
 2. transfer: a remote trace that saves a 64 MiB tensor against one that saves a scalar; the extra
@@ -16,10 +17,12 @@ Exits non-zero if a target is missed.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,34 +31,31 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-import uvicorn  # noqa: E402
 
 from nnsight_jupyter.remote.client import RemoteClient  # noqa: E402
 from nnsight_jupyter.remote.protocol import decode, encode  # noqa: E402
-from nnsight_jupyter.remote.server.app import create_app  # noqa: E402
 from nnsight_jupyter.remote.server.auth import create_api_key  # noqa: E402
-from nnsight_jupyter.remote.server.config import ServerConfig, parse_model_specs  # noqa: E402
 from tests.remote.server.tiny_models import tiny_gpt2  # noqa: E402
 
 SPEC = "tiny=tests.remote.server.tiny_models:tiny_gpt2"
 BIG = 16 * 2**20  # float32 elements: 64 MiB
 
 
-def start_server(folder: Path) -> tuple[uvicorn.Server, str, str]:
+def start_server(folder: Path) -> tuple[subprocess.Popen, str, str]:
+    """`nnsight-jupyter serve` in its own process, as it runs for real (it shares no GIL with the client)."""
     keys = folder / "keys.txt"
     key = create_api_key(keys, "bench")
-    config = ServerConfig(models=parse_model_specs(SPEC), data_dir=folder / "data", api_key_file=keys, auth=True,
-                          max_result_bytes=512 * 2**20, max_job_memory_bytes=2048 * 2**20)
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    command = [sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", SPEC, "--port", str(port),
+               "--api-key-file", str(keys), "--data-dir", str(folder / "data"), "--max-result-mb", "512",
+               "--max-job-memory-mb", "2048", "--threads", "1", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and server.poll() is None:
         try:
             models = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()["models"]
             if all(m["state"] == "ready" for m in models):
@@ -63,6 +63,7 @@ def start_server(folder: Path) -> tuple[uvicorn.Server, str, str]:
         except (httpx.TransportError, KeyError, ValueError):
             pass
         time.sleep(0.2)
+    server.terminate()
     raise SystemExit("the server did not become ready")
 
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(max(5, args.rounds // 3)):
             tiny_save.append(saving(1, client))
             big_save.append(saving(BIG, client))
-        server.should_exit = True
+        server.terminate()
+        server.wait(30)
 
     t = torch.randn(BIG)
     codec = []

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ._codec_types import (
+    BUFFER_ALIGNMENT,
     TORCH_DTYPE_NAMES,
     TORCH_DTYPES,
     FunctionSource,
@@ -159,6 +160,12 @@ class Encoder:
         return self._buffer(EXT_NDARRAY, *array_to_wire(value))
 
     def _buffer(self, code: int, dtype: str, shape: list[int], raw: memoryview) -> Any:
+        # Each buffer starts on a 64-byte boundary of the buffer section, so a receiver that
+        # places the section on such a boundary can let tensors use the received bytes in place.
+        padding = -self._buffered % BUFFER_ALIGNMENT
+        if padding:
+            self.buffers.append(memoryview(bytes(padding)))
+            self._buffered += padding
         offset = self._buffered
         self.buffers.append(raw)
         self._buffered += raw.nbytes
@@ -311,8 +318,9 @@ _TAGS_BY_CODE = {
 class Decoder:
     """Decodes one message body, resolving extension types against the buffer section."""
 
-    def __init__(self, buffers: memoryview) -> None:
+    def __init__(self, buffers: memoryview, *, adopt: bool = False) -> None:
         self._buffers = buffers
+        self._adopt = adopt
         self._open_tags = 0
 
     def unpack_body(self, data: bytes) -> Any:
@@ -373,7 +381,7 @@ class Decoder:
         return int.from_bytes(data, "little", signed=True)
 
     def _tensor(self, data: bytes) -> torch.Tensor:
-        return tensor_from_wire(*_buffer_ref(data, "tensor"), self._buffers)
+        return tensor_from_wire(*_buffer_ref(data, "tensor"), self._buffers, adopt=self._adopt)
 
     def _ndarray(self, data: bytes) -> np.ndarray[Any, Any]:
         return array_from_wire(*_buffer_ref(data, "array"), self._buffers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import ctypes
 import functools
 import inspect
 import io
@@ -29,6 +30,10 @@ MAX_DIMS = 64
 """Most dimensions a decoded tensor or array may claim (numpy's own limit)."""
 
 _HUGEPAGE_MIN_BYTES = 4 * 2**20
+BUFFER_ALIGNMENT = 64
+"""Tensor and array bytes start at multiples of this in a message's buffer section."""
+ADOPT_MIN_BYTES = 2**20
+"""A decoded tensor at least this large may use the received buffer in place (see `tensor_from_wire`)."""
 
 _TORCH_DTYPE_NAMES = (
     "bool",
@@ -190,9 +195,15 @@ def tensor_to_wire(tensor: torch.Tensor) -> tuple[str, list[int], memoryview]:
 
 
 def tensor_from_wire(
-    dtype_name: object, shape: object, offset: object, buffers: memoryview
+    dtype_name: object, shape: object, offset: object, buffers: memoryview, *, adopt: bool = False
 ) -> torch.Tensor:
-    """Build a writable tensor that owns a copy of its bytes from the buffer section."""
+    """Build a writable tensor that owns a copy of its bytes from the buffer section.
+
+    With ``adopt=True`` the caller hands over ``buffers`` (writable memory nothing else uses): a
+    tensor of at least ``ADOPT_MIN_BYTES`` whose bytes are suitably aligned then wraps them in
+    place instead of copying. It keeps the whole buffer alive, which is why small tensors, which
+    would pin a large buffer for little gain, are still copied.
+    """
     dtype = TORCH_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise ValueError(f"unknown tensor dtype {reprlib.repr(dtype_name)}")
@@ -200,8 +211,16 @@ def tensor_from_wire(
     count = math.prod(dims)
     if count == 0:
         return torch.empty(dims, dtype=dtype)
-    data = owned_copy(_buffer_slice(buffers, offset, count * dtype.itemsize))
+    view = _buffer_slice(buffers, offset, count * dtype.itemsize)
+    if adopt and view.nbytes >= ADOPT_MIN_BYTES and not view.readonly and _address(view) % BUFFER_ALIGNMENT == 0:
+        return torch.frombuffer(view, dtype=dtype).reshape(dims)
+    data = owned_copy(view)
     return torch.frombuffer(data, dtype=dtype).reshape(dims)
+
+
+def _address(view: memoryview) -> int:
+    """Where the view's first byte is in memory (to check alignment)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if not view.readonly else -1
 
 
 def array_to_wire(array: np.ndarray[Any, Any]) -> tuple[str, list[int], memoryview]:
@@ -233,6 +252,28 @@ def array_from_wire(
     return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
+def fresh_buffer(size: int) -> bytearray | mmap.mmap:
+    """Writable zeroed memory for ``size`` bytes, in transparent huge pages when it is large."""
+    if size < _HUGEPAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return bytearray(size)
+    try:
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return bytearray(size)
+    with contextlib.suppress(OSError):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
+
+
+def aligned_buffer(size: int, offset: int) -> memoryview:
+    """``size`` bytes of fresh writable memory placed so that byte ``offset`` sits on a
+    `BUFFER_ALIGNMENT` boundary (for receiving a message whose buffer section starts there)."""
+    buffer = fresh_buffer(size + BUFFER_ALIGNMENT)
+    view = memoryview(buffer)
+    pad = -(_address(view) + offset) % BUFFER_ALIGNMENT
+    return view[pad:pad + size]
+
+
 def owned_copy(view: memoryview) -> bytearray | mmap.mmap:
     """Copy ``view`` into fresh writable memory that nothing else references.
 
@@ -243,18 +284,12 @@ def owned_copy(view: memoryview) -> bytearray | mmap.mmap:
     ``torch.frombuffer`` and ``np.frombuffer`` keep the buffer alive for as long as the tensor
     or array that wraps it; such tensors cannot be resized in place (``resize_``).
     """
-    size = view.nbytes
-    if size < _HUGEPAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if view.nbytes < _HUGEPAGE_MIN_BYTES:
         return bytearray(view)
-    try:
-        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError:
-        return bytearray(view)
-    with contextlib.suppress(OSError):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    with memoryview(mapping) as target:
+    buffer = fresh_buffer(view.nbytes)
+    with memoryview(buffer) as target:
         target[:] = view
-    return mapping
+    return buffer
 
 
 def _check_shape(shape: object) -> list[int]:

@@ -20,7 +20,8 @@ import httpx
 
 from ..errors import NNsightError
 from .config import CONFIG, RemoteConfig
-from .protocol import TraceRequest, TraceResult, decode_result, encode_request
+from ._codec_types import aligned_buffer
+from .protocol import TraceRequest, TraceResult, buffer_section_offset, decode_result, encode_request
 
 FINAL_EVENTS = ("completed", "error", "cancelled")
 
@@ -115,7 +116,49 @@ class RemoteClient:
         return self._call("GET", f"/jobs/{job_id}").json()
 
     def result(self, job_id: str) -> TraceResult:
-        return decode_result(self._call("GET", f"/jobs/{job_id}/result").content)
+        return decode_result(self._download(job_id), adopt=True)
+
+    def _download(self, job_id: str) -> memoryview:
+        """A result's bytes, received into fresh memory laid out so that large tensors can use it in place.
+
+        The message's buffer section is placed on a `BUFFER_ALIGNMENT` boundary; tensors decoded
+        with ``adopt=True`` then wrap the downloaded bytes instead of copying them again.
+        """
+        try:
+            with self.http.stream("GET", f"/jobs/{job_id}/result") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _server_error(response)
+                length = response.headers.get("content-length")
+                if length is None or not length.isdigit():
+                    return memoryview(response.read())
+                size = int(length)
+                chunks = response.iter_raw()
+                head = bytearray()
+                for chunk in chunks:
+                    head += chunk
+                    if len(head) >= 4096 or buffer_section_offset(head) is not None:
+                        break
+                view = aligned_buffer(max(size, len(head)), buffer_section_offset(head) or 0)
+                filled = len(head)
+                view[:filled] = head
+                for chunk in chunks:
+                    end = filled + len(chunk)
+                    if end > size:
+                        raise RemoteConnectionError(f"the server sent more than the announced {size} bytes")
+                    view[filled:end] = chunk
+                    filled = end
+                if filled != size:
+                    raise RemoteConnectionError(
+                        f"the download of job {job_id}'s result stopped after {filled} of {size} bytes; "
+                        f"fetch it again with nnsight_jupyter.remote.client.job({job_id!r}).result()"
+                    )
+                return view
+        except httpx.TransportError as exc:
+            raise RemoteConnectionError(
+                f"Cannot reach the nnsight-jupyter server at {self.host} ({type(exc).__name__}: {exc}). "
+                "Check that it is running and that the host is right (%nnsight status shows it)."
+            ) from exc
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/jobs/{job_id}/cancel").json()

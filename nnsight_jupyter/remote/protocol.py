@@ -225,6 +225,15 @@ def decode_request(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_BYTES) ->
 
 def encode_result(result: TraceResult) -> bytes:
     """Encode a :class:`TraceResult` for the client."""
+    return b"".join(encode_result_parts(result))
+
+
+def encode_result_parts(result: TraceResult) -> list[bytes | memoryview]:
+    """:func:`encode_result` as pieces to be written one after another.
+
+    Tensor bytes stay views of the tensors' own memory, so a large result reaches a pipe or a
+    file without being copied into one message first.
+    """
     if type(result) is not TraceResult:
         raise ProtocolError(f"expected a TraceResult, got {type(result).__name__}")
     _expect_names(result.saved, "saved")
@@ -240,7 +249,7 @@ def encode_result(result: TraceResult) -> bytes:
             "message": error.message,
             "traceback": error.traceback,
         }
-    return _encode_message(
+    return _encode_parts(
         "result",
         [
             ("saved", "saved", result.saved),
@@ -250,9 +259,14 @@ def encode_result(result: TraceResult) -> bytes:
     )
 
 
-def decode_result(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_BYTES) -> TraceResult:
-    """Decode a message written by :func:`encode_result`."""
-    body = _decode_message(data, "result", max_size)
+def decode_result(data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  adopt: bool = False) -> TraceResult:
+    """Decode a message written by :func:`encode_result`.
+
+    ``adopt=True`` hands ``data`` over to the result: large tensors then use its memory in place
+    instead of a copy (pass memory that nothing else will write to, such as a fresh download).
+    """
+    body = _decode_message(data, "result", max_size, adopt=adopt)
     _expect_fields(body, ("saved", "logs", "error"), "result")
     _expect_names(body["saved"], "saved")
     _expect_lines(body["logs"])
@@ -269,16 +283,38 @@ def decode_result(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
 
 def _encode_message(kind: str, fields: list[tuple[str, str, object]]) -> bytes:
     """Pack ``(key, label for error paths, value)`` fields into one message of ``kind``."""
+    return b"".join(_encode_parts(kind, fields))
+
+
+def _encode_parts(kind: str, fields: list[tuple[str, str, object]]) -> list[bytes | memoryview]:
     encoder = Encoder()
     try:
         body = encoder.pack_body(fields)
     except Unsupported as problem:
         raise ProtocolError(f"cannot send {problem.path}: {problem.reason}") from None
     header = msgpack.packb([PROTOCOL_VERSION, __version__, kind, len(body)])
-    return b"".join([header, body, *encoder.buffers])
+    return [header + body, *encoder.buffers]
 
 
-def _decode_message(data: bytes, kind: str, max_size: int) -> dict[Any, Any]:
+def buffer_section_offset(prefix: bytes | bytearray | memoryview) -> int | None:
+    """Where a message's buffer section starts, from its first bytes (None if they are too few to tell).
+
+    A receiver uses it to place the section on a `BUFFER_ALIGNMENT` boundary before the rest arrives.
+    """
+    unpacker = msgpack.Unpacker(max_buffer_size=_HEADER_MAX_BYTES)
+    unpacker.feed(bytes(prefix[:_HEADER_MAX_BYTES]))
+    try:
+        header = unpacker.unpack()
+    except msgpack.OutOfData:
+        return None
+    except Exception:
+        return 0
+    if type(header) is not list or len(header) != 4 or type(header[3]) is not int or header[3] < 0:
+        return 0
+    return unpacker.tell() + header[3]
+
+
+def _decode_message(data: bytes, kind: str, max_size: int, *, adopt: bool = False) -> dict[Any, Any]:
     """Check the header of ``data`` and return its decoded body map."""
     try:
         view = memoryview(data).cast("B")
@@ -291,7 +327,7 @@ def _decode_message(data: bytes, kind: str, max_size: int) -> dict[Any, Any]:
         )
     body_start, body_end = _read_header(view, kind)
     try:
-        body = Decoder(view[body_end:]).unpack_body(bytes(view[body_start:body_end]))
+        body = Decoder(view[body_end:], adopt=adopt).unpack_body(bytes(view[body_start:body_end]))
     except MemoryError:
         raise
     except Exception as exc:

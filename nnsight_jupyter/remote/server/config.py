@@ -97,6 +97,9 @@ class ServerConfig:
         auth: False serves without keys (only with ``--insecure-no-auth``).
         replicas: worker processes per model, each running one job at a time.
         result_ttl_s: how long a finished job's result stays downloadable.
+        result_write_delay_s: a finished job's result is served from memory at once and written to
+            disk this long after the job ends, so that writing it does not slow its download (a
+            server killed within that window loses those results; a stopped server writes them).
         max_request_bytes, max_result_bytes: message size limits.
         max_job_seconds: wall-clock limit per job; a request's ``timeout`` option may lower it.
         max_job_memory_bytes: memory a job may add to its worker's size after loading the model.
@@ -117,6 +120,7 @@ class ServerConfig:
     auth: bool = True
     replicas: int = 1
     result_ttl_s: float = 3600.0
+    result_write_delay_s: float = 1.0
     max_request_bytes: int = 64 * MiB
     max_result_bytes: int = 256 * MiB
     max_job_seconds: float = 600.0

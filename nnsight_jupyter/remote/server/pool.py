@@ -223,7 +223,7 @@ class Replica:
             self._finish_cancelled()
         elif running.stop == "timeout" or stopped == "timeout":
             self._finish_error("TimeoutError", self._timeout_message(running.job), store=True)
-        elif not isinstance(data, bytes) or len(data) > self.pool.config.max_result_bytes + 2**20:
+        elif not isinstance(data, (bytes, bytearray)) or len(data) > self.pool.config.max_result_bytes + 2**20:
             self._finish_error("ServerError", "the worker sent a malformed result; it was replaced", store=True)
             self._replace("it sent a malformed result")
             return
@@ -231,7 +231,7 @@ class Replica:
             err = None
             if isinstance(error, list) and len(error) == 3 and all(isinstance(e, str) for e in error):
                 err = (error[0], error[1], error[2])
-            self.pool.results.put(running.job.id, data)
+            self.pool.results.put(running.job.id, data, later=self.pool.config.result_write_delay_s)
             self.pool.jobs.finish(running.job.id, "error" if err else "completed", result_bytes=len(data),
                                   ttl_s=self.pool.config.result_ttl_s, error=err)
             self.jobs_done += 1

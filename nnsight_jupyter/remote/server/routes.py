@@ -46,7 +46,7 @@ from .events import KEEPALIVE, format_event
 from .jobs import FINAL, Job, iso
 from .responses import ApiError
 from .service import Service
-from .store import iter_file
+from .store import iter_file, iter_memory
 
 __all__ = ["ROUTES"]
 
@@ -238,11 +238,23 @@ async def job_result(request: Request) -> Response:
                     f"--result-ttl); job {job.id}'s result expired at {iso(job.expires)}. Run the trace again.")
     if job.expired or (job.expires is not None and job.expires <= config.clock()):
         raise gone
+    headers = {"Content-Length": str(job.result_bytes)}
+    data = service.results.recent(job.id)
+    if data is not None:
+        return StreamingResponse(_memory_chunks(data), media_type="application/x-msgpack", headers=headers)
     handle = await run_in_threadpool(service.results.open, job.id)
     if handle is None:
-        raise gone
+        raise ApiError(410, "result lost",
+                       f"job {job.id}'s result is not on this server: it stopped abruptly right after the job "
+                       f"finished, before the result reached disk (results are written "
+                       f"{config.result_write_delay_s:g} s after a job ends). Run the trace again.")
     return StreamingResponse(iterate_in_threadpool(iter_file(handle)), media_type="application/x-msgpack",
-                             headers={"Content-Length": str(job.result_bytes)})
+                             headers=headers)
+
+
+async def _memory_chunks(data: bytes) -> AsyncIterator[memoryview]:
+    for chunk in iter_memory(data):
+        yield chunk
 
 
 # ----- cancelling -----------------------------------------------------------------------------------

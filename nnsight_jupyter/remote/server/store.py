@@ -1,10 +1,14 @@
-"""Finished jobs' results on disk, one file per job, removed when they expire.
+"""Finished jobs' results: in memory first, then on disk, one file per job, removed when they expire.
 
 A result is the exact ``encode_result`` bytes the worker produced (or the server made for a job
-that could not produce one), so serving it is a file copy and the server never decodes what a
-worker sent. Files are written to a temporary name and renamed, so a crash never leaves a
-truncated result under a job's name. Expiry times live in the job table (``jobs.py``); this
-module only stores, opens and deletes.
+that could not produce one), so serving it is a copy and the server never decodes what a worker
+sent. A client usually downloads a result the moment its job ends, so a new result is served
+from memory and written to disk a moment later (``put(..., later=s)``): writing tens of
+megabytes to disk while they are being downloaded slowed the download down by half. The most
+recent results stay in memory (up to ``memory_bytes`` in all); older ones are read from disk.
+Files are written to a temporary name and renamed, so a crash never leaves a truncated result
+under a job's name; ``flush`` writes whatever is still waiting when the server stops. Expiry
+times live in the job table (``jobs.py``); this module only stores, opens and deletes.
 
 Reading opens the file first and streams from the open handle, so a result that expires while
 it is being downloaded still arrives whole.
@@ -12,39 +16,110 @@ it is being downloaded still arrives whole.
 
 from __future__ import annotations
 
+import collections
 import os
+import queue
 import re
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 __all__ = ["ResultStore"]
 
 _ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-CHUNK = 1 << 20
+CHUNK = 8 << 20
 
 
 class ResultStore:
-    """``<folder>/<job id>.msgpack`` files."""
+    """``<folder>/<job id>.msgpack`` files, the latest of them also in memory."""
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, memory_bytes: int = 256 << 20) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob("*.tmp"):
             stale.unlink(missing_ok=True)
+        self.memory_bytes = memory_bytes
+        self._recent: collections.OrderedDict[str, bytes | bytearray] = collections.OrderedDict()
+        self._recent_bytes = 0
+        self._unwritten: dict[str, bytes | bytearray] = {}
+        self._writes: queue.Queue[tuple[float, str, Path]] = queue.Queue()
+        self._writer_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def _path(self, job_id: str) -> Path:
         if not _ID.match(job_id):
             raise ValueError(f"not a job id: {job_id!r}")
         return self.folder / f"{job_id}.msgpack"
 
-    def put(self, job_id: str, data: bytes) -> None:
+    def put(self, job_id: str, data: bytes | bytearray, *, later: float | None = None) -> None:
+        """Keep a result: in memory at once, and on disk now or, with ``later=s``, from a background
+        thread ``s`` seconds from now (meanwhile it is served from memory)."""
         target = self._path(job_id)
+        with self._lock:
+            self._forget(job_id)
+            self._unwritten[job_id] = data
+            if len(data) <= self.memory_bytes:
+                self._recent[job_id] = data
+                self._recent_bytes += len(data)
+                while self._recent_bytes > self.memory_bytes:
+                    self._forget(next(iter(self._recent)))
+        if later is None:
+            self._write(job_id, target)
+        else:
+            self._writes.put((time.monotonic() + later, job_id, target))
+            self._start_writer()
+
+    def _write(self, job_id: str, target: Path) -> None:
+        with self._lock:
+            data = self._unwritten.get(job_id)
+        if data is None:
+            return  # deleted before it was written
         temporary = target.with_suffix(".tmp")
         with open(temporary, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        with self._lock:
+            if self._unwritten.pop(job_id, None) is None:
+                temporary.unlink(missing_ok=True)
+                return
+            os.replace(temporary, target)
+
+    def _start_writer(self) -> None:
+        with self._lock:
+            if self._writer_thread is not None:
+                return
+            self._writer_thread = threading.Thread(target=self._write_loop, name="nnsj-results", daemon=True)
+        self._writer_thread.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            due, job_id, target = self._writes.get()
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                self._write(job_id, target)
+            except OSError as exc:
+                print(f"nnsight-jupyter server: cannot write the result of job {job_id}: {exc}", file=sys.stderr)
+
+    def flush(self) -> None:
+        """Write every result still waiting for the disk (at shutdown, and in tests)."""
+        with self._lock:
+            pending = list(self._unwritten)
+        for job_id in pending:
+            self._write(job_id, self._path(job_id))
+
+    def _forget(self, job_id: str) -> None:
+        old = self._recent.pop(job_id, None)
+        if old is not None:
+            self._recent_bytes -= len(old)
+
+    def recent(self, job_id: str) -> bytes | bytearray | None:
+        """The result's bytes if it is still held in memory."""
+        with self._lock:
+            data = self._recent.get(job_id)
+            return data if data is not None else self._unwritten.get(job_id)
 
     def open(self, job_id: str) -> BinaryIO | None:
         try:
@@ -53,6 +128,9 @@ class ResultStore:
             return None
 
     def read(self, job_id: str) -> bytes | None:
+        data = self.recent(job_id)
+        if data is not None:
+            return data
         handle = self.open(job_id)
         if handle is None:
             return None
@@ -60,10 +138,20 @@ class ResultStore:
             return handle.read()
 
     def delete(self, job_id: str) -> None:
-        self._path(job_id).unlink(missing_ok=True)
+        with self._lock:
+            self._forget(job_id)
+            self._unwritten.pop(job_id, None)
+            self._path(job_id).unlink(missing_ok=True)
 
     def ids(self) -> list[str]:
         return [p.stem for p in self.folder.glob("*.msgpack")]
+
+
+def iter_memory(data: bytes | bytearray) -> Iterator[memoryview]:
+    """Slices of a result held in memory, for a streaming response (no copies, no threads)."""
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        yield view[start:start + CHUNK]
 
 
 def iter_file(handle: BinaryIO) -> Iterator[bytes]:

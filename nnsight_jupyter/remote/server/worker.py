@@ -187,7 +187,8 @@ class _Worker:
             try:
                 if message is None:
                     return
-                self.channel.send(message)
+                parts = message.pop("result_parts", None)
+                self.channel.send(message, payload=None if parts is None else ("result", parts))
             except BrokenChannel:
                 os._exit(0)
             finally:
@@ -226,8 +227,11 @@ class _Worker:
                 self.outbox.join()
                 os._exit(0)
             reply = self._run(message)
+            restart = reply.get("restart")
             self.post(reply)
-            if reply.get("restart"):
+            del reply
+            gc.collect()  # the job's garbage, while the result goes out
+            if restart:
                 self.outbox.join()
                 os._exit(0)
 
@@ -270,10 +274,9 @@ class _Worker:
                 "",
             ))
         result.logs = sink.lines()
-        data, error = self._encode(result)
+        parts, error = self._encode(result)
         del result
-        gc.collect()
-        return {"ev": "done", "job_id": job_id, "result": data, "stopped": stopped, "restart": restart,
+        return {"ev": "done", "job_id": job_id, "result_parts": parts, "stopped": stopped, "restart": restart,
                 "error": None if error is None else [error.type_name, error.message, error.traceback]}
 
     def _execute(self, message: dict[str, Any], sink: "_LogSink") -> Any:
@@ -296,33 +299,36 @@ class _Worker:
         finally:
             self.in_trace = False
 
-    def _encode(self, result: Any) -> tuple[bytes, Any]:
-        """The result's bytes and its error (a replacement error if it cannot be sent)."""
-        from ..protocol import ProtocolError, TraceErrorInfo, TraceResult, encode_result
+    def _encode(self, result: Any) -> tuple[list[bytes | memoryview], Any]:
+        """The result's encoded parts and its error (a replacement error if it cannot be sent)."""
+        from ..protocol import ProtocolError, TraceErrorInfo, TraceResult, encode_result, encode_result_parts
         from .config import describe_bytes
 
         limit = self.settings["max_result_bytes"]
         try:
-            data = encode_result(result)
+            parts = encode_result_parts(result)
+            size = sum(memoryview(part).nbytes for part in parts)
         except ProtocolError as exc:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
                 "ProtocolError", f"the trace's saved values cannot be sent back: {exc}", ""))
-            data = encode_result(result)
+            parts = [encode_result(result)]
+            size = len(parts[0])
         except MemoryError:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
                 "MemoryError", "the result did not fit in the job's memory while being encoded; save fewer or "
                 "smaller values", ""))
-            data = encode_result(result)
-        if len(data) > limit:
+            parts = [encode_result(result)]
+            size = len(parts[0])
+        if size > limit:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
                 "ResultTooLarge",
-                f"the result is {describe_bytes(len(data))}, over this server's limit of {describe_bytes(limit)}; "
+                f"the result is {describe_bytes(size)}, over this server's limit of {describe_bytes(limit)}; "
                 "save fewer or smaller values (slice tensors before .save()), or ask the operator to raise "
                 "--max-result-mb",
                 "",
             ))
-            data = encode_result(result)
-        return data, result.error
+            parts = [encode_result(result)]
+        return parts, result.error
 
 
 def _is_out_of_memory(error: Any) -> bool:

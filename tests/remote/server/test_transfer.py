@@ -1,0 +1,187 @@
+"""How a large result travels: worker pipe payloads, the result store, and in-place decoding."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import pytest
+import torch
+
+from nnsight_jupyter.remote._codec_types import ADOPT_MIN_BYTES, BUFFER_ALIGNMENT, aligned_buffer
+from nnsight_jupyter.remote.client import RemoteClient
+from nnsight_jupyter.remote.protocol import (
+    TraceResult,
+    buffer_section_offset,
+    decode_result,
+    encode_result,
+    encode_result_parts,
+)
+from nnsight_jupyter.remote.server.channel import BrokenChannel, Channel
+from nnsight_jupyter.remote.server.store import ResultStore
+
+from .tiny_models import tiny_gpt2
+
+
+def _pair(max_bytes: int = 1 << 30) -> tuple[Channel, Channel]:
+    a, b = multiprocessing.Pipe(duplex=True)
+    return Channel(a, max_bytes=max_bytes), Channel(b, max_bytes=max_bytes)
+
+
+def _sent_in_thread(channel: Channel, *args, **kwargs) -> threading.Thread:
+    thread = threading.Thread(target=channel.send, args=args, kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread
+
+
+# ----- the worker pipe ------------------------------------------------------------------------------
+def test_payload_arrives_whole_and_later_messages_stay_in_step():
+    sender, receiver = _pair()
+    big = torch.arange(3_000_000, dtype=torch.float32)  # 12 MB: many pipe buffers' worth
+    parts = [b"head", memoryview(big.numpy()), b"tail"]
+    thread = _sent_in_thread(sender, {"ev": "done", "job_id": "j1"}, payload=("result", parts))
+    message = receiver.recv()
+    thread.join()
+    assert message["ev"] == "done" and message["job_id"] == "j1"
+    assert "payload" not in message and "payload_field" not in message
+    assert isinstance(message["result"], bytearray)
+    assert message["result"] == b"head" + big.numpy().tobytes() + b"tail"
+    sender.send({"ev": "log", "line": "after"})
+    assert receiver.recv() == {"ev": "log", "line": "after"}
+
+
+def test_an_empty_payload_is_an_empty_buffer():
+    sender, receiver = _pair()
+    sender.send({"ev": "done"}, payload=("result", []))
+    assert receiver.recv() == {"ev": "done", "result": bytearray()}
+
+
+@pytest.mark.parametrize("header", [
+    {"ev": "done", "payload": 1 << 40, "payload_field": "result"},  # over the channel's limit
+    {"ev": "done", "payload": -1, "payload_field": "result"},
+    {"ev": "done", "payload": "12", "payload_field": "result"},
+    {"ev": "done", "payload": 12},  # no field name
+    {"ev": "done", "payload": 12, "payload_field": 7},
+])
+def test_a_bad_payload_header_breaks_the_channel(header):
+    sender, receiver = _pair(max_bytes=1 << 20)
+    sender.send(header)  # a hostile worker can write any map
+    with pytest.raises(BrokenChannel, match="payload header"):
+        receiver.recv()
+
+
+def test_a_worker_that_dies_mid_payload_breaks_the_channel():
+    sender, receiver = _pair()
+    sender.send({"ev": "done", "payload": 1000, "payload_field": "result"})
+    sender.connection.send_bytes(b"x" * 10)  # 14 of the announced 1000 bytes
+    sender.close()
+    with pytest.raises(BrokenChannel, match="middle of a payload"):
+        receiver.recv()
+
+
+# ----- the result store ------------------------------------------------------------------------------
+def test_a_result_is_served_from_memory_at_once_and_reaches_disk_later(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put("job1", b"abc" * 1000, later=0.3)
+    assert store.recent("job1") == b"abc" * 1000
+    assert store.read("job1") == b"abc" * 1000
+    assert not (tmp_path / "job1.msgpack").exists()
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "job1.msgpack").exists():
+        assert time.monotonic() < deadline, "the delayed write never happened"
+        time.sleep(0.05)
+    assert (tmp_path / "job1.msgpack").read_bytes() == b"abc" * 1000
+    assert not list(tmp_path.glob("*.tmp"))
+    fresh = ResultStore(tmp_path)  # as after a restart: nothing in memory, the file is there
+    assert fresh.recent("job1") is None and fresh.read("job1") == b"abc" * 1000
+
+
+def test_a_result_deleted_before_its_write_never_reaches_disk(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put("job1", b"x" * 100, later=0.2)
+    store.delete("job1")
+    assert store.recent("job1") is None and store.read("job1") is None
+    time.sleep(0.5)
+    assert not list(tmp_path.iterdir())
+
+
+def test_flush_writes_what_is_waiting(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put("a", b"1" * 10, later=60)
+    store.put("b", b"2" * 10, later=60)
+    store.flush()
+    assert ResultStore(tmp_path).read("a") == b"1" * 10 and ResultStore(tmp_path).read("b") == b"2" * 10
+
+
+def test_memory_holds_only_the_latest_results_and_the_rest_come_from_disk(tmp_path):
+    store = ResultStore(tmp_path, memory_bytes=250)
+    for i in range(4):
+        store.put(f"job{i}", bytes([i]) * 100)  # written at once
+    assert store.recent("job0") is None and store.recent("job1") is None
+    assert store.recent("job2") == bytes([2]) * 100 and store.recent("job3") == bytes([3]) * 100
+    assert [store.read(f"job{i}") for i in range(4)] == [bytes([i]) * 100 for i in range(4)]
+
+
+# ----- decoding in place -----------------------------------------------------------------------------
+def _aligned_copy(data: bytes) -> memoryview:
+    """What the client does with a download: the buffer section on an alignment boundary."""
+    view = aligned_buffer(len(data), buffer_section_offset(data))
+    view[:] = data
+    return view
+
+
+def _inside(tensor: torch.Tensor, view: memoryview) -> bool:
+    import ctypes
+
+    start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return start <= tensor.data_ptr() < start + view.nbytes
+
+
+def test_parts_join_to_the_encoded_result():
+    result = TraceResult(saved={"a": torch.randn(1000), "b": torch.arange(7, dtype=torch.int8), "c": "x"})
+    assert b"".join(bytes(p) for p in encode_result_parts(result)) == encode_result(result)
+
+
+def test_adopted_decoding_uses_the_buffer_for_large_tensors_only():
+    big = torch.randn(ADOPT_MIN_BYTES // 4 + 5)
+    odd = torch.arange(3, dtype=torch.int8)  # would misalign what follows without padding
+    big2 = torch.randn(ADOPT_MIN_BYTES // 8 + 3, dtype=torch.float64)
+    small = torch.randn(10)
+    data = encode_result(TraceResult(saved={"big": big, "odd": odd, "big2": big2, "small": small}))
+    view = _aligned_copy(data)
+    saved = decode_result(view, adopt=True).saved
+    for name, original in {"big": big, "odd": odd, "big2": big2, "small": small}.items():
+        assert torch.equal(saved[name], original) and saved[name].dtype == original.dtype
+    assert _inside(saved["big"], view) and _inside(saved["big2"], view)
+    assert not _inside(saved["small"], view) and not _inside(saved["odd"], view)
+    assert saved["big"].data_ptr() % BUFFER_ALIGNMENT == 0 and saved["big2"].data_ptr() % BUFFER_ALIGNMENT == 0
+    saved["big"][0] = 123.0  # writable, and independent of the other tensors
+    assert saved["big2"][0] == big2[0]
+
+
+def test_without_adopt_or_with_read_only_bytes_every_tensor_is_a_copy():
+    big = torch.randn(ADOPT_MIN_BYTES // 4 + 5)
+    data = encode_result(TraceResult(saved={"big": big}))
+    view = _aligned_copy(data)
+    copied = decode_result(view).saved["big"]
+    assert torch.equal(copied, big) and not _inside(copied, view)
+    from_bytes = decode_result(data, adopt=True).saved["big"]  # bytes cannot be shared writable
+    assert torch.equal(from_bytes, big)
+    from_bytes[0] = 1.0
+
+
+def test_the_client_downloads_into_aligned_memory_that_large_tensors_keep(live_server):
+    client = RemoteClient(str(live_server.http.base_url), live_server.key, show_status=False)
+    model = tiny_gpt2()
+    object.__setattr__(model, "remote_id", "tiny")
+    x = torch.randint(1, 97, (1, 4))
+    with model.trace(x, remote=client):
+        big = torch.arange(600_000, dtype=torch.float32).save()
+        out = model.lm_head.output.save()
+    with model.trace(x):
+        expected = model.lm_head.output.save()
+    assert torch.equal(big, torch.arange(600_000, dtype=torch.float32)) and torch.equal(out, expected)
+    assert big.data_ptr() % BUFFER_ALIGNMENT == 0
+    big += 1  # the kept download is ordinary writable memory
+    assert big[0] == 1
