@@ -239,7 +239,7 @@ class RemoteClient:
         """Submit, follow to the end (printed lines appear as they happen), and return the result."""
         handle = self.submit(request)
         shown: list[str] = []
-        display = _StatusDisplay(handle.job_id) if self.show_status else None
+        display = _StatusDisplay(handle.job_id, request.model_id) if self.show_status else None
 
         def on_event(event: dict[str, Any]) -> None:
             if event.get("type") == "log":
@@ -287,21 +287,26 @@ def _server_error(response: httpx.Response) -> RemoteServerError:
 
 
 class _StatusDisplay:
-    """One live status line: an updating output in a notebook, a rewritten line on a terminal."""
+    """Live status of a job: the JobStatus widget in a notebook, a rewritten line on a terminal.
 
-    def __init__(self, job_id: str) -> None:
+    Without anywidget (the ``jupyter`` extra), a notebook gets an updating text line instead.
+    """
+
+    def __init__(self, job_id: str, model: str = "") -> None:
         self.job_id = job_id
-        self.handle = None
+        self.handle: Any = None
+        self.widget: Any = None
+        if not _in_notebook():
+            return
+        from IPython.display import display
+
         try:
-            from IPython import get_ipython
-
-            shell = get_ipython()
-            if shell is not None and getattr(shell, "kernel", None) is not None:
-                from IPython.display import display
-
-                self.handle = display(self._text("submitted"), display_id=True)
+            from ..widgets import JobStatus
         except ImportError:
-            self.handle = None
+            self.handle = display(self._text("submitted"), display_id=True)
+        else:
+            self.widget = JobStatus(job_id, model)
+            display(self.widget)
 
     def _text(self, state: str) -> Any:
         from IPython.display import Pretty
@@ -309,6 +314,9 @@ class _StatusDisplay:
         return Pretty(f"nnsight-jupyter job {self.job_id}: {state}")
 
     def update(self, event: dict[str, Any]) -> None:
+        if self.widget is not None:
+            self.widget.update(event)
+            return
         kind = event.get("type", "")
         if kind == "log":
             return
@@ -322,9 +330,18 @@ class _StatusDisplay:
             sys.stderr.flush()
 
     def close(self) -> None:
-        if self.handle is None:
+        if self.handle is None and self.widget is None:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def default_backend(model_id: str | None = None, config: RemoteConfig | None = None) -> RemoteClient:
