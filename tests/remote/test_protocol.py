@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from nnsight_jupyter import _version
 from nnsight_jupyter.remote import protocol
-from nnsight_jupyter.remote._codec_types import NUMPY_DTYPES, TORCH_DTYPES
+from nnsight_jupyter.remote._codec_types import NUMPY_DTYPES, TORCH_DTYPES, ModuleRef, Placeholder, Record
 from nnsight_jupyter.remote.protocol import (
     PROTOCOL_VERSION,
     FunctionSource,
@@ -578,6 +578,7 @@ def test_every_truncation_is_refused() -> None:
 DECODED_TYPES = {
     type(None), bool, int, float, str, bytes, list, tuple, dict, set, frozenset, slice,
     type(...), torch.dtype, torch.Size, torch.device, torch.Tensor, np.ndarray, FunctionSource,
+    ModuleRef, Record, Placeholder,
 }
 
 
@@ -597,6 +598,13 @@ def decodes_or_refuses(data: bytes) -> None:
             stack.extend([*item, *item.values()])
         elif isinstance(item, slice):
             stack.extend([item.start, item.stop, item.step])
+        elif isinstance(item, ModuleRef):
+            assert type(item.path) is str
+        elif isinstance(item, Placeholder):
+            assert all(type(part) is str for part in (item.kind, item.name, item.detail))
+        elif isinstance(item, Record):
+            assert type(item.module) is str and type(item.qualname) is str and type(item.fields) is dict
+            stack.extend([*item.fields, *item.fields.values()])
 
 
 @FUZZ
