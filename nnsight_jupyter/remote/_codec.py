@@ -85,6 +85,7 @@ class Encoder:
     def __init__(self) -> None:
         self.buffers: list[memoryview] = []
         self._buffered = 0
+        self._tensors: dict[int, tuple[torch.Tensor, msgpack.ExtType]] = {}
 
     def pack_body(self, fields: list[tuple[str, str, object]]) -> bytes:
         """Pack ``(key, label, value)`` fields as a map; errors name paths below each label."""
@@ -154,7 +155,13 @@ class Encoder:
         return msgpack.ExtType(EXT_DEVICE, str(value).encode())
 
     def _tensor(self, value: torch.Tensor) -> msgpack.ExtType:
-        return self._buffer(EXT_TENSOR, *tensor_to_wire(value))
+        # One tensor under several names travels once and arrives as one tensor again.
+        seen = self._tensors.get(id(value))
+        if seen is not None and seen[0] is value:
+            return seen[1]
+        ext = self._buffer(EXT_TENSOR, *tensor_to_wire(value))
+        self._tensors[id(value)] = (value, ext)
+        return ext
 
     def _ndarray(self, value: np.ndarray[Any, Any]) -> msgpack.ExtType:
         return self._buffer(EXT_NDARRAY, *array_to_wire(value))
@@ -322,6 +329,7 @@ class Decoder:
         self._buffers = buffers
         self._adopt = adopt
         self._open_tags = 0
+        self._tensors: dict[bytes, torch.Tensor] = {}
 
     def unpack_body(self, data: bytes) -> Any:
         """Unpack ``data``, refusing tags out of place and msgpack timestamps."""
@@ -381,7 +389,11 @@ class Decoder:
         return int.from_bytes(data, "little", signed=True)
 
     def _tensor(self, data: bytes) -> torch.Tensor:
-        return tensor_from_wire(*_buffer_ref(data, "tensor"), self._buffers, adopt=self._adopt)
+        tensor = self._tensors.get(data)
+        if tensor is None:
+            tensor = self._tensors[data] = tensor_from_wire(*_buffer_ref(data, "tensor"), self._buffers,
+                                                            adopt=self._adopt)
+        return tensor
 
     def _ndarray(self, data: bytes) -> np.ndarray[Any, Any]:
         return array_from_wire(*_buffer_ref(data, "array"), self._buffers)

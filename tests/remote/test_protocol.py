@@ -223,6 +223,19 @@ def test_tensors_that_require_grad_arrive_detached() -> None:
         assert torch.equal(decoded, original.detach())
 
 
+def test_one_tensor_under_several_names_travels_once_and_stays_one_tensor() -> None:
+    shared = torch.randn(1000)
+    twin = shared.clone()
+    once = encode([shared, twin])
+    data = encode({"a": shared, "b": [shared, (shared,)], "c": twin})
+    assert len(data) - len(once) < 100  # the bytes of `shared` are in the message once
+    got = decode(data)
+    assert got["a"] is got["b"][0] is got["b"][1][0] and got["c"] is not got["a"]
+    assert torch.equal(got["a"], shared) and torch.equal(got["c"], twin)
+    got["a"].add_(1)  # as with the original objects: one tensor changes under every name
+    assert torch.equal(got["b"][1][0], shared + 1) and torch.equal(got["c"], twin)
+
+
 @pytest.mark.parametrize("numel", [7, 3 * 2**20], ids=["small", "past the huge-page cut"])
 def test_decoded_tensors_are_writable_and_independent(numel: int) -> None:
     tensor = torch.randn(numel)

@@ -185,3 +185,18 @@ def test_the_client_downloads_into_aligned_memory_that_large_tensors_keep(live_s
     assert big.data_ptr() % BUFFER_ALIGNMENT == 0
     big += 1  # the kept download is ordinary writable memory
     assert big[0] == 1
+
+
+def test_two_names_for_one_saved_tensor_arrive_as_one_tensor_as_they_would_locally():
+    model = tiny_gpt2()
+    object.__setattr__(model, "remote_id", "tiny")
+    x = torch.randint(1, 97, (1, 4))
+    runs = {}
+    for remote in (False, "local"):
+        with model.trace(x, remote=remote):
+            a = model.lm_head.output.save()
+            b = a
+        runs[remote] = (a, b)
+    local, remote = runs[False], runs["local"]
+    assert local[0] is local[1] and remote[0] is remote[1]
+    assert torch.equal(remote[0], local[0])
