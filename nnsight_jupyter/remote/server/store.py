@@ -76,11 +76,11 @@ class ResultStore:
             data = self._unwritten.get(job_id)
         if data is None:
             return  # deleted before it was written
-        temporary = target.with_suffix(".tmp")
+        temporary = target.with_suffix(f".{threading.get_ident()}.tmp")  # flush() may race the writer
         with open(temporary, "wb") as handle:
             handle.write(data)
         with self._lock:
-            if self._unwritten.pop(job_id, None) is None:
+            if self._unwritten.pop(job_id, None) is None:  # deleted, or written by the other thread
                 temporary.unlink(missing_ok=True)
                 return
             os.replace(temporary, target)

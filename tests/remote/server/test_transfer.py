@@ -114,6 +114,17 @@ def test_flush_writes_what_is_waiting(tmp_path):
     assert ResultStore(tmp_path).read("a") == b"1" * 10 and ResultStore(tmp_path).read("b") == b"2" * 10
 
 
+def test_flush_racing_the_background_writer_leaves_whole_files(tmp_path):
+    store = ResultStore(tmp_path)
+    blobs = {f"job{i}": bytes([i]) * 200_000 for i in range(20)}
+    for job_id, data in blobs.items():
+        store.put(job_id, data, later=0)
+    store.flush()
+    time.sleep(0.3)
+    assert {p.name for p in tmp_path.iterdir()} == {f"{job_id}.msgpack" for job_id in blobs}
+    assert all((tmp_path / f"{job_id}.msgpack").read_bytes() == data for job_id, data in blobs.items())
+
+
 def test_memory_holds_only_the_latest_results_and_the_rest_come_from_disk(tmp_path):
     store = ResultStore(tmp_path, memory_bytes=250)
     for i in range(4):
