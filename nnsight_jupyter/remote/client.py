@@ -93,10 +93,7 @@ class RemoteClient:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise RemoteConnectionError(
-                f"Cannot reach the nnsight-jupyter server at {self.host} ({type(exc).__name__}: {exc}). "
-                "Check that it is running and that the host is right (%nnsight status shows it)."
-            ) from exc
+            raise self._unreachable(exc) from exc
         if response.status_code >= 400:
             raise _server_error(response)
         return response
@@ -155,10 +152,13 @@ class RemoteClient:
                     )
                 return view
         except httpx.TransportError as exc:
-            raise RemoteConnectionError(
-                f"Cannot reach the nnsight-jupyter server at {self.host} ({type(exc).__name__}: {exc}). "
-                "Check that it is running and that the host is right (%nnsight status shows it)."
-            ) from exc
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: Exception) -> RemoteConnectionError:
+        return RemoteConnectionError(
+            f"Cannot reach the nnsight-jupyter server at {self.host} ({type(exc).__name__}: {exc}). "
+            "Check that it is running and that the host is right (%nnsight status shows it)."
+        )
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/jobs/{job_id}/cancel").json()

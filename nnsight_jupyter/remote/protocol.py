@@ -301,17 +301,15 @@ def buffer_section_offset(prefix: bytes | bytearray | memoryview) -> int | None:
 
     A receiver uses it to place the section on a `BUFFER_ALIGNMENT` boundary before the rest arrives.
     """
-    unpacker = msgpack.Unpacker(max_buffer_size=_HEADER_MAX_BYTES)
-    unpacker.feed(bytes(prefix[:_HEADER_MAX_BYTES]))
     try:
-        header = unpacker.unpack()
+        header, header_end = _unpack_header(prefix)
     except msgpack.OutOfData:
         return None
     except Exception:
         return 0
     if type(header) is not list or len(header) != 4 or type(header[3]) is not int or header[3] < 0:
         return 0
-    return unpacker.tell() + header[3]
+    return header_end + header[3]
 
 
 def _decode_message(data: bytes, kind: str, max_size: int, *, adopt: bool = False) -> dict[Any, Any]:
@@ -338,12 +336,18 @@ def _decode_message(data: bytes, kind: str, max_size: int, *, adopt: bool = Fals
     return body
 
 
+def _unpack_header(data: bytes | bytearray | memoryview) -> tuple[Any, int]:
+    """The message's header array and where it ends (msgpack's errors propagate)."""
+    unpacker = msgpack.Unpacker(max_buffer_size=_HEADER_MAX_BYTES)
+    unpacker.feed(data[:_HEADER_MAX_BYTES])
+    header = unpacker.unpack()
+    return header, unpacker.tell()
+
+
 def _read_header(view: memoryview, kind: str) -> tuple[int, int]:
     """Validate the header against this side's version and ``kind``; return the body's span."""
-    unpacker = msgpack.Unpacker(max_buffer_size=_HEADER_MAX_BYTES)
-    unpacker.feed(view[:_HEADER_MAX_BYTES])
     try:
-        header = unpacker.unpack()
+        header, body_start = _unpack_header(view)
     except Exception as exc:
         raise ProtocolError(
             f"not an nnsight-jupyter message: its header cannot be read ({exc or 'truncated'})"
@@ -364,7 +368,6 @@ def _read_header(view: memoryview, kind: str) -> tuple[int, int]:
         raise ProtocolError(f"malformed message header {reprlib.repr(header)}")
     if header[2] != kind:
         raise ProtocolError(f"expected a {kind} message, got a {reprlib.repr(header[2])} message")
-    body_start = unpacker.tell()
     body_end = body_start + header[3]
     if header[3] < 0 or body_end > view.nbytes:
         raise ProtocolError(

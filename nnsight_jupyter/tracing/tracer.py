@@ -328,8 +328,8 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
     if block.as_name:
         ns[block.as_name] = tracer
     model._interleaver = il
-    if not _process_setup_done:
-        _setup_process()
+    install_tensor_save()
+    install_backward_guard()
     try:
         il.start(il.add(block.code, ns, assigned=block.assigned, rows=None, label="trace body"))
         tracer._frozen = True
@@ -421,17 +421,6 @@ def _finalised(m: Any, saved: dict[int, Any]) -> dict[str, Any]:
         if value is not _MISSING:
             values[name] = NotSaved(name) if holds_unsaved_tensor(value, saved) else value
     return values
-
-
-_process_setup_done = False
-
-
-def _setup_process() -> None:
-    """What the first trace of a process installs for good: `Tensor.save` and the backward guard."""
-    global _process_setup_done
-    install_tensor_save()
-    install_backward_guard()
-    _process_setup_done = True
 
 
 def install_backward_guard() -> None:

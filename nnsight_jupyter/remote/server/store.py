@@ -147,13 +147,6 @@ class ResultStore:
         return [p.stem for p in self.folder.glob("*.msgpack")]
 
 
-def iter_memory(data: bytes | bytearray) -> Iterator[memoryview]:
-    """Slices of a result held in memory, for a streaming response (no copies, no threads)."""
-    view = memoryview(data)
-    for start in range(0, len(view), CHUNK):
-        yield view[start:start + CHUNK]
-
-
 def iter_file(handle: BinaryIO) -> Iterator[bytes]:
     """Chunks of an open file, closing it at the end (run in a thread by the route)."""
     try:

@@ -307,18 +307,16 @@ class _Worker:
         limit = self.settings["max_result_bytes"]
         try:
             parts = encode_result_parts(result)
-            size = sum(memoryview(part).nbytes for part in parts)
         except ProtocolError as exc:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
                 "ProtocolError", f"the trace's saved values cannot be sent back: {exc}", ""))
             parts = [encode_result(result)]
-            size = len(parts[0])
         except MemoryError:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
                 "MemoryError", "the result did not fit in the job's memory while being encoded; save fewer or "
                 "smaller values", ""))
             parts = [encode_result(result)]
-            size = len(parts[0])
+        size = sum(memoryview(part).nbytes for part in parts)
         if size > limit:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
                 "ResultTooLarge",
