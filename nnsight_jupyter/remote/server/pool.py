@@ -23,6 +23,7 @@ Blocking work (pipes, SQLite, result files) happens on these threads, never on t
 from __future__ import annotations
 
 import logging
+import mmap
 import multiprocessing
 import queue
 import threading
@@ -223,7 +224,7 @@ class Replica:
             self._finish_cancelled()
         elif running.stop == "timeout" or stopped == "timeout":
             self._finish_error("TimeoutError", self._timeout_message(running.job), store=True)
-        elif not isinstance(data, (bytes, bytearray)) or len(data) > self.pool.config.max_result_bytes + 2**20:
+        elif not isinstance(data, (bytes, bytearray, mmap.mmap)) or len(data) > self.pool.config.max_result_bytes + 2**20:
             self._finish_error("ServerError", "the worker sent a malformed result; it was replaced", store=True)
             self._replace("it sent a malformed result")
             return

@@ -17,6 +17,7 @@ it is being downloaded still arrives whole.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 import queue
 import re
@@ -41,9 +42,9 @@ class ResultStore:
         for stale in self.folder.glob("*.tmp"):
             stale.unlink(missing_ok=True)
         self.memory_bytes = memory_bytes
-        self._recent: collections.OrderedDict[str, bytes | bytearray] = collections.OrderedDict()
+        self._recent: collections.OrderedDict[str, bytes | bytearray | mmap.mmap] = collections.OrderedDict()
         self._recent_bytes = 0
-        self._unwritten: dict[str, bytes | bytearray] = {}
+        self._unwritten: dict[str, bytes | bytearray | mmap.mmap] = {}
         self._writes: queue.Queue[tuple[float, str, Path]] = queue.Queue()
         self._writer_thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -53,7 +54,7 @@ class ResultStore:
             raise ValueError(f"not a job id: {job_id!r}")
         return self.folder / f"{job_id}.msgpack"
 
-    def put(self, job_id: str, data: bytes | bytearray, *, later: float | None = None) -> None:
+    def put(self, job_id: str, data: bytes | bytearray | mmap.mmap, *, later: float | None = None) -> None:
         """Keep a result: in memory at once, and on disk now or, with ``later=s``, from a background
         thread ``s`` seconds from now (meanwhile it is served from memory)."""
         target = self._path(job_id)
@@ -115,7 +116,7 @@ class ResultStore:
         if old is not None:
             self._recent_bytes -= len(old)
 
-    def recent(self, job_id: str) -> bytes | bytearray | None:
+    def recent(self, job_id: str) -> bytes | bytearray | mmap.mmap | None:
         """The result's bytes if it is still held in memory."""
         with self._lock:
             data = self._recent.get(job_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
+import socket
 import threading
 import time
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from nnsight_jupyter.remote._codec_types import ADOPT_MIN_BYTES, BUFFER_ALIGNMENT, aligned_buffer
-from nnsight_jupyter.remote.client import RemoteClient
+from nnsight_jupyter.remote.client import RemoteClient, RemoteConnectionError
 from nnsight_jupyter.remote.protocol import (
     TraceResult,
     buffer_section_offset,
@@ -45,10 +47,16 @@ def test_payload_arrives_whole_and_later_messages_stay_in_step():
     thread.join()
     assert message["ev"] == "done" and message["job_id"] == "j1"
     assert "payload" not in message and "payload_field" not in message
-    assert isinstance(message["result"], bytearray)
-    assert message["result"] == b"head" + big.numpy().tobytes() + b"tail"
+    assert isinstance(message["result"], mmap.mmap)  # large: fresh huge-page memory, not a zero-filled bytearray
+    assert bytes(message["result"]) == b"head" + big.numpy().tobytes() + b"tail"
     sender.send({"ev": "log", "line": "after"})
     assert receiver.recv() == {"ev": "log", "line": "after"}
+
+
+def test_a_small_payload_is_a_bytearray():
+    sender, receiver = _pair()
+    sender.send({"ev": "done"}, payload=("result", [b"abc", memoryview(b"def")]))
+    assert receiver.recv() == {"ev": "done", "result": bytearray(b"abcdef")}
 
 
 def test_an_empty_payload_is_an_empty_buffer():
@@ -211,3 +219,54 @@ def test_two_names_for_one_saved_tensor_arrive_as_one_tensor_as_they_would_local
     local, remote = runs[False], runs["local"]
     assert local[0] is local[1] and remote[0] is remote[1]
     assert torch.equal(remote[0], local[0])
+
+
+def test_a_large_download_is_read_straight_off_the_socket_and_the_client_carries_on(live_server, monkeypatch):
+    from nnsight_jupyter.remote import client as client_module
+
+    reads = []
+    real = client_module._receive_into
+
+    def spy(sock, view, filled, size, timeout):
+        reads.append((filled, size))
+        return real(sock, view, filled, size, timeout)
+
+    monkeypatch.setattr(client_module, "_receive_into", spy)
+    client = RemoteClient(str(live_server.http.base_url), live_server.key, show_status=False)
+    model = tiny_gpt2()
+    object.__setattr__(model, "remote_id", "tiny")
+    x = torch.randint(1, 97, (1, 4))
+    for n in (400_000, 700_000):  # the second run reuses the client after a connection it let go
+        with model.trace(x, remote=client):
+            big = (torch.arange(n, dtype=torch.float32) * 0.5).save()
+        assert torch.equal(big, torch.arange(n, dtype=torch.float32) * 0.5)
+    assert len(reads) == 2 and all(0 < filled < size for filled, size in reads)
+    assert client.health()["status"] == "ok"
+
+
+def _one_shot_http_server(head: bytes, body: bytes) -> str:
+    """A server that answers one request with `head` + `body` and hangs up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(head + body)
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_a_download_cut_short_says_how_far_it_got_and_how_to_fetch_it_again():
+    body = encode_result(TraceResult(saved={"big": torch.randn(300_000)}))
+    cut = body[: len(body) // 2]
+    head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/x-msgpack\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    client = RemoteClient(_one_shot_http_server(head, cut), "k", show_status=False)
+    with pytest.raises(RemoteConnectionError, match=rf"stopped after {len(cut)} of {len(body)} bytes.*job\('j1'\)"):
+        client._download("j1")
