@@ -75,6 +75,8 @@ class NNsight(Envoy):
         `remote=True` runs the block on the configured server instead (same code, same values);
         `blocking=False` returns at once with `tracer.job`, `timeout=` bounds a remote run in seconds.
         """
+        if not kwargs:
+            return Tracer(self, inputs, kwargs)
         remote, blocking, timeout = _remote_options(kwargs)
         return Tracer(self, inputs, kwargs, remote=remote, blocking=blocking, timeout=timeout)
 

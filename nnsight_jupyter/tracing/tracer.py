@@ -71,40 +71,9 @@ class _SkipBody(Exception):
 
 
 def _noop_trace(frame: FrameType, event: str, arg: Any) -> None:
+    """Stands in for the thread's trace function until the body is skipped: a C-level tracer
+    (coverage, profilers) would not call the frame's own trace function."""
     return None
-
-
-class _BodySkipper:
-    """Skip the body of the `with` statement running in `frame`, then put tracing back as it was.
-
-    A debugger, profiler or coverage tool tracing the program is replaced for the moment between
-    `__enter__` and the body's first instruction, and restored right after.
-    """
-
-    def __init__(self, frame: FrameType) -> None:
-        self.frame = frame
-        self.previous_global = sys.gettrace()
-        self.previous_local = frame.f_trace
-        self.previous_opcodes = frame.f_trace_opcodes
-
-    def arm(self) -> None:
-        # A C-level tracer (coverage, profilers) would not call the frame's own trace function,
-        # so a Python no-op takes its place until the skip has fired.
-        sys.settrace(_noop_trace)
-        self.frame.f_trace_opcodes = True
-        self.frame.f_trace = self._fire
-
-    def _fire(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event in ("opcode", "line"):
-            self.disarm()
-            raise _SkipBody()
-        return self._fire
-
-    def disarm(self) -> None:
-        self.frame.f_trace = self.previous_local
-        self.frame.f_trace_opcodes = self.previous_opcodes
-        if sys.gettrace() is _noop_trace:
-            sys.settrace(self.previous_global)
 
 
 class Invoker:
@@ -165,7 +134,7 @@ class Tracer:
     _pending_invokes: list[tuple[Invoker, Block, Scope]] | tuple = ()
     _frozen = False
     _frame: FrameType | None = None
-    _skipper: _BodySkipper | None = None
+    _untraced: tuple[Any, Any, bool] | None = None  # tracing to put back once the body is skipped
 
     def __init__(self, model: "NNsight", args: tuple, kwargs: dict, *, generate: bool = False,
                  generate_kwargs: dict | None = None, remote: Any = False, blocking: bool = True,
@@ -183,25 +152,43 @@ class Tracer:
     # ----- the with statement -------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
         frame = sys._getframe(1)
-        what = "model.generate(...)" if self._generate else "model.trace(...)"
-        self._block = block_for_frame(frame, what)
+        self._block = block_for_frame(frame, "model.generate(...)" if self._generate else "model.trace(...)")
         self._frame = frame
-        self._skipper = _BodySkipper(frame)
-        self._skipper.arm()
+        # Skip the body where it is written: the frame's trace function raises on its first
+        # instruction. A debugger, profiler or coverage tool tracing the program is set aside for
+        # that moment and put back at once.
+        self._untraced = (sys.gettrace(), frame.f_trace, frame.f_trace_opcodes)
+        sys.settrace(_noop_trace)
+        frame.f_trace_opcodes = True
+        frame.f_trace = self._skip_body
         return self
+
+    def _skip_body(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event in ("opcode", "line"):
+            self._put_tracing_back(frame)
+            raise _SkipBody()
+        return self._skip_body
+
+    def _put_tracing_back(self, frame: FrameType) -> None:
+        previous, frame.f_trace, frame.f_trace_opcodes = self._untraced
+        self._untraced = None
+        if sys.gettrace() is _noop_trace:
+            sys.settrace(previous)
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         __tracebackhide__ = True
-        skipper, frame = self._skipper, self._frame
-        self._skipper = self._frame = None
-        if skipper is not None:
-            skipper.disarm()
+        frame = self._frame
+        self._frame = None
+        if self._untraced is not None and frame is not None:
+            self._put_tracing_back(frame)
         if exc_type is not _SkipBody:
             return False
         assert frame is not None
+        f_locals = None
         if frame.f_code.co_flags & _CO_OPTIMIZED:
             module_level = False
-            ns: dict = FrameNamespace(frame.f_locals)
+            f_locals = frame.f_locals
+            ns: dict = FrameNamespace(f_locals)
             ns.fallback = frame.f_globals
         else:
             module_level = frame.f_locals is frame.f_globals
@@ -218,8 +205,8 @@ class Tracer:
         except BaseException as error:
             del frame
             raise user_traceback(error) from error.__cause__
-        if not module_level:
-            _write_locals(frame, bound, self._block)
+        if not module_level and bound:
+            _write_locals(frame, bound, self._block, f_locals)
         del frame
         return True
 
@@ -460,18 +447,29 @@ def restore_grads(il: Interleaver) -> None:
 _locals_to_fast: Any = None
 
 
-def _write_locals(frame: FrameType, values: dict[str, Any], block: Block) -> None:
+def _write_locals(frame: FrameType, values: dict[str, Any], block: Block, f_locals: dict | None) -> None:
+    """Bind `values` in the frame that ran the `with` statement: its fast locals where it has such a
+    name (through its `f_locals` dict, then `PyFrame_LocalsToFast`), its globals otherwise.
+
+    `f_locals` is the dict `frame.f_locals` gave before the run; the frame has not run since, so it
+    is still current.
+    """
     global _locals_to_fast
     fast = block.frame_names
     if fast is None:
         code = frame.f_code
         fast = block.frame_names = frozenset(code.co_varnames + code.co_cellvars + code.co_freevars)
-    f_locals = frame.f_locals
+    if f_locals is None:
+        f_locals = frame.f_locals
+    to_fast = False
     for name, value in values.items():
         if name in fast or name in f_locals:
             f_locals[name] = value
+            to_fast = True
         else:
             frame.f_globals[name] = value
+    if not to_fast:
+        return
     if _locals_to_fast is None:
         _locals_to_fast = getattr(ctypes.pythonapi, "PyFrame_LocalsToFast", False)
         if _locals_to_fast:
