@@ -16,6 +16,7 @@ import inspect
 import io
 import math
 import mmap
+import os
 import reprlib
 import textwrap
 import types
@@ -288,8 +289,70 @@ def owned_copy(view: memoryview) -> bytearray | mmap.mmap:
         return bytearray(view)
     buffer = fresh_buffer(view.nbytes)
     with memoryview(buffer) as target:
-        target[:] = view
+        copy_into(target, view)
     return buffer
+
+
+_SPLIT_COPY_MIN_BYTES = 16 * 2**20
+_SPLIT_COPY_PIECE_BYTES = 8 * 2**20
+_copy_threads: Any = None
+"""Threads that copy the other pieces of a large copy: an executor, or False where this process
+may not start threads (a sandboxed server worker)."""
+
+
+def copy_into(target: memoryview, source: memoryview) -> None:
+    """``target[:] = source``; a copy of 16 MiB or more is split across the CPUs this process may use.
+
+    Copying into fresh memory is bound by page faults, which the kernel serves on several cores
+    at once: two threads copy 64 MiB in about 60% of the time one takes. NumPy releases the GIL
+    while it copies.
+    """
+    size = source.nbytes
+    helpers = 0
+    if size >= _SPLIT_COPY_MIN_BYTES:
+        helpers = min(_usable_cpus() - 1, 3, size // _SPLIT_COPY_PIECE_BYTES - 1)
+    pool = _copy_pool() if helpers > 0 else None
+    if pool is None:
+        target[:] = source
+        return
+    dst = np.frombuffer(target, dtype=np.uint8)
+    src = np.frombuffer(source, dtype=np.uint8)
+    step = -(-size // (helpers + 1))
+    step += -step % 4096  # pieces start on page boundaries
+    futures = []
+    try:
+        for start in range(step, size, step):
+            futures.append(pool.submit(np.copyto, dst[start:start + step], src[start:start + step]))
+    except (OSError, RuntimeError):
+        pass  # the pieces not handed over are copied below
+    done = step * (len(futures) + 1)
+    np.copyto(dst[:step], src[:step])
+    if done < size:
+        np.copyto(dst[done:], src[done:])
+    for future in futures:
+        future.result()
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _copy_pool() -> Any:
+    global _copy_threads
+    if _copy_threads is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="nnsj-copy")
+        try:
+            pool.submit(int).result()  # starting a thread can be refused (sandboxed workers)
+        except (OSError, RuntimeError):
+            pool.shutdown(wait=False)
+            pool = False
+        _copy_threads = pool
+    return _copy_threads or None
 
 
 def _check_shape(shape: object) -> list[int]:

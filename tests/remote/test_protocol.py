@@ -9,6 +9,7 @@ import gc
 import math
 import pickle
 import struct
+import threading
 import warnings
 from typing import Any
 
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nnsight_jupyter import _version
-from nnsight_jupyter.remote import protocol
+from nnsight_jupyter.remote import _codec_types, protocol
 from nnsight_jupyter.remote._codec_types import NUMPY_DTYPES, TORCH_DTYPES, ModuleRef, Placeholder, Record
 from nnsight_jupyter.remote.protocol import (
     PROTOCOL_VERSION,
@@ -736,3 +737,51 @@ def test_nested_values_round_trip_exactly(value: object) -> None:
 def test_module_exports() -> None:
     assert sorted(protocol.__all__) == protocol.__all__
     assert all(hasattr(protocol, name) for name in protocol.__all__)
+
+
+# ----- copying large buffers --------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [16 * 2**20, 16 * 2**20 + 4097, 40 * 2**20 - 3])
+def test_a_large_copy_split_across_threads_is_exact(size):
+    source = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
+    target = memoryview(bytearray(size))
+    _codec_types.copy_into(target, source)
+    assert target == source
+
+
+def test_a_large_copy_uses_helper_threads_where_it_may(monkeypatch):
+    seen = []
+    real = _codec_types.np.copyto
+
+    def spy(dst, src):
+        seen.append(threading.current_thread().name)
+        real(dst, src)
+
+    monkeypatch.setattr(_codec_types, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(_codec_types.np, "copyto", spy)
+    size = 32 * 2**20
+    source = memoryview(bytes(range(256)) * (size // 256))
+    target = memoryview(bytearray(size))
+    _codec_types.copy_into(target, source)
+    assert target == source
+    assert len(seen) == 4 and sum(name.startswith("nnsj-copy") for name in seen) == 3
+
+
+def test_where_threads_are_refused_a_large_copy_is_done_in_one(monkeypatch):
+    class RefusingPool:
+        def submit(self, *args, **kwargs):
+            raise PermissionError("starting threads is not allowed here")
+
+    monkeypatch.setattr(_codec_types, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(_codec_types, "_copy_threads", RefusingPool())
+    size = 24 * 2**20 + 5
+    source = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
+    target = memoryview(bytearray(size))
+    _codec_types.copy_into(target, source)
+    assert target == source
+    monkeypatch.setattr(_codec_types, "_copy_threads", None)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("no threads")
+
+    monkeypatch.setattr("concurrent.futures.ThreadPoolExecutor.submit", refuse)
+    assert _codec_types._copy_pool() is None and _codec_types._copy_threads is False

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from starlette.testclient import TestClient
 
 from nnsight_jupyter.remote._codec_types import ADOPT_MIN_BYTES, BUFFER_ALIGNMENT, aligned_buffer
 from nnsight_jupyter.remote.client import RemoteClient, RemoteConnectionError
@@ -20,9 +21,11 @@ from nnsight_jupyter.remote.protocol import (
     encode_result,
     encode_result_parts,
 )
+from nnsight_jupyter.remote.server.app import create_app
 from nnsight_jupyter.remote.server.channel import BrokenChannel, Channel
 from nnsight_jupyter.remote.server.store import ResultStore
 
+from .conftest import make_config
 from .tiny_models import tiny_gpt2
 
 
@@ -270,3 +273,17 @@ def test_a_download_cut_short_says_how_far_it_got_and_how_to_fetch_it_again():
     client = RemoteClient(_one_shot_http_server(head, cut), "k", show_status=False)
     with pytest.raises(RemoteConnectionError, match=rf"stopped after {len(cut)} of {len(body)} bytes.*job\('j1'\)"):
         client._download("j1")
+
+
+def test_a_large_tensor_sent_with_the_trace_arrives_whole(tmp_path):
+    config = make_config(tmp_path, None, max_request_bytes=32 * 2**20)
+    with TestClient(create_app(config)) as http:
+        client = RemoteClient("http://testserver", None, http=http, show_status=False)
+        model = tiny_gpt2()
+        object.__setattr__(model, "remote_id", "tiny")
+        x = torch.randint(1, 97, (1, 4))
+        sent = torch.randn(3_000_000)  # 12 MB: decoded by the sandboxed worker into memory of its own
+        with model.trace(x, remote=client):
+            total = sent.double().sum().save()
+            first = sent[:5].save()
+    assert torch.equal(first, sent[:5]) and torch.allclose(total, sent.double().sum())
