@@ -1,15 +1,22 @@
-"""Wrap every module's `forward` for the duration of one trace, and always unwrap it.
+"""Wrap every module's call for the duration of one trace, and always unwrap it.
 
-The wrapper goes into the module instance's `__dict__`, where `nn.Module.__call__` finds it
-before the class's `forward`. That keeps torch's fast call path (no hook dictionaries are touched),
-lets user-registered torch hooks run as usual around it, and composes with libraries that set an
-instance `forward` of their own (accelerate's dispatch hooks): the wrapper calls whatever
-`forward` was there. `uninstall` puts back exactly what was there before, so after a trace —
-finished, failed or interrupted — the model is the object it was.
+A module call runs `nn.Module.__call__` -> `self._call_impl` -> `self.forward`. The usual wrapper
+takes the place of torch's `_call_impl` in the module instance's `__dict__`: it counts the call,
+serves the trace, and calls `forward` itself, which is what torch's `_call_impl` does for a module
+without hooks. So a wrapped module call costs no Python frame more than an unwrapped one (an extra
+frame per module call was most of a trace's fixed cost on small models). When the module has
+hooks (registered before or during the trace), torch's global module hooks are set, or the jit
+is tracing, the wrapper hands the call to torch's own `_call_impl` and puts a wrapper on the
+module's `forward` instead, so hooks run exactly as torch runs them and values are read between
+the hooks and `forward`, as before.
 
-Per call, a wrapper costs two dictionary updates and two membership tests when nobody waits on
-the module. The wrappers are built once per model (`ModuleWrappers`), so a trace installs them
-with one dictionary store per module.
+A module whose class overrides `__call__` or `_call_impl`, one with an instance `forward` of its
+own (accelerate's dispatch hooks) or a compiled call, gets only the `forward` wrapper, which calls
+whatever `forward` was there. `uninstall` puts back exactly what was there before, so after a
+trace — finished, failed or interrupted — the model is the object it was.
+
+The wrappers are built once per model (`ModuleWrappers`), so a trace installs them with one
+dictionary store per module.
 """
 
 from __future__ import annotations
@@ -18,13 +25,24 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.modules.module as _torch_module
 
 from .interleave import Interleaver
 
 _NOTHING = object()
 
+_TORCH_CALL_IMPL = torch.nn.Module._call_impl
+_GLOBAL_HOOKS = tuple(getattr(_torch_module, name, None) for name in (
+    "_global_backward_pre_hooks", "_global_backward_hooks", "_global_forward_hooks", "_global_forward_pre_hooks"))
+_tracing_state = getattr(torch._C, "_get_tracing_state", None)
+CALL_WRAPPING = (all(isinstance(h, dict) for h in _GLOBAL_HOOKS) and _tracing_state is not None
+                 and torch.nn.Module.__call__ is getattr(torch.nn.Module, "_wrapped_call_impl", None))
+"""Whether this torch calls modules the way the call wrapper relies on (else: `forward` wrappers only)."""
+
 
 def _make_wrapper(holder: list, path: str, forward: Callable, is_root: bool) -> Callable:
+    """A wrapper for the module's `forward`: counts the call and serves the trace around it."""
+
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         il = holder[0]
         if il is None:
@@ -45,11 +63,50 @@ def _make_wrapper(holder: list, path: str, forward: Callable, is_root: bool) -> 
     if not is_root:
         wrapped.__wrapped__ = forward  # type: ignore[attr-defined]
         return wrapped
+    return _root_wrapper(holder, wrapped, forward)
+
+
+def _make_call_wrapper(holder: list, path: str, module: torch.nn.Module, forward: Callable,
+                       forward_wrapper: Callable, is_root: bool) -> Callable:
+    """A stand-in for torch's `_call_impl` on one module: does what `_make_wrapper`'s wrapper does,
+    in the frame torch's `_call_impl` would have used (the two bodies must serve a call alike)."""
+    module_dict = module.__dict__
+    backward_pre, backward, forward_hooks, forward_pre = _GLOBAL_HOOKS
+
+    def through_torch(*args: Any, **kwargs: Any) -> Any:
+        if holder[0] is not None and "forward" not in module_dict:
+            module_dict["forward"] = forward_wrapper  # hooks run as torch runs them; values come from inside
+        return _TORCH_CALL_IMPL(module, *args, **kwargs)
+
+    def called(*args: Any, **kwargs: Any) -> Any:
+        il = holder[0]
+        if (il is None or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or forward_pre or forward_hooks or backward_pre or backward
+                or _tracing_state()):
+            return through_torch(*args, **kwargs)
+        n_in = il.n_in
+        call = n_in.get(path, 0)
+        n_in[path] = call + 1
+        if path in il.wait_in:
+            args, kwargs = il.serve(path, "input", call, (args, kwargs))
+        out = forward(*args, **kwargs)
+        il.n_out[path] = call + 1
+        if path in il.wait_out:
+            out = il.serve(path, "output", call, out)
+        if il.observers is not None and path in il.observers:
+            il.observe(path, call, args, kwargs, out)
+        return out
+
+    return _root_wrapper(holder, called, through_torch) if is_root else called
+
+
+def _root_wrapper(holder: list, wrapped: Callable, untraced: Callable) -> Callable:
+    """The root module's wrapper: a call from outside the model starts a new forward pass."""
 
     def wrapped_root(*args: Any, **kwargs: Any) -> Any:
         il = holder[0]
         if il is None:
-            return forward(*args, **kwargs)
+            return untraced(*args, **kwargs)
         if il.root_depth == 0:
             il.new_pass()
         il.root_depth += 1
@@ -58,50 +115,62 @@ def _make_wrapper(holder: list, path: str, forward: Callable, is_root: bool) -> 
         finally:
             il.root_depth -= 1
 
-    wrapped_root.__wrapped__ = forward  # type: ignore[attr-defined]
+    wrapped_root.__wrapped__ = untraced  # type: ignore[attr-defined]
     return wrapped_root
 
 
+def _calls_through_call_impl(cls: type) -> bool:
+    return (CALL_WRAPPING and cls.__call__ is torch.nn.Module.__call__
+            and cls._call_impl is _TORCH_CALL_IMPL)
+
+
 class ModuleWrappers:
-    """The forward wrappers of one model, built once; each trace installs them and takes them off.
+    """The wrappers of one model, built once; each trace installs them and takes them off.
 
     A wrapper reads the running trace from a shared holder, so installing is a dictionary store
     per module, and emptying the holder (`paused`) lets a module run untraced in the middle of a
     trace (a module called directly from the trace body). A module whose `forward` was replaced
     since the wrappers were built (an instance `forward` set by accelerate, or a patched class)
-    gets a wrapper around its current `forward`.
+    gets a `forward` wrapper around its current `forward`.
     """
 
     def __init__(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
         self.holder: list[Interleaver | None] = [None]
         self.entries = []
         self.class_forwards: dict[type, Callable] = {}
+        self.fast: list[tuple[dict, str, Callable, Callable]] = []
         for path, module in modules:
             func = type(module).forward
             self.class_forwards[type(module)] = func
-            wrapper = _make_wrapper(self.holder, path, func.__get__(module), path == "")
-            self.entries.append((module.__dict__, wrapper, func, module, path))
-        self.fast = [(d, wrapper) for d, wrapper, *_ in self.entries]
+            forward = func.__get__(module)
+            is_root = path == ""
+            forward_wrapper = _make_wrapper(self.holder, path, forward, is_root)
+            self.entries.append((module.__dict__, forward_wrapper, func, module, path))
+            if _calls_through_call_impl(type(module)):
+                call_wrapper = _make_call_wrapper(self.holder, path, module, forward, forward_wrapper, is_root)
+                self.fast.append((module.__dict__, "_call_impl", call_wrapper, forward_wrapper))
+            else:
+                self.fast.append((module.__dict__, "forward", forward_wrapper, forward_wrapper))
 
     def install(self, il: Interleaver) -> list[tuple[dict, Any]] | None:
-        """Wrap every module's forward for `il`; returns what `uninstall` needs to undo it.
+        """Wrap every module's call for `il`; returns what `uninstall` needs to undo it.
 
-        The usual case (no class or instance `forward` changed since the wrappers were built)
-        is one dictionary store per module and returns None.
+        The usual case (no class or instance `forward` changed since the wrappers were built, no
+        compiled module) is one dictionary store per module and returns None.
         """
         self.holder[0] = il
         if self._classes_unchanged():
             done = 0
             try:
-                for d, wrapper in self.fast:
-                    if "forward" in d:  # an instance forward appeared: the general path wraps it
-                        break
-                    d["forward"] = wrapper
+                for d, key, wrapper, _ in self.fast:
+                    if "forward" in d or key in d or d.get("_compiled_call_impl") is not None:
+                        break  # something of its own is there: the general path wraps it
+                    d[key] = wrapper
                     done += 1
             finally:
                 if done != len(self.fast):  # interrupted or left for the general path: undo
-                    for d, _ in self.fast[:done]:
-                        del d["forward"]
+                    for d, key, _, _ in self.fast[:done]:
+                        del d[key]
             if done == len(self.fast):
                 return None
         installed: list[tuple[dict, Any]] = []
@@ -135,9 +204,11 @@ class ModuleWrappers:
 
     def uninstall(self, installed: list[tuple[dict, Any]] | None) -> None:
         if installed is None:
-            for d, wrapper in self.fast:
-                if d.get("forward") is wrapper:
-                    del d["forward"]
+            for d, key, wrapper, forward_wrapper in self.fast:
+                if d.get(key) is wrapper:
+                    del d[key]
+                if key != "forward" and d.get("forward") is forward_wrapper:
+                    del d["forward"]  # put there when the module had hooks
         else:
             for d, previous in reversed(installed):
                 if previous is _NOTHING:

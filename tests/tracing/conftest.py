@@ -212,7 +212,7 @@ def engine_state(module: nn.Module) -> dict[str, Any]:
     state = {}
     for name, sub in module.named_modules():
         state[name] = (
-            "forward" in sub.__dict__,
+            frozenset(sub.__dict__),  # an instance `forward` or `_call_impl` left behind shows here
             len(sub._forward_hooks),
             len(sub._forward_pre_hooks),
             len(sub._backward_hooks),
