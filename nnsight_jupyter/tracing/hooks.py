@@ -3,12 +3,12 @@
 A module call runs `nn.Module.__call__` -> `self._call_impl` -> `self.forward`. The usual wrapper
 takes the place of torch's `_call_impl` in the module instance's `__dict__`: it counts the call,
 serves the trace, and calls `forward` itself, which is what torch's `_call_impl` does for a module
-without hooks. So a wrapped module call costs no Python frame more than an unwrapped one (an extra
-frame per module call was most of a trace's fixed cost on small models). When the module has
+without hooks. So a wrapped module call costs no Python frame more than an unwrapped one (on a
+tiny model, an extra frame per module call was about a fifth of a trace's fixed cost). When the module has
 hooks (registered before or during the trace), torch's global module hooks are set, or the jit
 is tracing, the wrapper hands the call to torch's own `_call_impl` and puts a wrapper on the
-module's `forward` instead, so hooks run exactly as torch runs them and values are read between
-the hooks and `forward`, as before.
+module's `forward` instead, so hooks run exactly as torch runs them and the trace sees inputs
+after the forward pre-hooks and outputs before the forward hooks.
 
 A module whose class overrides `__call__` or `_call_impl`, one with an instance `forward` of its
 own (accelerate's dispatch hooks) or a compiled call, gets only the `forward` wrapper, which calls
@@ -40,50 +40,33 @@ CALL_WRAPPING = (all(isinstance(h, dict) for h in _GLOBAL_HOOKS) and _tracing_st
 """Whether this torch calls modules the way the call wrapper relies on (else: `forward` wrappers only)."""
 
 
-def _make_wrapper(holder: list, path: str, forward: Callable, is_root: bool) -> Callable:
-    """A wrapper for the module's `forward`: counts the call and serves the trace around it."""
+def _make_wrapper(holder: list, path: str, forward: Callable, is_root: bool,
+                  module: torch.nn.Module | None = None, forward_wrapper: Callable | None = None) -> Callable:
+    """A wrapper that counts the module's call and serves the trace around its `forward`.
+
+    Without `module` it wraps `forward` itself. With `module` it stands in for torch's
+    `_call_impl` of that module, and hands calls that need torch's own path (hooks, jit tracing,
+    no trace running) to it, after putting `forward_wrapper` (the first kind) on the module.
+    """
+    guarded = module is not None
+    if module is not None:
+        module_dict = module.__dict__
+
+        def untraced(*args: Any, **kwargs: Any) -> Any:
+            if holder[0] is not None and "forward" not in module_dict:
+                module_dict["forward"] = forward_wrapper  # hooks run as torch runs them; values come from inside
+            return _TORCH_CALL_IMPL(module, *args, **kwargs)
+    else:
+        untraced = forward
+    backward_pre, backward, forward_hooks, forward_pre = _GLOBAL_HOOKS
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         il = holder[0]
-        if il is None:
-            return forward(*args, **kwargs)
-        n_in = il.n_in
-        call = n_in.get(path, 0)
-        n_in[path] = call + 1
-        if path in il.wait_in:
-            args, kwargs = il.serve(path, "input", call, (args, kwargs))
-        out = forward(*args, **kwargs)
-        il.n_out[path] = call + 1
-        if path in il.wait_out:
-            out = il.serve(path, "output", call, out)
-        if il.observers is not None and path in il.observers:
-            il.observe(path, call, args, kwargs, out)
-        return out
-
-    if not is_root:
-        wrapped.__wrapped__ = forward  # type: ignore[attr-defined]
-        return wrapped
-    return _root_wrapper(holder, wrapped, forward)
-
-
-def _make_call_wrapper(holder: list, path: str, module: torch.nn.Module, forward: Callable,
-                       forward_wrapper: Callable, is_root: bool) -> Callable:
-    """A stand-in for torch's `_call_impl` on one module: does what `_make_wrapper`'s wrapper does,
-    in the frame torch's `_call_impl` would have used (the two bodies must serve a call alike)."""
-    module_dict = module.__dict__
-    backward_pre, backward, forward_hooks, forward_pre = _GLOBAL_HOOKS
-
-    def through_torch(*args: Any, **kwargs: Any) -> Any:
-        if holder[0] is not None and "forward" not in module_dict:
-            module_dict["forward"] = forward_wrapper  # hooks run as torch runs them; values come from inside
-        return _TORCH_CALL_IMPL(module, *args, **kwargs)
-
-    def called(*args: Any, **kwargs: Any) -> Any:
-        il = holder[0]
-        if (il is None or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        if il is None or guarded and (
+                module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or forward_pre or forward_hooks or backward_pre or backward
                 or _tracing_state()):
-            return through_torch(*args, **kwargs)
+            return untraced(*args, **kwargs)
         n_in = il.n_in
         call = n_in.get(path, 0)
         n_in[path] = call + 1
@@ -97,7 +80,10 @@ def _make_call_wrapper(holder: list, path: str, module: torch.nn.Module, forward
             il.observe(path, call, args, kwargs, out)
         return out
 
-    return _root_wrapper(holder, called, through_torch) if is_root else called
+    if is_root:
+        return _root_wrapper(holder, wrapped, untraced)
+    wrapped.__wrapped__ = untraced  # type: ignore[attr-defined]
+    return wrapped
 
 
 def _root_wrapper(holder: list, wrapped: Callable, untraced: Callable) -> Callable:
@@ -147,7 +133,7 @@ class ModuleWrappers:
             forward_wrapper = _make_wrapper(self.holder, path, forward, is_root)
             self.entries.append((module.__dict__, forward_wrapper, func, module, path))
             if _calls_through_call_impl(type(module)):
-                call_wrapper = _make_call_wrapper(self.holder, path, module, forward, forward_wrapper, is_root)
+                call_wrapper = _make_wrapper(self.holder, path, forward, is_root, module, forward_wrapper)
                 self.fast.append((module.__dict__, "_call_impl", call_wrapper, forward_wrapper))
             else:
                 self.fast.append((module.__dict__, "forward", forward_wrapper, forward_wrapper))
