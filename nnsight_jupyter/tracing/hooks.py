@@ -4,10 +4,10 @@ A module call runs `nn.Module.__call__` -> `self._call_impl` -> `self.forward`. 
 takes the place of torch's `_call_impl` in the module instance's `__dict__`: it counts the call,
 serves the trace, and calls `forward` itself, which is what torch's `_call_impl` does for a module
 without hooks. So a wrapped module call costs no Python frame more than an unwrapped one (on a
-tiny model, an extra frame per module call was about a fifth of a trace's fixed cost). When the module has
-hooks (registered before or during the trace), torch's global module hooks are set, or the jit
-is tracing, the wrapper hands the call to torch's own `_call_impl` and puts a wrapper on the
-module's `forward` instead, so hooks run exactly as torch runs them and the trace sees inputs
+tiny model, an extra frame per module call was about a fifth of a trace's fixed cost). When the
+module has hooks (registered before or during the trace), torch's global module hooks are set, or
+the jit is tracing, the wrapper hands the call to torch's own `_call_impl` and puts a wrapper on
+the module's `forward` instead, so hooks run exactly as torch runs them and the trace sees inputs
 after the forward pre-hooks and outputs before the forward hooks.
 
 A module whose class overrides `__call__` or `_call_impl`, one with an instance `forward` of its
