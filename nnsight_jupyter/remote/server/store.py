@@ -128,7 +128,7 @@ class ResultStore:
         except FileNotFoundError:
             return None
 
-    def read(self, job_id: str) -> bytes | None:
+    def read(self, job_id: str) -> bytes | bytearray | mmap.mmap | None:
         data = self.recent(job_id)
         if data is not None:
             return data
