@@ -4,8 +4,8 @@
 
 For float32 tensors of 1, 16, 64 and 256 MiB it times encode, decode and the round trip
 ``decode(encode(t))``. Encode and decode are compared with one plain copy of the same bytes
-(``bytes(memoryview)``), the least any codec returning fresh ``bytes`` or owning tensors can
-do; the round trip is compared with ``torch.save`` + ``torch.load`` through ``BytesIO``, the
+(``bytes(memoryview)``) into memory fresh from the kernel, what a codec that copies naively
+pays (the codec asks for huge pages for large messages, so it can beat it); the round trip is compared with ``torch.save`` + ``torch.load`` through ``BytesIO``, the
 pickle path NDIF uses. A structure of many small values is compared with bare
 ``msgpack.packb``/``unpackb`` of the same data as plain lists, which shows what the type checks
 and the path-reporting walk cost. Each figure is the best of several runs, so other load on

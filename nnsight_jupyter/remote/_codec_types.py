@@ -293,6 +293,67 @@ def owned_copy(view: memoryview) -> bytearray | mmap.mmap:
     return buffer
 
 
+def joined_bytes(parts: list[bytes | memoryview]) -> bytes:
+    """``b"".join(parts)``, built in transparent huge pages when the message is large.
+
+    ``b"".join`` writes into memory fresh from the kernel, which it faults in 4 KiB pages: for
+    64 MiB that costs about three times the copy itself. Here a large message is made as an
+    uninitialised ``bytes`` object (``PyBytes_FromStringAndSize(NULL, n)``, the C API's way to
+    build one in place), its pages are advised to be huge before anything touches them, and the
+    parts are copied in with `copy_into`. Callers still get plain ``bytes``. Where native calls
+    are refused (a sandboxed server worker) or the C API is not there, ``b"".join`` is used.
+    """
+    size = sum(memoryview(part).nbytes for part in parts)
+    if size < _HUGEPAGE_MIN_BYTES:
+        return b"".join(parts)
+    native = _native_bytes()
+    if native is None:
+        return b"".join(parts)
+    new_bytes, madvise = native
+    try:
+        data = new_bytes(None, size)
+        start = int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
+        first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+        last = (start + size) // _HUGE_PAGE * _HUGE_PAGE
+        if last > first and _MADV_HUGEPAGE is not None:
+            madvise(first, last - first, _MADV_HUGEPAGE)  # only advice: a failure changes nothing
+        target = memoryview((ctypes.c_ubyte * size).from_address(start)).cast("B")
+    except (OSError, RuntimeError):  # a sandbox's audit hook refuses ctypes calls
+        global _native_bytes_calls
+        _native_bytes_calls = False
+        return b"".join(parts)
+    with target:
+        position = 0
+        for part in parts:
+            with memoryview(part) as piece, piece.cast("B") as flat:
+                copy_into(target[position:position + flat.nbytes], flat)
+                position += flat.nbytes
+    return data
+
+
+_HUGE_PAGE = 2 * 2**20
+_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+_native_bytes_calls: Any = None
+"""``(PyBytes_FromStringAndSize, madvise)`` as ctypes functions, or False where they cannot be used."""
+
+
+def _native_bytes() -> Any:
+    global _native_bytes_calls
+    if _native_bytes_calls is None:
+        try:
+            new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+            new_bytes.restype = ctypes.py_object
+            new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+            madvise.restype = ctypes.c_int
+            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (AttributeError, OSError, RuntimeError):
+            _native_bytes_calls = False
+        else:
+            _native_bytes_calls = (new_bytes, madvise)
+    return _native_bytes_calls or None
+
+
 _SPLIT_COPY_MIN_BYTES = 16 * 2**20
 _SPLIT_COPY_PIECE_BYTES = 8 * 2**20
 _copy_threads: Any = None

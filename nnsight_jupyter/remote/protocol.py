@@ -82,7 +82,7 @@ import msgpack
 from .._version import __version__
 from ..errors import ProtocolError
 from ._codec import Decoder, Encoder
-from ._codec_types import FunctionSource, ModuleRef, Placeholder, Record, Unsupported
+from ._codec_types import FunctionSource, ModuleRef, Placeholder, Record, Unsupported, joined_bytes
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -225,7 +225,7 @@ def decode_request(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_BYTES) ->
 
 def encode_result(result: TraceResult) -> bytes:
     """Encode a :class:`TraceResult` for the client."""
-    return b"".join(encode_result_parts(result))
+    return joined_bytes(encode_result_parts(result))
 
 
 def encode_result_parts(result: TraceResult) -> list[bytes | memoryview]:
@@ -283,7 +283,7 @@ def decode_result(data: bytes | bytearray | memoryview, *, max_size: int = DEFAU
 
 def _encode_message(kind: str, fields: list[tuple[str, str, object]]) -> bytes:
     """Pack ``(key, label for error paths, value)`` fields into one message of ``kind``."""
-    return b"".join(_encode_parts(kind, fields))
+    return joined_bytes(_encode_parts(kind, fields))
 
 
 def _encode_parts(kind: str, fields: list[tuple[str, str, object]]) -> list[bytes | memoryview]:

@@ -7,6 +7,7 @@ import enum
 import functools
 import gc
 import math
+import mmap
 import pickle
 import struct
 import threading
@@ -785,3 +786,79 @@ def test_where_threads_are_refused_a_large_copy_is_done_in_one(monkeypatch):
 
     monkeypatch.setattr("concurrent.futures.ThreadPoolExecutor.submit", refuse)
     assert _codec_types._copy_pool() is None and _codec_types._copy_threads is False
+
+
+# ----- joining a message's parts ------------------------------------------------------------------------
+def _parts(size: int) -> list:
+    """A header, a float tensor's bytes (a non-byte memoryview) and a tail, ``size`` bytes in all."""
+    values = torch.randn((size - 16) // 4)
+    tail = bytes(range(256)) * 16
+    return [b"header", memoryview(values.numpy()), tail[: size - 6 - values.nbytes]]
+
+
+@pytest.mark.parametrize("size", [4 * 2**20 - 1, 4 * 2**20, 4 * 2**20 + 1, 2 * 2**20 * 5 + 12345, 40 * 2**20 - 3])
+def test_joined_messages_are_plain_bytes_equal_to_a_join(size):
+    parts = _parts(size)
+    expected = b"".join(parts)
+    joined = _codec_types.joined_bytes(parts)
+    assert type(joined) is bytes and len(joined) == size
+    assert joined == expected and hash(joined) == hash(expected)
+
+
+def test_a_large_message_is_built_in_place_in_huge_pages(monkeypatch):
+    new_bytes, madvise = _codec_types._native_bytes()
+    made, advised = [], []
+
+    def spy_new(pointer, size):
+        made.append(size)
+        return new_bytes(pointer, size)
+
+    def spy_madvise(address, length, advice):
+        advised.append((address, length, advice))
+        return madvise(address, length, advice)
+
+    monkeypatch.setattr(_codec_types, "_native_bytes_calls", (spy_new, spy_madvise))
+    parts = _parts(12 * 2**20 + 7)
+    joined = _codec_types.joined_bytes(parts)
+    assert joined == b"".join(parts)
+    assert made == [len(joined)]
+    start = int(np.frombuffer(joined, dtype=np.uint8).ctypes.data)
+    [(address, length, advice)] = advised
+    assert advice == mmap.MADV_HUGEPAGE and address % (2 * 2**20) == 0 and length % (2 * 2**20) == 0
+    assert start <= address and address + length <= start + len(joined) and length >= 8 * 2**20
+    small = _parts(2**20)
+    assert _codec_types.joined_bytes(small) == b"".join(small)
+    assert made == [len(joined)], "messages under 4 MiB are joined as usual"
+
+
+def test_where_native_calls_are_refused_messages_are_joined_as_usual(monkeypatch):
+    def refuse(*args):
+        raise PermissionError("calling native code through ctypes is not allowed on this server")
+
+    monkeypatch.setattr(_codec_types, "_native_bytes_calls", (refuse, refuse))
+    parts = _parts(6 * 2**20)
+    assert _codec_types.joined_bytes(parts) == b"".join(parts)
+    assert _codec_types._native_bytes_calls is False
+    assert _codec_types.joined_bytes(parts) == b"".join(parts)
+
+    class NoPythonApi:
+        def __getattr__(self, name):
+            raise PermissionError("ctypes.dlsym refused")
+
+    monkeypatch.setattr(_codec_types, "_native_bytes_calls", None)
+    monkeypatch.setattr(_codec_types.ctypes, "pythonapi", NoPythonApi())
+    assert _codec_types._native_bytes() is None and _codec_types._native_bytes_calls is False
+    assert _codec_types.joined_bytes(parts) == b"".join(parts)
+
+
+def test_large_requests_and_results_round_trip_through_joined_bytes():
+    big = torch.randn(2_000_000)
+    request = protocol.TraceRequest(model_id="m", source="x = 1", options={}, variables={"patch": big})
+    data = protocol.encode_request(request)
+    assert type(data) is bytes and len(data) > 4 * 2**20
+    assert torch.equal(protocol.decode_request(data).variables["patch"], big)
+    result = protocol.TraceResult(saved={"h": big, "ids": [1, 2]}, logs=["ok"])
+    data = protocol.encode_result(result)
+    assert data == b"".join(bytes(memoryview(part)) for part in protocol.encode_result_parts(result))
+    back = protocol.decode_result(data)
+    assert torch.equal(back.saved["h"], big) and back.saved["ids"] == [1, 2] and back.logs == ["ok"]

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnsight_jupyter.remote.server import lockdown
 
@@ -28,9 +29,11 @@ def _child(connection, layers: dict, secret: str, port: int) -> None:
 
     import torch
 
+    from nnsight_jupyter.remote import protocol
     from nnsight_jupyter.remote.server import lockdown
 
     torch.ones(8, 8) @ torch.ones(8, 8)
+    large = torch.randn(2**21)  # 8 MiB: joined without the native calls the audit hook refuses
     report = lockdown.apply(memory_bytes=256 * 2**20, protected=[Path(secret).parent], **layers)
     lockdown.set_user_files({"<remote trace>"})
     results: dict[str, str] = {}
@@ -62,7 +65,13 @@ def _child(connection, layers: dict, secret: str, port: int) -> None:
     attempt("compute", lambda: float(torch.ones(3) @ torch.ones(3)))
     attempt("read a library file", lambda: open(torch.__file__).read(10))
     attempt("frame from library code", lambda: sys._getframe())
+    attempt("encode a large message", lambda: _same(protocol.decode(protocol.encode(large)), large))
     connection.send_bytes(json.dumps({"report": report.as_json(), "results": results}).encode())
+
+
+def _same(received, sent) -> None:
+    if not torch.equal(received, sent):
+        raise AssertionError("the tensor changed on its way through the codec")
 
 
 def _run(tmp_path: Path, **layers) -> tuple[dict, dict]:
@@ -104,7 +113,8 @@ def test_every_layer_together(tmp_path):
         assert "not allowed on this server" in results[name], results[name]
     assert results["allocate 1 GiB"].startswith("MemoryError")
     assert results["file exists afterwards"] == "False"
-    for name in ("import a new stdlib module", "compute", "read a library file", "frame from library code"):
+    for name in ("import a new stdlib module", "compute", "read a library file", "frame from library code",
+                 "encode a large message"):
         assert results[name] == "allowed", (name, results[name])
 
 
