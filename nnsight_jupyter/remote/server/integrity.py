@@ -15,12 +15,21 @@ change never reaches another job.
 The comparison is by identity and version counters, not by value: a parameter's storage, dtype,
 shape and in-place version; each module's class, training flag, hook counts and public
 attributes (by object identity); each involved class's dictionary; the engine's envoy tree and
-aliases; the configuration and tokenizer objects. It costs about a millisecond for a model the
-size of SmolLM2.
+aliases; the configuration and tokenizer objects.
+
+It runs after every job, so it is done in two steps. A quick fingerprint of the same things,
+built from the module and tensor lists found at load time with C-level tuple and ``map`` calls,
+is compared first; it is stricter than the full comparison (it also sees private attributes and
+ordering change), so when it matches nothing the full comparison looks at can differ. Only when
+it does not match is the full, labelled comparison made. On SmolLM2 (397 modules, 272
+parameters) the quick path takes a fraction of a millisecond where the full one takes about 10.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -58,6 +67,10 @@ class Baseline:
         self.model = model
         self.torch_state = _torch_state()
         self.snapshot = self._take()
+        self._quick = _Fingerprint(model)
+        self._quick_value = self._quick.take()
+        self.parameters = list(dict.fromkeys(model._model.parameters()))
+        """The parameters at load time, whose gradients `reset_shared_state` clears."""
 
     def _take(self) -> dict[str, Any]:
         module: torch.nn.Module = self.model._model
@@ -86,28 +99,28 @@ class Baseline:
                 id(envoy._module), tuple((k, id(v)) for k, v in envoy._children.items()),
                 tuple(sorted(getattr(envoy, "_aliases", {}).items())),
             )
-        shared = {}
-        for label in ("config", "generation_config"):
-            obj = getattr(module, label, None)
-            if obj is not None:
-                shared[label] = (id(obj), _public_ids(obj))
-        tokenizer = vars(self.model).get("_tokenizer")
-        if tokenizer is not None:
-            shared["tokenizer"] = (id(tokenizer), _public_ids(tokenizer))
-        shared["model wrapper"] = _public_ids(self.model)
-        module_globals = torch.nn.modules.module
-        hooks = {name: len(getattr(module_globals, name, ()) or ()) for name in _GLOBAL_HOOKS}
         return {
             "tensors": tensors,
             "modules": modules,
             "classes": {id(c): (c, _class_state(c)) for c in classes.values()},
             "envoys": envoys,
-            "shared": shared,
-            "global hooks": hooks,
+            "shared": _shared_state(self.model),
+            "global hooks": _global_hook_counts(),
         }
 
     def check(self) -> list[str]:
         """What differs from the baseline (empty when nothing does)."""
+        quick = self._quick.take()
+        if quick is not None and quick == self._quick_value:
+            return []
+        problems = self._differences()
+        if not problems and quick is not None:
+            # Something only the fingerprint sees changed (a private attribute set lazily, say):
+            # compare with the new fingerprint from now on, so later jobs take the quick path.
+            self._quick_value = quick
+        return problems
+
+    def _differences(self) -> list[str]:
         now = self._take()
         problems: list[str] = []
         for section in ("tensors", "modules", "envoys", "shared", "global hooks"):
@@ -123,6 +136,113 @@ class Baseline:
             cls = after_classes[key][0]
             problems.append(f"a module's class became {cls.__module__}.{cls.__qualname__}")
         return problems
+
+
+class _Fingerprint:
+    """Everything `Baseline` compares, as one value that is quick to build and compare.
+
+    Objects are recorded by ``id``; the objects present at load time are kept referenced here,
+    so none of them can be freed and its ``id`` reused by a replacement while the fingerprint
+    is in use.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        root: torch.nn.Module = model._model
+        self.root = root
+        self.modules = list({id(m): m for m in root.modules()}.values())
+        self.public: list[Callable[[dict[str, Any]], tuple]] = []
+        for module in self.modules:
+            keys = tuple(key for key in vars(module) if not key.startswith("_"))
+            self.public.append(_item_getter(keys))
+        self.tensors = list({id(t): t for t in (*root.parameters(), *root.buffers())}.values())
+        classes: dict[int, type] = {}
+        for module in self.modules:
+            for cls in type(module).__mro__:
+                classes.setdefault(id(cls), cls)
+        for cls in (torch.Tensor, torch.nn.Parameter, type(model), *type(model).__mro__):
+            classes.setdefault(id(cls), cls)
+        self.classes = list(classes.values())
+        self.envoys = list(model.modules())
+        shared = [getattr(root, "config", None), getattr(root, "generation_config", None),
+                  vars(model).get("_tokenizer"), model]
+        self.kept = [vars(o).copy() for o in (*self.modules, *self.classes, *self.envoys, *shared)
+                     if hasattr(o, "__dict__")]
+
+    def take(self) -> list[Any] | None:
+        """The fingerprint now; None if it cannot be taken (the full comparison then decides)."""
+        try:
+            return self._take()
+        except Exception:
+            return None
+
+    def _take(self) -> list[Any]:
+        # Every loop below runs in C (map, chain, itemgetter): a Python loop over each module
+        # costs more than everything it would look at.
+        dicts = list(map(vars, self.modules))
+        out: list[Any] = [
+            id(self.model._model), _global_hook_counts(), _shared_state(self.model),
+            list(map(type, self.modules)),
+            list(map(tuple, dicts)),
+            list(map(id, chain.from_iterable(map(_call, self.public, dicts)))),
+            list(map(len, chain.from_iterable(map(_HOOK_GETTER, dicts)))),
+        ]
+        for field in _MODULE_MAPS:
+            maps = list(map(field, dicts))
+            out.append(list(map(tuple, maps)))
+            out.append(list(map(id, chain.from_iterable(map(dict.values, maps)))))
+        tensors = self.tensors
+        out.append(list(map(torch.Tensor.data_ptr, tensors)))
+        out.append(list(map(_TENSOR_STATE, tensors)))
+        out.append(list(map(bool, map(_BACKWARD_HOOKS, tensors))))
+        proxies = list(map(vars, self.classes))
+        out.append(list(map(tuple, proxies)))
+        out.append(list(map(id, chain.from_iterable(map(_VALUES, proxies)))))
+        envoys = list(map(vars, self.envoys))
+        children = list(map(_ENVOY_CHILDREN, envoys))
+        out.append(list(map(id, map(_ENVOY_MODULE, envoys))))
+        out.append(list(map(tuple, children)))
+        out.append(list(map(id, chain.from_iterable(map(dict.values, children)))))
+        out.append(list(map(tuple, map(dict.items, map(_ENVOY_ALIASES, envoys)))))
+        return out
+
+
+_call: Callable[..., Any] = getattr(operator, "call", lambda function, *args: function(*args))
+_HOOK_GETTER = operator.itemgetter(*_HOOK_DICTS)
+_MODULE_MAPS = tuple(map(operator.itemgetter, ("_modules", "_parameters", "_buffers")))
+_TENSOR_STATE = operator.attrgetter("dtype", "shape", "_version", "requires_grad", "device")
+_BACKWARD_HOOKS = operator.attrgetter("_backward_hooks")
+_VALUES = operator.methodcaller("values")
+_ENVOY_CHILDREN = operator.itemgetter("_children")
+_ENVOY_MODULE = operator.itemgetter("_module")
+_ENVOY_ALIASES = operator.itemgetter("_aliases")
+
+
+def _item_getter(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple]:
+    """An ``itemgetter`` that returns a tuple for any number of keys."""
+    if not keys:
+        return lambda d: ()
+    return operator.itemgetter(*keys, keys[0]) if len(keys) == 1 else operator.itemgetter(*keys)
+
+
+def _shared_state(model: Any) -> dict[str, Any]:
+    """The objects every job shares besides modules and tensors: configuration, tokenizer, wrapper."""
+    module = model._model
+    shared = {}
+    for label in ("config", "generation_config"):
+        obj = getattr(module, label, None)
+        if obj is not None:
+            shared[label] = (id(obj), _public_ids(obj))
+    tokenizer = vars(model).get("_tokenizer")
+    if tokenizer is not None:
+        shared["tokenizer"] = (id(tokenizer), _public_ids(tokenizer))
+    shared["model wrapper"] = _public_ids(model)
+    return shared
+
+
+def _global_hook_counts() -> dict[str, int]:
+    module_globals = torch.nn.modules.module
+    return {name: len(getattr(module_globals, name, ()) or ()) for name in _GLOBAL_HOOKS}
 
 
 def _label(section: str, key: str, before: Any, after: Any) -> str:
@@ -157,8 +277,9 @@ def _torch_state() -> dict[str, Any]:
 
 def reset_shared_state(baseline: Baseline) -> None:
     """Put back what every job may change but must not pass on: gradients and torch's global modes."""
-    for parameter in baseline.model._model.parameters():
-        parameter.grad = None
+    for parameter in baseline.parameters:  # a job that replaced parameters fails its check anyway
+        if parameter.grad is not None:
+            parameter.grad = None
     state = baseline.torch_state
     torch.set_grad_enabled(state["grad"])
     torch.set_default_dtype(state["dtype"])

@@ -18,14 +18,19 @@ def model():
 
 
 def _restored(model, change, undo) -> list[str]:
+    """The problems ``change`` causes; the quick fingerprint must see every one of them."""
     baseline = Baseline(model)
     assert baseline.check() == []
     change()
     try:
-        return baseline.check()
+        problems = baseline.check()
+        if problems:
+            assert baseline._quick.take() != baseline._quick_value, "the quick check missed a change"
+        return problems
     finally:
         undo()
         assert baseline.check() == []
+        assert baseline._quick.take() == baseline._quick_value
 
 
 def test_in_place_edit(model):
@@ -93,3 +98,84 @@ def test_weights_are_read_only_after_protection():
     process.join(10)
     assert messages[0].startswith("weights read-only") and messages[1] == "forward ok"
     assert len(messages) == 2 and process.exitcode == -11
+
+
+def _swap(obj, name, value):
+    """A change and its undo that set ``obj.name`` to ``value`` and back (or delete it again)."""
+    missing = object()
+    before = getattr(obj, name, missing)
+
+    def undo():
+        if before is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, before)
+
+    return (lambda: setattr(obj, name, value)), undo
+
+
+def test_every_kind_of_change_is_seen_by_both_checks(model):
+    net = model._model
+    linear = net.transformer.h[0].attn.c_attn
+    weight = linear.weight
+    hooks = []
+
+    def view_weight():
+        weight.data = weight.data.view(-1)  # same storage and version, another shape
+
+    def unview_weight():
+        weight.data = weight.data.view(32, 96)
+
+    def add_public_drop_private():
+        linear.__dict__["_nnsj_private"] = 1
+        baseline = Baseline(model)
+        del linear.__dict__["_nnsj_private"]
+        linear.nnsj_public = 2
+        return baseline.check()
+
+    class Subclass(type(linear)):
+        pass
+
+    cases = {
+        "in place": (lambda: torch.no_grad()(weight.add_)(0), None),
+        "parameter replaced": _swap(linear, "weight", torch.nn.Parameter(weight.detach().clone())),
+        "buffer replaced": (lambda: net.transformer.h[0].attn.register_buffer("nnsj_buffer", torch.ones(2)),
+                            lambda: net.transformer.h[0].attn._buffers.pop("nnsj_buffer")),
+        "reshaped in place": (view_weight, unview_weight),
+        "requires_grad": (lambda: weight.requires_grad_(False), lambda: weight.requires_grad_(True)),
+        "tensor hook": (lambda: hooks.append(weight.register_hook(lambda grad: grad)), lambda: hooks.pop().remove()),
+        "public attribute added": _swap(linear, "nnsj_public", 1),
+        "public attribute replaced": _swap(linear, "nx", 12345678),
+        "class swapped": _swap(linear, "__class__", Subclass),
+        "method replaced on a model class": _swap(type(net.transformer.h[0]), "forward", lambda self, *a, **k: None),
+        "config attribute replaced": _swap(net.config, "n_layer", 99),
+        "wrapper attribute": (lambda: vars(model).__setitem__("nnsj_public", object()),
+                              lambda: vars(model).pop("nnsj_public")),
+    }
+    for name, (change, undo) in cases.items():
+        if undo is None:  # a version bump cannot be undone: check it on a fresh baseline and stop there
+            baseline = Baseline(model)
+            change()
+            assert baseline.check() and baseline._quick.take() != baseline._quick_value, name
+            continue
+        assert _restored(model, change, undo), name
+    linear.__dict__.pop("nnsj_public", None)
+    assert add_public_drop_private(), "a public attribute added while a private one went was missed"
+    del linear.nnsj_public
+
+
+def test_a_harmless_private_change_takes_the_full_check_once(model, monkeypatch):
+    baseline = Baseline(model)
+    full = []
+    real = baseline._differences
+    monkeypatch.setattr(baseline, "_differences", lambda: full.append(1) or real())
+    assert baseline.check() == [] and full == []
+    model._model.transformer.h[1].mlp._nnsj_cache = object()  # what a module may do lazily in a forward
+    try:
+        assert baseline.check() == [] and full == [1]
+        assert baseline.check() == [] and full == [1], "the new fingerprint is used from then on"
+        model._model.transformer.h[1].mlp.nnsj_public = 1
+        assert baseline.check() == ["module transformer.h.1.mlp was replaced or its attributes changed"]
+    finally:
+        del model._model.transformer.h[1].mlp._nnsj_cache
+        model._model.transformer.h[1].mlp.__dict__.pop("nnsj_public", None)
