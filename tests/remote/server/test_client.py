@@ -161,7 +161,8 @@ def test_ctrl_c_while_waiting_cancels_the_servers_job(model, client):
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            client.follow(handle.job_id, timeout=30)
+            final = client.follow(handle.job_id, timeout=30)
+            pytest.fail(f"the job ended before Ctrl-C: {final}")
     finally:
         timer.cancel()
     deadline = time.monotonic() + 15
