@@ -1,7 +1,7 @@
 """Overhead of a trace against a plain forward pass, for nnsight_jupyter (and nnsight 0.8.1 if installed).
 
-    python benchmarks/overhead.py            # full run, about 1-1.5 minutes on 2 busy CPU cores
-    python benchmarks/overhead.py --quick    # shorter run, about 25 s
+    python benchmarks/overhead.py            # full run, about 2.5 minutes on 2 busy CPU cores
+    python benchmarks/overhead.py --quick    # shorter run, about 40 s
     python benchmarks/overhead.py --json out.json --no-nnsight
 
 Models: randomly initialised GPT-2s from a `GPT2Config` (no download): "tiny" (2 layers, 64 wide,
@@ -26,7 +26,13 @@ Targets (PASS/FAIL; the exit status is 1 if any fails):
 1. fixed cost per trace (tiny model, ours-1 minus plain, median of paired differences) is at most
    half of nnsight's measured in the same run; without nnsight, at most 0.125 ms (half of the
    0.25 ms measured for nnsight 0.8.1 on this machine earlier).
-2. GPT-2-small shape: ours-all / plain (median of paired ratios) is at most 1.02.
+2. GPT-2-small shape: ours-all / plain is at most 1.02, measured on its own after the table: in
+   each round plain, ours-all, ours-all, plain (or the reverse), and the round's ratio is the faster
+   ours-all run over the faster plain run; the figure is the median over rounds. Single forward
+   times on this VM are heavy-tailed (a 140 ms forward has a standard deviation of about 15%, most
+   of it from occasional slow runs), so the table's paired median ratio has a 95% interval about
+   +-1.7% wide; taking the faster of two neighbouring runs drops most slow runs and narrows it to
+   about +-0.6%.
 3. 500 consecutive traces saving every layer (tiny model) grow resident memory by at most 10 MB
    after a 50-trace warm-up (gc.collect() before both readings). Measured first, before the
    large model exists.
@@ -181,12 +187,42 @@ def measure(cases: dict[str, Callable[[], Any]], warmup: int, rounds: int, seed:
     return times
 
 
-def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of the median of `values` (rounds resampled with replacement)."""
+def measure_abba(base: Callable[[], Any], case: Callable[[], Any], warmup: int,
+                 rounds: int) -> list[tuple[float, float, float, float]]:
+    """Per round, ms of (base, case, case, base), run in that order or the reverse on alternate
+    rounds, so a slow drift of the machine's speed affects both alike."""
+    for _ in range(warmup):
+        base(), case()
+    clock = time.perf_counter_ns
+
+    def timed(fn: Callable[[], Any]) -> float:
+        t0 = clock()
+        out = fn()
+        del out
+        return (clock() - t0) / 1e6
+
+    rows = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a1 = timed(base); b1 = timed(case); b2 = timed(case); a2 = timed(base)  # noqa: E702
+        else:
+            b1 = timed(case); a1 = timed(base); a2 = timed(base); b2 = timed(case)  # noqa: E702
+        rows.append((a1, b1, b2, a2))
+    return rows
+
+
+def min_ratio(rows: list[tuple[float, float, float, float]]) -> float:
+    """Median over rounds of (faster case run) / (faster base run)."""
+    return statistics.median(min(b1, b2) / min(a1, a2) for a1, b1, b2, a2 in rows)
+
+
+def bootstrap_ci(values: list[Any], n: int = 2000, seed: int = 0,
+                 statistic: Callable[[list[Any]], float] = statistics.median) -> tuple[float, float]:
+    """95% bootstrap interval of `statistic` (the median by default) over rounds resampled with replacement."""
     rng = random.Random(seed)
     k = len(values)
-    meds = sorted(statistics.median(rng.choices(values, k=k)) for _ in range(n))
-    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+    stats = sorted(statistic(rng.choices(values, k=k)) for _ in range(n))
+    return stats[int(0.025 * n)], stats[int(0.975 * n) - 1]
 
 
 def paired(times: dict[str, list[float]], name: str) -> tuple[float, float]:
@@ -242,10 +278,11 @@ def _count_greenlets() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (about 25 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (about 40 s)")
     parser.add_argument("--no-nnsight", action="store_true", help="do not measure nnsight even if installed")
     parser.add_argument("--tiny-rounds", type=int, default=None)
     parser.add_argument("--small-rounds", type=int, default=None)
+    parser.add_argument("--abba-rounds", type=int, default=None, help="rounds of the target-2 measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write raw per-round times and results here")
     args = parser.parse_args(argv)
@@ -254,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(True)
     use_nnsight = _nnsight is not None and not args.no_nnsight
     tiny_rounds = args.tiny_rounds or (150 if args.quick else 600)
-    small_rounds = args.small_rounds or (10 if args.quick else 50)
+    small_rounds = args.small_rounds or (10 if args.quick else 30)
+    abba_rounds = args.abba_rounds or (20 if args.quick else 100)
     plan = {"tiny": (20, tiny_rounds), "small": (2 if args.quick else 4, small_rounds)}
 
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
@@ -301,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
                           "paired_diff_ms": d, "paired_ratio": r}
             print(f"  {name:<13}{med:>11.3f}{min(ts):>9.3f}{med / plain_med:>8.3f}{d:>+12.3f}{r:>10.3f}")
         results["summary"][size] = rows
+        if size == "small":
+            t0 = time.perf_counter()
+            abba = measure_abba(cases["plain"], cases["ours-all"], 2, abba_rounds)
+            results["raw"]["small-abba"] = abba
+            print(f"  target 2: plain and ours-all in {abba_rounds} ABBA rounds ({time.perf_counter() - t0:.0f} s): "
+                  f"faster ours-all / faster plain, median over rounds {min_ratio(abba):.4f}")
         del cases
         gc.collect()
 
@@ -322,12 +366,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{ref / 2 * 1e3:.0f} us (half of {ref * 1e3:.0f} us, {where})" + spans(lo, hi, ref / 2)))
 
     small = results["summary"]["small"]
-    ratio = small["ours-all"]["paired_ratio"]
-    raw = results["raw"]["small"]
-    lo, hi = bootstrap_ci([a / b for a, b in zip(raw["ours-all"], raw["plain"])])
+    abba = results["raw"]["small-abba"]
+    ratio = min_ratio(abba)
+    lo, hi = bootstrap_ci(abba, n=1000, statistic=min_ratio)
     targets.append(("2 GPT-2-small, save all layers <= 1.02x", ratio <= 1.02,
-                    f"paired median ratio {ratio:.4f} (95% CI {lo:.3f}-{hi:.3f}; ratio of medians "
-                    f"{small['ours-all']['ratio_of_medians']:.4f})" + spans(lo, hi, 1.02)))
+                    f"{ratio:.4f} (95% CI {lo:.4f}-{hi:.4f}; {len(abba)} ABBA rounds, faster of two runs each; "
+                    f"the table's paired median ratio {small['ours-all']['paired_ratio']:.4f})"
+                    + spans(lo, hi, 1.02)))
 
     targets.append((f"3 {mem_traces} traces grow RSS <= 10 MB", mem["growth_MB"] <= 10, mem_detail))
 
