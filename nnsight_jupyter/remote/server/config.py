@@ -97,9 +97,10 @@ class ServerConfig:
         auth: False serves without keys (only with ``--insecure-no-auth``).
         replicas: worker processes per model, each running one job at a time.
         result_ttl_s: how long a finished job's result stays downloadable.
-        result_write_delay_s: a finished job's result is served from memory at once and written to
-            disk this long after the job ends, so that writing it does not slow its download (a
-            server killed within that window loses those results; a stopped server writes them).
+        result_write_delay_s: a finished job's result is served from memory at once; one of 1 MiB
+            or more is written to disk this long after the job ends, so that writing it does not
+            slow its download (a server killed within that window loses it; a stopped server
+            writes it). Smaller results are written at once.
         max_request_bytes, max_result_bytes: message size limits.
         max_job_seconds: wall-clock limit per job; a request's ``timeout`` option may lower it.
         max_job_memory_bytes: memory a job may add to its worker's size after loading the model.

@@ -47,7 +47,7 @@ from .events import KEEPALIVE, format_event
 from .jobs import FINAL, Job, iso
 from .responses import ApiError
 from .service import Service
-from .store import iter_file
+from .store import DELAY_MIN_BYTES, iter_file
 
 __all__ = ["ROUTES"]
 
@@ -247,7 +247,7 @@ async def job_result(request: Request) -> Response:
     if handle is None:
         raise ApiError(410, "result lost",
                        f"job {job.id}'s result is not on this server: it stopped abruptly right after the job "
-                       f"finished, before the result reached disk (results are written "
+                       f"finished, before the result reached disk (results of {describe_bytes(DELAY_MIN_BYTES)} or more are written "
                        f"{config.result_write_delay_s:g} s after a job ends). Run the trace again.")
     return StreamingResponse(iterate_in_threadpool(iter_file(handle)), media_type="application/x-msgpack",
                              headers=headers)

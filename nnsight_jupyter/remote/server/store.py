@@ -3,9 +3,11 @@
 A result is the exact ``encode_result`` bytes the worker produced (or the server made for a job
 that could not produce one), so serving it is a copy and the server never decodes what a worker
 sent. A client usually downloads a result the moment its job ends, so a new result is served
-from memory and written to disk a moment later (``put(..., later=s)``): writing tens of
-megabytes to disk while they are being downloaded slowed the download down by half. The most
-recent results stay in memory (up to ``memory_bytes`` in all); older ones are read from disk.
+from memory and, when it is large, written to disk a moment later (``put(..., later=s)``):
+writing tens of megabytes to disk while they are being downloaded slowed the download down by
+half. Results under ``delay_min_bytes`` (1 MiB) are written by the same background thread at
+once, so a server killed right after a small job still has its result. The most recent results
+stay in memory (up to ``memory_bytes`` in all); older ones are read from disk.
 Files are written to a temporary name and renamed, so a crash never leaves a truncated result
 under a job's name; ``flush`` writes whatever is still waiting when the server stops. Expiry
 times live in the job table (``jobs.py``); this module only stores, opens and deletes.
@@ -17,6 +19,7 @@ it is being downloaded still arrives whole.
 from __future__ import annotations
 
 import collections
+import itertools
 import mmap
 import os
 import queue
@@ -31,13 +34,17 @@ __all__ = ["ResultStore"]
 
 _ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 CHUNK = 8 << 20
+DELAY_MIN_BYTES = 1 << 20
+"""Results this large or larger wait ``later`` seconds before they are written (see the module docstring)."""
 
 
 class ResultStore:
     """``<folder>/<job id>.msgpack`` files, the latest of them also in memory."""
 
-    def __init__(self, folder: str | os.PathLike[str], *, memory_bytes: int = 256 << 20) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, memory_bytes: int = 256 << 20,
+                 delay_min_bytes: int = DELAY_MIN_BYTES) -> None:
         self.folder = Path(folder)
+        self.delay_min_bytes = delay_min_bytes
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob("*.tmp"):
             stale.unlink(missing_ok=True)
@@ -45,7 +52,8 @@ class ResultStore:
         self._recent: collections.OrderedDict[str, bytes | bytearray | mmap.mmap] = collections.OrderedDict()
         self._recent_bytes = 0
         self._unwritten: dict[str, bytes | bytearray | mmap.mmap] = {}
-        self._writes: queue.Queue[tuple[float, str, Path]] = queue.Queue()
+        self._writes: queue.PriorityQueue[tuple[float, int, str, Path]] = queue.PriorityQueue()
+        self._write_order = itertools.count()
         self._writer_thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -56,7 +64,8 @@ class ResultStore:
 
     def put(self, job_id: str, data: bytes | bytearray | mmap.mmap, *, later: float | None = None) -> None:
         """Keep a result: in memory at once, and on disk now or, with ``later=s``, from a background
-        thread ``s`` seconds from now (meanwhile it is served from memory)."""
+        thread: ``s`` seconds from now if the result is at least ``delay_min_bytes`` long, else at
+        once (meanwhile it is served from memory)."""
         target = self._path(job_id)
         with self._lock:
             self._forget(job_id)
@@ -69,7 +78,8 @@ class ResultStore:
         if later is None:
             self._write(job_id, target)
         else:
-            self._writes.put((time.monotonic() + later, job_id, target))
+            delay = later if len(data) >= self.delay_min_bytes else 0.0
+            self._writes.put((time.monotonic() + delay, next(self._write_order), job_id, target))
             self._start_writer()
 
     def _write(self, job_id: str, target: Path) -> None:
@@ -95,10 +105,18 @@ class ResultStore:
 
     def _write_loop(self) -> None:
         while True:
-            due, job_id, target = self._writes.get()
-            wait = due - time.monotonic()
+            item = self._writes.get()
+            wait = item[0] - time.monotonic()
             if wait > 0:
-                time.sleep(wait)
+                try:  # wait for it to be due, unless something due sooner arrives
+                    sooner = self._writes.get(timeout=wait)
+                except queue.Empty:
+                    pass
+                else:
+                    self._writes.put(item)
+                    self._writes.put(sooner)
+                    continue
+            _, _, job_id, target = item
             try:
                 self._write(job_id, target)
             except OSError as exc:

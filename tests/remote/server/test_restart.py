@@ -1,4 +1,5 @@
-"""Kill -9 the server with jobs queued and one running; restart on the same folder; nothing is lost."""
+"""Kill -9 the server with jobs queued, one running and one just finished; restart on the same folder;
+nothing is lost."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def test_kill_9_loses_no_job(tmp_path, key_file):
             client = Client(http, key_file[1])
             models = _ready(http, client.headers, first)
             worker_pid = models[0]["replicas"][0]["pid"]
+            done = client.submit(trace_request("x = 'finished just before the kill'"))
             slow = client.submit(trace_request(SLOW))
             quick = [client.submit(trace_request(f"x = {i} * 2")) for i in range(8)]
             deadline = time.monotonic() + 30
@@ -70,6 +72,13 @@ def test_kill_9_loses_no_job(tmp_path, key_file):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             assert all(client.status(j)["status"] == "queued" for j in quick)
+            finished = client.status(done)
+            assert finished["status"] == "completed"
+            written = data_dir / "results" / f"{done}.msgpack"
+            deadline = time.monotonic() + 0.5  # a small result is written at once, not a second later
+            while not written.exists():
+                assert time.monotonic() < deadline, "a small result was not written to disk at once"
+                time.sleep(0.01)
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
             assert _gone(worker_pid), "the worker outlived the killed server"
@@ -84,6 +93,7 @@ def test_kill_9_loses_no_job(tmp_path, key_file):
             for i, job_id in enumerate(quick):
                 assert client.wait(job_id)["status"] == "completed"
                 assert client.result(job_id).saved["x"] == i * 2
+            assert client.result(done).saved["x"] == "finished just before the kill"
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:

@@ -93,7 +93,7 @@ def test_a_worker_that_dies_mid_payload_breaks_the_channel():
 
 # ----- the result store ------------------------------------------------------------------------------
 def test_a_result_is_served_from_memory_at_once_and_reaches_disk_later(tmp_path):
-    store = ResultStore(tmp_path)
+    store = ResultStore(tmp_path, delay_min_bytes=1000)
     store.put("job1", b"abc" * 1000, later=0.3)
     assert store.recent("job1") == b"abc" * 1000
     assert store.read("job1") == b"abc" * 1000
@@ -109,7 +109,7 @@ def test_a_result_is_served_from_memory_at_once_and_reaches_disk_later(tmp_path)
 
 
 def test_a_result_deleted_before_its_write_never_reaches_disk(tmp_path):
-    store = ResultStore(tmp_path)
+    store = ResultStore(tmp_path, delay_min_bytes=0)
     store.put("job1", b"x" * 100, later=0.2)
     store.delete("job1")
     assert store.recent("job1") is None and store.read("job1") is None
@@ -117,8 +117,22 @@ def test_a_result_deleted_before_its_write_never_reaches_disk(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_small_results_are_written_at_once_even_behind_a_delayed_large_one(tmp_path):
+    store = ResultStore(tmp_path, delay_min_bytes=1000)
+    store.put("large", b"L" * 1000, later=60)
+    store.put("small", b"s" * 999, later=60)
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "small.msgpack").exists():
+        assert time.monotonic() < deadline, "the small result waited behind the large one"
+        time.sleep(0.01)
+    assert (tmp_path / "small.msgpack").read_bytes() == b"s" * 999
+    assert not (tmp_path / "large.msgpack").exists() and store.read("large") == b"L" * 1000
+    store.flush()
+    assert (tmp_path / "large.msgpack").read_bytes() == b"L" * 1000
+
+
 def test_flush_writes_what_is_waiting(tmp_path):
-    store = ResultStore(tmp_path)
+    store = ResultStore(tmp_path, delay_min_bytes=0)
     store.put("a", b"1" * 10, later=60)
     store.put("b", b"2" * 10, later=60)
     store.flush()
