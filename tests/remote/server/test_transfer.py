@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import mmap
+import os
 import multiprocessing
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +131,29 @@ def test_small_results_are_written_at_once_even_behind_a_delayed_large_one(tmp_p
     assert not (tmp_path / "large.msgpack").exists() and store.read("large") == b"L" * 1000
     store.flush()
     assert (tmp_path / "large.msgpack").read_bytes() == b"L" * 1000
+
+
+def _cpu_seconds(thread) -> float:
+    """CPU time a thread of this process has used, from /proc (user + system)."""
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_writer_waits_for_delayed_results_without_spinning(tmp_path):
+    store = ResultStore(tmp_path, delay_min_bytes=0)
+    store.put("first", b"1" * 10, later=60)
+    store.put("second", b"2" * 10, later=60)
+    time.sleep(0.1)
+    before = _cpu_seconds(store._writer_thread)
+    time.sleep(0.6)
+    assert _cpu_seconds(store._writer_thread) - before < 0.1, "the writer thread spun while it waited"
+    assert not list(tmp_path.iterdir())
+    store.put("third", b"3" * 10, later=0)
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "third.msgpack").exists():
+        assert time.monotonic() < deadline, "a write due now waited behind later ones"
+        time.sleep(0.01)
+    assert {p.name for p in tmp_path.iterdir()} == {"third.msgpack"}
 
 
 def test_flush_writes_what_is_waiting(tmp_path):
