@@ -10,6 +10,7 @@ when `timeout` passes, and then downloads the result.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import sys
@@ -213,10 +214,11 @@ class RemoteClient:
         final: dict[str, Any] = {}
         try:
             for event in self.events(job_id):
+                shown = event if "result" not in event else {k: v for k, v in event.items() if k != "result"}
                 if on_event is not None:
-                    on_event(event)
+                    on_event(shown)
                 if display is not None:
-                    display.update(event)
+                    display.update(shown)
                 if event.get("type") in FINAL_EVENTS:
                     final = event
                     break
@@ -260,10 +262,24 @@ class RemoteClient:
                 display.close()
         if final.get("type") == "cancelled":
             raise RemoteServerError(409, "job cancelled", final.get("reason") or f"job {handle.job_id} was cancelled")
-        result = self.result(handle.job_id)
+        result = _inline_result(final)
+        if result is None:
+            result = self.result(handle.job_id)
         if result.logs[: len(shown)] == shown:
             result.logs = result.logs[len(shown):]
         return result
+
+
+def _inline_result(final: dict[str, Any]) -> TraceResult | None:
+    """The result a final event carries (small results do), or None to download it."""
+    text = final.get("result")
+    if not isinstance(text, str):
+        return None
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    return decode_result(data)
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

@@ -43,7 +43,7 @@ from ..protocol import (
 )
 from .auth import OWNER_SCOPE_KEY
 from .config import describe_bytes
-from .events import KEEPALIVE, format_event
+from .events import INLINE_RESULT_BYTES, KEEPALIVE, format_event
 from .jobs import FINAL, Job, iso
 from .responses import ApiError
 from .service import Service
@@ -185,10 +185,11 @@ async def job_events(request: Request) -> StreamingResponse:
                 changed.clear()
                 events = await run_in_threadpool(service.jobs.events_after, job.id, last)
                 for event in events:
-                    yield format_event(event)
                     last = event.seq
                     if event.type in FINAL:
+                        yield format_event(event, _inline_result(service, job.id, event.type))
                         return
+                    yield format_event(event)
                 if events:
                     continue
                 current = await run_in_threadpool(service.jobs.get, job.id)
@@ -201,6 +202,15 @@ async def job_events(request: Request) -> StreamingResponse:
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _inline_result(service: Service, job_id: str, kind: str) -> bytes | bytearray | memoryview | None:
+    if kind not in ("completed", "error"):
+        return None
+    data = service.results.recent(job_id)
+    if data is None or len(data) > INLINE_RESULT_BYTES:
+        return None
+    return data if not isinstance(data, mmap.mmap) else memoryview(data)
 
 
 def _after(request: Request) -> int:

@@ -205,3 +205,50 @@ def test_a_dropped_event_stream_is_resumed(model, client, monkeypatch):
     assert calls[0] == {"after": 0}
     assert len(calls) >= 2 and calls[1]["after"] >= 1
     assert_identical(h, expected)
+
+
+def _counting_downloads(client, monkeypatch):
+    downloads = []
+    real = client._download
+    monkeypatch.setattr(client, "_download", lambda job_id: downloads.append(job_id) or real(job_id))
+    return downloads
+
+
+def test_a_small_result_rides_in_the_final_event(model, client, monkeypatch):
+    from nnsight_jupyter.remote.server.events import INLINE_RESULT_BYTES
+
+    import base64
+
+    downloads = _counting_downloads(client, monkeypatch)
+    finals, handles = [], []
+    real_follow, real_submit = client.follow, client.submit
+    monkeypatch.setattr(client, "follow", lambda *a, **k: finals.append(real_follow(*a, **k)) or finals[-1])
+    monkeypatch.setattr(client, "submit", lambda *a, **k: handles.append(real_submit(*a, **k)) or handles[-1])
+    with model.trace(X, remote=client):
+        h = model.transformer.h[1].output.save()
+    with model.trace(X):
+        expected = model.transformer.h[1].output.save()
+    assert_identical(h, expected)
+    assert downloads == [], "a small result was downloaded again"
+    [final], [handle] = finals, handles
+    assert isinstance(final.get("result"), str) and len(final["result"]) <= INLINE_RESULT_BYTES * 4 // 3 + 4
+    assert base64.b64decode(final["result"]) == bytes(client._download(handle.job_id)), \
+        "the inlined result differs from what the result endpoint serves"
+
+
+def test_a_large_result_is_downloaded_and_callbacks_never_see_result_bytes(model, client, monkeypatch):
+    from nnsight_jupyter.remote.protocol import TraceRequest
+
+    downloads = _counting_downloads(client, monkeypatch)
+    with model.trace(X, remote=client):
+        big = model.transformer.h[1].output.repeat(1, 1, 300).save()  # 2 x 4 x 9600 floats: 300 KB
+    with model.trace(X):
+        expected = model.transformer.h[1].output.repeat(1, 1, 300).save()
+    assert_identical(big, expected)
+    assert len(downloads) == 1
+    handle = client.submit(TraceRequest("tiny", "y = 3", {"kind": "trace", "inputs": [X]}, {}))
+    events = []
+    final = client.follow(handle.job_id, on_event=events.append)
+    assert final["type"] == "completed" and "result" in final
+    assert events and all("result" not in event for event in events)
+    assert client.result(handle.job_id).saved["y"] == 3
