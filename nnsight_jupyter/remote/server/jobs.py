@@ -269,12 +269,6 @@ class JobStore:
             out.setdefault(model, {})[status] = n
         return out
 
-    def queued_count(self, model: str) -> int:
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued'",
-                                    (model,)).fetchone()
-        return n
-
     def has_queued(self, model: str) -> bool:
         with self._lock:
             row = self._db.execute("SELECT 1 FROM jobs WHERE model = ? AND status = 'queued' LIMIT 1",
@@ -282,11 +276,22 @@ class JobStore:
         return row is not None
 
     # ----- changing ---------------------------------------------------------------------------
-    def submit(self, *, model: str, owner: str, request: bytes, timeout_s: float) -> tuple[Job, int]:
-        """Queue a job; returns it with its position (1 = next to run)."""
+    def submit(self, *, model: str, owner: str, request: bytes, timeout_s: float,
+               max_queued: int | None = None) -> tuple[Job, int]:
+        """Queue a job; returns it with its position (1 = next to run).
+
+        With ``max_queued``, raises :class:`QueueFull` instead when the model already has that many
+        queued jobs; the count and the insert are one transaction, so concurrent submissions cannot
+        both slip under the limit.
+        """
         job_id = secrets.token_urlsafe(12)
 
         def work(db: sqlite3.Connection, touched: list[str]) -> int:
+            if max_queued is not None:
+                (queued,) = db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued'",
+                                       (model,)).fetchone()
+                if queued >= max_queued:
+                    raise QueueFull(queued)
             now = self.clock()
             cursor = db.execute(
                 "INSERT INTO jobs (id, model, owner, status, created, timeout_s, request, request_bytes) "
@@ -461,6 +466,14 @@ class JobStore:
             db.execute("DELETE FROM events WHERE job_id = ? AND type = 'log'", (job_id,))
 
         self._transaction(work)
+
+
+class QueueFull(Exception):
+    """A model's queue is at its limit; ``queued`` says how many jobs wait."""
+
+    def __init__(self, queued: int) -> None:
+        super().__init__(f"{queued} jobs queued")
+        self.queued = queued
 
 
 def _job(row: tuple) -> Job:

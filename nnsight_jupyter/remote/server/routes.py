@@ -44,7 +44,7 @@ from ..protocol import (
 from .auth import OWNER_SCOPE_KEY
 from .config import describe_bytes
 from .events import INLINE_RESULT_BYTES, KEEPALIVE, format_event
-from .jobs import FINAL, Job, iso
+from .jobs import FINAL, Job, QueueFull, iso
 from .responses import ApiError
 from .service import Service
 from .store import DELAY_MIN_BYTES, iter_file
@@ -85,7 +85,10 @@ async def submit(request: Request) -> JSONResponse:
                        f"send the encode_request(...) bytes as application/x-msgpack, not {content_type[:100]!r}")
     body = await _read_body(request, config.max_request_bytes)
     try:
-        trace_request = await run_in_threadpool(decode_request, body, max_size=config.max_request_bytes)
+        if len(body) <= INLINE_DECODE_BYTES:
+            trace_request = decode_request(body, max_size=config.max_request_bytes)
+        else:
+            trace_request = await run_in_threadpool(decode_request, body, max_size=config.max_request_bytes)
     except ProtocolVersionError as exc:
         raise ApiError(409, "protocol version mismatch", str(exc), client_protocol=exc.remote_protocol,
                        client_package=str(exc.remote_package)[:100], server_protocol=PROTOCOL_VERSION,
@@ -103,14 +106,14 @@ async def submit(request: Request) -> JSONResponse:
     if state == "failed":
         raise ApiError(503, "model unavailable", f"model {model!r} failed to load on this server: {reason}")
     timeout = _timeout(trace_request.options.get("timeout"), config.max_job_seconds)
-    queued = await run_in_threadpool(service.jobs.queued_count, model)
-    if queued >= config.max_queued_jobs:
+    try:
+        job, position = await run_in_threadpool(service.jobs.submit, model=model, owner=_owner(request),
+                                                request=body, timeout_s=timeout, max_queued=config.max_queued_jobs)
+    except QueueFull as full:
         raise ApiError(429, "queue full",
-                       f"model {model!r} already has {queued} queued jobs, this server's limit "
+                       f"model {model!r} already has {full.queued} queued jobs, this server's limit "
                        "(--max-queued-jobs); wait for some to finish and submit again",
-                       headers={"Retry-After": "10"})
-    job, position = await run_in_threadpool(service.jobs.submit, model=model, owner=_owner(request), request=body,
-                                            timeout_s=timeout)
+                       headers={"Retry-After": "10"}) from None
     service.pool.wake(model)
     return JSONResponse(
         {"job_id": job.id, "status": "queued", "position": position, "model": model, "timeout_s": timeout},
@@ -202,6 +205,11 @@ async def job_events(request: Request) -> StreamingResponse:
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+INLINE_DECODE_BYTES = 64 << 10
+"""Request bodies up to this size are decoded on the event loop (a fraction of a millisecond);
+larger ones in the thread pool, so a big upload does not hold up other requests."""
 
 
 def _inline_result(service: Service, job_id: str, kind: str) -> bytes | bytearray | memoryview | None:

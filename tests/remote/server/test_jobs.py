@@ -143,3 +143,28 @@ def test_result_store(tmp_path):
     assert results.open("abc") is None and results.read("abc") is None
     with pytest.raises(ValueError):
         results.put("../escape", b"x")
+
+
+def test_the_queue_limit_holds_under_concurrent_submissions(store: JobStore):
+    import threading
+
+    from nnsight_jupyter.remote.server.jobs import QueueFull
+
+    submit(store, "other", 3)  # another model's queue does not count
+    accepted, refused = [], []
+    start = threading.Barrier(16)
+
+    def one() -> None:
+        start.wait()
+        try:
+            accepted.append(store.submit(model="m", owner="o", request=b"r", timeout_s=1.0, max_queued=5)[0].id)
+        except QueueFull as full:
+            refused.append(full.queued)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(accepted) == 5 and refused == [5] * 11
+    assert sorted(store.queued_ids("m")) == sorted(accepted)
