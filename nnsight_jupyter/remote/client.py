@@ -5,7 +5,8 @@ Network failures become `RemoteConnectionError` naming the host; error answers f
 become `RemoteServerError` carrying its status, message and detail. A blocking run follows the
 job's event stream, shows live status (queue position, loading, running, printed lines),
 reconnects and resumes by event number if the connection drops, cancels the job on Ctrl-C or
-when `timeout` passes, and then downloads the result.
+when `timeout` passes, and then takes the result from the final event (results up to 64 KiB
+ride in it) or downloads it.
 """
 
 from __future__ import annotations

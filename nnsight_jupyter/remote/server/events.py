@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import mmap
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ INLINE_RESULT_BYTES = 64 << 10
 """Results up to this size ride along in the final event (see the module docstring)."""
 
 
-def format_event(event: Event, result: bytes | bytearray | memoryview | None = None) -> bytes:
+def format_event(event: Event, result: bytes | bytearray | mmap.mmap | None = None) -> bytes:
     """One server-sent event; ``data`` is compact single-line JSON, with ``result`` inlined if given."""
     fields = event.as_json()
     if result is not None:

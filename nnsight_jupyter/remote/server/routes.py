@@ -212,13 +212,11 @@ INLINE_DECODE_BYTES = 64 << 10
 larger ones in the thread pool, so a big upload does not hold up other requests."""
 
 
-def _inline_result(service: Service, job_id: str, kind: str) -> bytes | bytearray | memoryview | None:
+def _inline_result(service: Service, job_id: str, kind: str) -> bytes | bytearray | mmap.mmap | None:
     if kind not in ("completed", "error"):
         return None
     data = service.results.recent(job_id)
-    if data is None or len(data) > INLINE_RESULT_BYTES:
-        return None
-    return data if not isinstance(data, mmap.mmap) else memoryview(data)
+    return data if data is not None and len(data) <= INLINE_RESULT_BYTES else None
 
 
 def _after(request: Request) -> int:
@@ -265,8 +263,8 @@ async def job_result(request: Request) -> Response:
     if handle is None:
         raise ApiError(410, "result lost",
                        f"job {job.id}'s result is not on this server: it stopped abruptly right after the job "
-                       f"finished, before the result reached disk (results of {describe_bytes(DELAY_MIN_BYTES)} or more are written "
-                       f"{config.result_write_delay_s:g} s after a job ends). Run the trace again.")
+                       f"finished, before the result reached disk (results of {describe_bytes(DELAY_MIN_BYTES)} or "
+                       f"more are written {config.result_write_delay_s:g} s after a job ends). Run the trace again.")
     return StreamingResponse(iterate_in_threadpool(iter_file(handle)), media_type="application/x-msgpack",
                              headers=headers)
 
