@@ -44,6 +44,9 @@ def build_parser(prog: str = "nnsight-jupyter serve") -> argparse.ArgumentParser
     parser.add_argument("--replicas", type=int, default=1, help="worker processes per model (default 1)")
     parser.add_argument("--result-ttl", type=float, default=3600.0, metavar="SECONDS",
                         help="how long results stay downloadable (default 3600)")
+    parser.add_argument("--result-write-delay", type=float, default=1.0, metavar="SECONDS",
+                        help="results of 1 MiB or more reach disk this long after their job, so writing "
+                             "does not slow their download; smaller ones at once (default 1)")
     parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (default 64)")
     parser.add_argument("--max-result-mb", type=float, default=256.0, help="largest result (default 256)")
     parser.add_argument("--max-job-seconds", type=float, default=600.0,
@@ -84,6 +87,7 @@ def config_from_args(args: argparse.Namespace):
         auth=not args.insecure_no_auth,
         replicas=args.replicas,
         result_ttl_s=args.result_ttl,
+        result_write_delay_s=args.result_write_delay,
         max_request_bytes=int(args.max_request_mb * MiB),
         max_result_bytes=int(args.max_result_mb * MiB),
         max_job_seconds=args.max_job_seconds,

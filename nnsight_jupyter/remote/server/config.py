@@ -33,6 +33,7 @@ FLAGS: dict[str, str] = {
     "max_log_bytes": "--max-log-kb",
     "max_queued_jobs": "--max-queued-jobs",
     "result_ttl_s": "--result-ttl",
+    "result_write_delay_s": "--result-write-delay",
     "cancel_grace_s": "--cancel-grace",
 }
 """The command-line flag behind each limit, quoted in the messages that enforce it."""
@@ -160,6 +161,9 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {value!r} ({FLAGS.get(name, name)})")
         if self.cancel_grace_s < 0:
             raise ValueError(f"cancel_grace_s must be >= 0, got {self.cancel_grace_s!r} (--cancel-grace)")
+        if not self.result_write_delay_s >= 0:
+            raise ValueError(f"result_write_delay_s must be >= 0, got {self.result_write_delay_s!r} "
+                             "(--result-write-delay)")
         if self.worker_threads is not None and self.worker_threads < 1:
             raise ValueError(f"worker_threads must be >= 1, got {self.worker_threads!r} (--threads)")
         if self.start_method not in ("forkserver", "spawn"):

@@ -23,7 +23,8 @@ def _start(data_dir: Path, key_file: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", TINY, "--port", str(port),
-         "--data-dir", str(data_dir), "--api-key-file", str(key_file), "--threads", "1", "--log-level", "warning"],
+         "--data-dir", str(data_dir), "--api-key-file", str(key_file), "--threads", "1", "--log-level", "warning",
+         "--result-write-delay", "60"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
@@ -75,7 +76,7 @@ def test_kill_9_loses_no_job(tmp_path, key_file):
             finished = client.status(done)
             assert finished["status"] == "completed"
             written = data_dir / "results" / f"{done}.msgpack"
-            deadline = time.monotonic() + 0.5  # a small result is written at once, not a second later
+            deadline = time.monotonic() + 10  # a small result is written at once, not after the 60 s delay
             while not written.exists():
                 assert time.monotonic() < deadline, "a small result was not written to disk at once"
                 time.sleep(0.01)
