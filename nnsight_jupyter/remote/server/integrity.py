@@ -29,7 +29,7 @@ parameters) on a 2-core VM the quick path takes about 3 ms where the full one ta
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
@@ -70,7 +70,7 @@ class Baseline:
         self.snapshot = self._take()
         self._quick = _Fingerprint(model)
         self._quick_value = self._quick.take()
-        self.parameters = list(dict.fromkeys(model._model.parameters()))
+        self.parameters = list(model._model.parameters())
         """The parameters at load time, whose gradients `reset_shared_state` clears."""
 
     def _take(self) -> dict[str, Any]:
@@ -84,16 +84,12 @@ class Baseline:
                     bool(getattr(t, "_backward_hooks", None)),
                 )
         modules = {}
-        classes: dict[int, type] = {}
         for name, m in module.named_modules(remove_duplicate=False):
             modules[name or "(root)"] = (
                 id(m), type(m), m.training, tuple(len(getattr(m, h, ()) or ()) for h in _HOOK_DICTS),
                 _public_ids(m),
             )
-            for cls in type(m).__mro__:
-                classes.setdefault(id(cls), cls)
-        for cls in (torch.Tensor, torch.nn.Parameter, type(self.model), *type(self.model).__mro__):
-            classes.setdefault(id(cls), cls)
+        classes = _involved_classes(self.model, module.modules())
         envoys = {}
         for envoy in self.model.modules():
             envoys[envoy.path or "(root)"] = (
@@ -150,20 +146,13 @@ class _Fingerprint:
     def __init__(self, model: Any) -> None:
         self.model = model
         root: torch.nn.Module = model._model
-        self.root = root
         self.modules = list({id(m): m for m in root.modules()}.values())
         self.public: list[Callable[[dict[str, Any]], tuple]] = []
         for module in self.modules:
             keys = tuple(key for key in vars(module) if not key.startswith("_"))
             self.public.append(_item_getter(keys))
         self.tensors = list({id(t): t for t in (*root.parameters(), *root.buffers())}.values())
-        classes: dict[int, type] = {}
-        for module in self.modules:
-            for cls in type(module).__mro__:
-                classes.setdefault(id(cls), cls)
-        for cls in (torch.Tensor, torch.nn.Parameter, type(model), *type(model).__mro__):
-            classes.setdefault(id(cls), cls)
-        self.classes = list(classes.values())
+        self.classes = list(_involved_classes(model, self.modules).values())
         self.envoys = list(model.modules())
         shared = [getattr(root, "config", None), getattr(root, "generation_config", None),
                   vars(model).get("_tokenizer"), model]
@@ -224,6 +213,18 @@ def _item_getter(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple]:
     if not keys:
         return lambda d: ()
     return operator.itemgetter(*keys, keys[0]) if len(keys) == 1 else operator.itemgetter(*keys)
+
+
+def _involved_classes(model: Any, modules: Iterable[torch.nn.Module]) -> dict[int, type]:
+    """Every class a job could change to reach later jobs: the modules' classes with their bases,
+    the tensor classes and the wrapper's, by id."""
+    classes: dict[int, type] = {}
+    for module in modules:
+        for cls in type(module).__mro__:
+            classes.setdefault(id(cls), cls)
+    for cls in (torch.Tensor, torch.nn.Parameter, type(model), *type(model).__mro__):
+        classes.setdefault(id(cls), cls)
+    return classes
 
 
 def _shared_state(model: Any) -> dict[str, Any]:
