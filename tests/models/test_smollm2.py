@@ -15,6 +15,8 @@ import torch
 from nnsight_jupyter import save
 from nnsight_jupyter.models.language import LanguageModel
 
+from ..numerics import assert_rounding_close, transformer_depth_width
+
 pytestmark = pytest.mark.slow
 
 CLEAN = "The Eiffel Tower is in"
@@ -104,9 +106,11 @@ def test_mixed_length_invokes_match_single_runs(lm, hf, tok):
         seen = {}
         hooks = [(hf.model.layers[i], lambda m, a, o, i=i: seen.__setitem__(i, o.clone())) for i in watched]
         want = hf_logits(hf, ids, hooks)
-        torch.testing.assert_close(logits[:, -n:], want, rtol=1e-4, atol=2e-3)
+        # A padded batch of 3 against each prompt alone: equal up to float32 rounding.
+        depth, width = transformer_depth_width(hf.config)
+        assert_rounding_close(logits[:, -n:], want, depth=depth, width=width)
         for i, h in zip(watched, hidden):
-            torch.testing.assert_close(h[:, -n:], seen[i], rtol=1e-4, atol=2e-3)
+            assert_rounding_close(h[:, -n:], seen[i], depth=depth, width=width)
 
 
 def test_patching_the_residual_stream_restores_paris_at_later_layers(lm, hf, tok):

@@ -77,6 +77,10 @@ class Arch:
     early: str  # a module path early in the forward
     late: str  # a module path later in the forward
     final: str  # the last module whose output feeds the model output
+    # For comparisons across batch shapes (tests/numerics.py): how many reductions the deepest
+    # value passes through, and the longest of them (counted from the architecture below).
+    depth: int = 1
+    width: int = 1
 
     def get(self, path: str) -> nn.Module:
         return self.module.get_submodule(path)
@@ -89,22 +93,25 @@ def _tiny_gpt2() -> Arch:
     cfg = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg).eval()
     gen = torch.Generator().manual_seed(1)
+    # Per block: two LayerNorms, qkv, q.k, softmax, attn.v, proj, fc, proj (9); 3 blocks, ln_f, lm_head.
     return Arch("gpt2", model, lambda b: torch.randint(1, 97, (b, 7), generator=gen), "transformer.h.0",
-                "transformer.h.2", "lm_head")
+                "transformer.h.2", "lm_head", depth=29, width=128)
 
 
 def _mlp() -> Arch:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
+    # embed, 3 x (fc, norm), three head layers.
     return Arch("mlp", NestedMLP().eval(), lambda b: torch.randn(b, 8, generator=gen), "blocks.0.fc",
-                "blocks.2.norm", "head.2")
+                "blocks.2.norm", "head.2", depth=10, width=16)
 
 
 def _convnet() -> Arch:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
+    # two convolutions (3x3 and 8x3 terms), the GRU's 10 recurrent steps (8 + 12 terms), classifier.
     return Arch("convnet", SmallConvNet().eval(), lambda b: torch.randn(b, 3, 10, generator=gen), "features.0",
-                "features.2", "classifier")
+                "features.2", "classifier", depth=13, width=24)
 
 
 _SMOLLM2: dict[str, Any] = {}
@@ -122,7 +129,9 @@ def _smollm2(folder) -> Arch:
         ids = tok("The capital of France is", return_tensors="pt").input_ids
         return ids.repeat(b, 1)
 
-    return Arch("smollm2", _SMOLLM2["model"], make_input, "model.layers.3", "model.layers.20", "lm_head")
+    # Per block: two RMSNorms, q/k/v, q.k, softmax, attn.v, o, gate/up, down (9); 30 blocks, norm, lm_head.
+    return Arch("smollm2", _SMOLLM2["model"], make_input, "model.layers.3", "model.layers.20", "lm_head",
+                depth=272, width=1536)
 
 
 ARCH_NAMES = ["gpt2", "smollm2", "mlp", "convnet"]
