@@ -378,3 +378,22 @@ def test_module_entry_point_prints_the_folder(cache, tmp_path):
         check=True,
     )
     assert result.stdout.strip() == str(folder)
+
+
+def test_aligned_safetensors_start_their_data_on_a_64_byte_boundary(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"a": torch.randn(3, 16), "b": torch.arange(5, dtype=torch.float32), "c": torch.randn(64)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    bundled._align_safetensors(path)
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert (8 + header_len) % 64 == 0
+    offsets = json.loads(raw[8:8 + header_len])
+    assert offsets["a"]["data_offsets"][0] == 0  # the first tensor sits at the aligned start
+    loaded = load_file(str(path))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    bundled._align_safetensors(path)
+    assert path.read_bytes() == raw  # already aligned: unchanged

@@ -390,3 +390,15 @@ def test_parameters_read_in_the_trace_body_are_the_loaded_ones(tiny_folder):
         logits = (hidden @ weight.T).save()
         want = model.output.logits.save()
     torch.testing.assert_close(logits, want)
+
+
+def test_loaded_weights_sit_on_64_byte_boundaries_with_their_values_and_ties(tiny_folder):
+    """Weights read from a file are copied off unaligned offsets, so a single-row product rounds as on a server."""
+    plain = T.AutoModelForCausalLM.from_pretrained(str(tiny_folder)).eval()
+    assert any(p.data_ptr() % 64 for p in plain.parameters()), "the file's weights are already aligned"
+    model = LanguageModel(str(tiny_folder), dispatch=True)
+    loaded = dict(model._model.named_parameters())
+    assert all(p.data_ptr() % 64 == 0 for p in loaded.values())
+    for name, p in plain.named_parameters():
+        assert torch.equal(loaded[name], p), name
+    assert model._model.lm_head.weight is model._model.model.embed_tokens.weight

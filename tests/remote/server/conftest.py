@@ -12,6 +12,7 @@ seconds, for importing torch), after which a new worker is ready in about a seco
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -32,6 +33,24 @@ from nnsight_jupyter.remote.server.config import ServerConfig, parse_model_specs
 
 TINY = "tiny=tests.remote.server.tiny_models:tiny_gpt2"
 MSGPACK = {"content-type": "application/x-msgpack"}
+# Torch threads per test worker: the two cores are shared with the test process itself.
+WORKER_THREADS = 1
+
+
+@contextlib.contextmanager
+def threads_like_workers() -> Iterator[None]:
+    """Run a local reference with the test workers' torch thread count.
+
+    Matrix kernels split their work, and with it the order of their sums, by thread count: the
+    same generation step computed with one thread and with two differs in the last bit. A local
+    run compared bit for bit with a worker's must use the worker's count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(WORKER_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class FakeClock:
@@ -56,7 +75,7 @@ def make_config(data_dir: Path, key_file: Path | None, **overrides: Any) -> Serv
         max_job_memory_bytes=768 * 2**20,
         max_log_bytes=16 * 1024,
         cancel_grace_s=1.0,
-        worker_threads=1,
+        worker_threads=WORKER_THREADS,
         sweep_interval_s=0.5,
     )
     settings.update(overrides)

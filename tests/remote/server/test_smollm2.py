@@ -12,7 +12,7 @@ from nnsight_jupyter.remote.protocol import TraceRequest
 from nnsight_jupyter.remote.server.app import create_app
 from nnsight_jupyter.remote.server.config import parse_model_specs
 
-from .conftest import Client, _wait_ready, make_config
+from .conftest import Client, _wait_ready, make_config, threads_like_workers
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +25,29 @@ def test_smollm2_trace_and_generate_match_a_local_run(tmp_path):
     generate = TraceRequest("smollm2", "ids = tracer.result.save()",
                             {"kind": "generate", "inputs": ["Hello, my name is"], "kwargs": {"max_new_tokens": 4},
                              "tracer_name": "tracer"})
+    # A one-token prompt and each generation step multiply a single row by each weight matrix:
+    # the products that round differently when the two sides hold the weights at other offsets.
+    one_token = TraceRequest("smollm2", "logits = model.lm_head.output.save()",
+                             {"kind": "trace", "inputs": [[504]]})
+    steps = TraceRequest("smollm2", "steps = save([])\nfor step in tracer.all():\n"
+                                    "    steps.append(model.lm_head.output)\n",
+                         {"kind": "generate", "inputs": ["The capital of France is"],
+                          "kwargs": {"max_new_tokens": 3}, "tracer_name": "tracer",
+                          "modules": {"save": "nnsight_jupyter.save"}})
     with TestClient(create_app(config)) as http:
         client = Client(http, "unused")
         _wait_ready(http, {})
         sandbox = http.get("/models").json()["models"][0]["replicas"][0]["sandbox"]["active"]
         assert any(layer.startswith("weights read-only") for layer in sandbox)
-        remote = [client.run(trace), client.run(generate), client.run(trace)]
+        remote = [client.run(trace), client.run(generate), client.run(trace), client.run(one_token), client.run(steps)]
     local_model = LanguageModel("smollm2")
-    local = [run_request(local_model, trace), run_request(local_model, generate)]
-    assert all(r.error is None for r in remote), [r.error for r in remote]
+    with threads_like_workers():
+        local = [run_request(local_model, request) for request in (trace, generate, trace, one_token, steps)]
+    assert all(r.error is None for r in remote + local), [r.error for r in remote + local]
+    assert torch.equal(remote[3].saved["logits"], local[3].saved["logits"])
+    assert len(remote[4].saved["steps"]) == 3
+    for remote_step, local_step in zip(remote[4].saved["steps"], local[4].saved["steps"], strict=True):
+        assert torch.equal(remote_step, local_step)
     assert torch.allclose(remote[0].saved["logits"], local[0].saved["logits"], atol=1e-4)
     assert torch.equal(remote[1].saved["ids"], local[1].saved["ids"])
     assert torch.equal(remote[0].saved["logits"], remote[2].saved["logits"])
