@@ -12,7 +12,7 @@ from nnsight_jupyter.errors import NotSavedError, OutOfOrderError
 from nnsight_jupyter.remote.client import RemoteClient, RemoteServerError
 
 from ..identical import assert_identical
-from .conftest import tokens
+from .conftest import threads_like_workers, tokens
 from .tiny_models import tiny_gpt2
 
 
@@ -33,7 +33,9 @@ Y = tokens(2)
 
 
 def _both(run, client):
-    return run(False), run(client)
+    with threads_like_workers():
+        local = run(False)
+    return local, run(client)
 
 
 def test_save_patch_and_derived_values(model, client):
@@ -109,7 +111,7 @@ def test_non_blocking_job_handle(model, client):
         h = model.transformer.h[1].output.save()
     job_id = tracer.job.job_id
     values = client.job(job_id).values()
-    with model.trace(X):
+    with threads_like_workers(), model.trace(X):
         expected = model.transformer.h[1].output.save()
     assert_identical(values["h"], expected)
 
@@ -146,7 +148,7 @@ def test_trace_magic_remote(model, client, live_server):
         shell.run_cell("%%trace net x --remote\nh = model.transformer.h[1].output.save()\n").raise_error()
     finally:
         CONFIG.host = CONFIG.api_key = None
-    with model.trace(X):
+    with threads_like_workers(), model.trace(X):
         expected = model.transformer.h[1].output.save()
     assert_identical(shell.user_ns["h"], expected)
 
@@ -157,6 +159,9 @@ def test_ctrl_c_while_waiting_cancels_the_servers_job(model, client):
     import time
 
     handle = client.submit(_last_request(model))
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt; a notebook kernel always handles it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
     timer.start()
     try:
@@ -165,6 +170,7 @@ def test_ctrl_c_while_waiting_cancels_the_servers_job(model, client):
             pytest.fail(f"the job ended before Ctrl-C: {final}")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 15
     while client.status(handle.job_id)["status"] not in ("cancelled", "error", "completed"):
         assert time.monotonic() < deadline
@@ -200,7 +206,7 @@ def test_a_dropped_event_stream_is_resumed(model, client, monkeypatch):
     monkeypatch.setattr(client.http, "stream", flaky_stream)
     with model.trace(X, remote=client):
         h = model.transformer.h[1].output.save()
-    with model.trace(X):
+    with threads_like_workers(), model.trace(X):
         expected = model.transformer.h[1].output.save()
     assert calls[0] == {"after": 0}
     assert len(calls) >= 2 and calls[1]["after"] >= 1
@@ -226,7 +232,7 @@ def test_a_small_result_rides_in_the_final_event(model, client, monkeypatch):
     monkeypatch.setattr(client, "submit", lambda *a, **k: handles.append(real_submit(*a, **k)) or handles[-1])
     with model.trace(X, remote=client):
         h = model.transformer.h[1].output.save()
-    with model.trace(X):
+    with threads_like_workers(), model.trace(X):
         expected = model.transformer.h[1].output.save()
     assert_identical(h, expected)
     assert downloads == [], "a small result was downloaded again"
@@ -242,7 +248,7 @@ def test_a_large_result_is_downloaded_and_callbacks_never_see_result_bytes(model
     downloads = _counting_downloads(client, monkeypatch)
     with model.trace(X, remote=client):
         big = model.transformer.h[1].output.repeat(1, 1, 300).save()  # 2 x 4 x 9600 floats: 300 KB
-    with model.trace(X):
+    with threads_like_workers(), model.trace(X):
         expected = model.transformer.h[1].output.repeat(1, 1, 300).save()
     assert_identical(big, expected)
     assert len(downloads) == 1
