@@ -1,4 +1,4 @@
-"""The analyses researchers run most, on any causal LM in the architecture table.
+"""The analyses researchers run most, on any causal LM in the architecture table, locally or remotely.
 
     from nnsight_jupyter.analysis import patching_sweep, logit_lens, attention_patterns, logit_diff, token_prob
 
@@ -10,7 +10,8 @@
   run fused attention (`attention.py`).
 
 Each returns a result object with labelled axes (tensors plus the labels of layers, positions,
-heads and tokens), a text `repr` and a small static HTML table.
+heads and tokens), a text `repr` and a small static HTML table; `remote=True` runs the analysis
+on the server as one job (`remote.py`).
 """
 
 from .attention import AttentionPatterns, attention_patterns

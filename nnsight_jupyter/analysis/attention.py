@@ -100,6 +100,15 @@ class AttentionPatterns:
         shape = tuple(self.patterns.shape)
         return out + f"<div style='font-size:11px;opacity:.75'>patterns: {shape} [layer, head, query, key]</div>"
 
+    def to_wire(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "prompt_ids": list(self.prompt_ids), "patterns": self.patterns}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any], model: Any) -> "AttentionPatterns":
+        result = cls(**data)
+        result.token_text = dict(zip(result.prompt_ids, decode_each(model, result.prompt_ids)))
+        return result
+
 
 class _Reader:
     def __init__(self, attn: Any) -> None:
@@ -146,14 +155,21 @@ def eager_attention(module: torch.nn.Module) -> Iterator[None]:
                 config.__dict__["_attn_implementation_internal"] = value
 
 
-def attention_patterns(model: Any, prompt: Any, *, layers: Any = None) -> AttentionPatterns:
+def attention_patterns(model: Any, prompt: Any, *, layers: Any = None, remote: Any = False,
+                       timeout: float | None = None) -> AttentionPatterns:
     """Attention probabilities `[layer, head, query, key]` of one prompt, even for a model running SDPA.
 
     Args:
         model: a `LanguageModel` or `NNsight(hf_model)` of a family in the architecture table.
         prompt: text or token ids.
         layers: the layers to read (all by default).
+        remote: run on the server (`True`, `"local"` or a backend).
+        timeout: seconds the remote job may take.
     """
+    if remote:
+        from .remote import run_attention_patterns
+
+        return run_attention_patterns(model, prompt, layers=layers, remote=remote, timeout=timeout)
     layout = layout_of(model)
     ids = prompt_ids(model, prompt)
     chosen = layout.check_layers(layers)

@@ -12,7 +12,8 @@ beside the forward pass without being traced (see `Envoy.__call__`), so they are
 the model's own calls of those modules.
 
 Only the top-k tokens and probabilities (and the target's probability and rank) are kept per
-layer and position, never the full `[vocab]` distributions: that is what a view shows.
+layer and position, never the full `[vocab]` distributions: that is what a view shows, and all
+a remote run sends back.
 """
 
 from __future__ import annotations
@@ -114,6 +115,17 @@ class LogitLensResult:
             out += grid_table(rows, cols, cells, corner="layer \\ position", title=f"probability of {name!r}")
         return out
 
+    def to_wire(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "prompt_ids": list(self.prompt_ids), "top_ids": self.top_ids,
+                "top_probs": self.top_probs, "target": self.target, "target_probs": self.target_probs,
+                "target_ranks": self.target_ranks}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any], model: Any) -> "LogitLensResult":
+        result = cls(**data)
+        result.token_text = _token_text(model, result)
+        return result
+
 
 class _Reader:
     """Applies the final norm and unembedding to one layer's output and keeps the top-k."""
@@ -137,8 +149,8 @@ class _Reader:
             self.target_stats = (p.cpu(), ((probs > p.unsqueeze(-1)).sum(-1) + 1).cpu())
 
 
-def logit_lens(model: Any, prompt: Any, *, top_k: int = 5, target: int | str | None = None,
-               layers: Any = None) -> LogitLensResult:
+def logit_lens(model: Any, prompt: Any, *, top_k: int = 5, target: int | str | None = None, layers: Any = None,
+               remote: Any = False, timeout: float | None = None) -> LogitLensResult:
     """Each chosen layer's output through the model's final norm and unembedding, in one trace.
 
     Args:
@@ -147,9 +159,15 @@ def logit_lens(model: Any, prompt: Any, *, top_k: int = 5, target: int | str | N
         top_k: tokens kept per layer and position.
         target: a token (id or one token of text) whose probability and rank to record everywhere.
         layers: the layers to read (all by default).
+        remote: run on the server (`True`, `"local"` or a backend); only the top-k comes back.
+        timeout: seconds the remote job may take.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, not {top_k!r}.")
+    if remote:
+        from .remote import run_logit_lens
+
+        return run_logit_lens(model, prompt, top_k=top_k, target=target, layers=layers, remote=remote, timeout=timeout)
     layout = layout_of(model)
     ids = prompt_ids(model, prompt)
     chosen = layout.check_layers(layers)

@@ -7,7 +7,8 @@ per run, `[runs]`:
     metric = lambda logits: logits[:, paris] - logits[:, rome]
 
 A metric that returns a single number for the whole batch is called once per run instead
-(slower, same result). The two metrics almost every patching experiment uses are provided:
+(slower, same result). The two metrics almost every patching experiment uses are provided, and
+unlike a function they travel to a server as data:
 
     logit_diff(" Paris", " Rome")    # logit of the right answer minus the wrong one's
     token_prob(" Paris")             # probability of one token
@@ -51,6 +52,18 @@ class Metric:
         if self.kind == "logit_diff":
             return f"logit({shown[0]}) - logit({shown[1]})"
         return f"P({shown[0]})"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tokens": list(self.tokens)}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "Metric":
+        if not isinstance(data, dict) or data.get("kind") not in ("logit_diff", "token_prob"):
+            raise ValueError(f"Not a metric description: {data!r}.")
+        tokens = tuple(int(t) for t in data.get("tokens") or ())
+        if len(tokens) != (2 if data["kind"] == "logit_diff" else 1):
+            raise ValueError(f"A {data['kind']} metric takes {2 if data['kind'] == 'logit_diff' else 1} tokens.")
+        return cls(data["kind"], tokens)
 
     def __repr__(self) -> str:
         return f"{self.kind}({', '.join(repr(t) for t in self.tokens)})"

@@ -29,6 +29,8 @@ While it runs: a tqdm bar; `on_update(result, cells)` after every chunk with the
 filled (cells not computed yet are NaN) so a view can redraw; Ctrl-C stops it between or inside
 chunks and returns what was computed (`result.interrupted`, `result.computed`). The model is left
 as it was in every case, as after any trace.
+
+`remote=True` runs the whole sweep as one job on the server (see `remote.py`).
 """
 
 from __future__ import annotations
@@ -193,6 +195,25 @@ class PatchingResult:
                 + (" · interrupted" if self.interrupted else ""))
         return grid_table(rows, cols, cells, corner=" \\ ".join(dims), title=title, note=note)
 
+    # ----- across the wire -------------------------------------------------------------------------
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "values": self.values, "dims": list(self.dims), "coords": {k: list(v) for k, v in self.coords.items()},
+            "site": self.site, "metric": self.metric, "clean_baseline": self.clean_baseline,
+            "corrupted_baseline": self.corrupted_baseline, "clean_ids": list(self.clean_ids),
+            "corrupted_ids": list(self.corrupted_ids), "top_ids": self.top_ids, "top_probs": self.top_probs,
+            "baseline_top_ids": self.baseline_top_ids, "baseline_top_probs": self.baseline_top_probs,
+            "computed": self.computed, "interrupted": self.interrupted,
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any], model: Any) -> "PatchingResult":
+        fields = dict(data)
+        fields["dims"] = tuple(fields["dims"])
+        result = cls(**fields)
+        result.token_text = _token_text(model, result)
+        return result
+
 
 # ----- the sweep -----------------------------------------------------------------------------------
 
@@ -200,7 +221,8 @@ def patching_sweep(model: Any, clean: Any, corrupted: Any, metric: Callable[[tor
                    over: Sequence[str] = ("layer", "position"), site: str = "resid", layers: Any = None,
                    positions: Any = None, heads: Any = None, memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
                    batch_size: int | None = None, top_k: int = 5, progress: bool = True,
-                   on_update: Callable[[PatchingResult, list[tuple[int, ...]]], None] | None = None) -> PatchingResult:
+                   on_update: Callable[[PatchingResult, list[tuple[int, ...]]], None] | None = None,
+                   remote: Any = False, timeout: float | None = None) -> PatchingResult:
     """Patch the clean run's activation into the corrupted run at every cell; return the metric per cell.
 
     Args:
@@ -217,10 +239,20 @@ def patching_sweep(model: Any, clean: Any, corrupted: Any, metric: Callable[[tor
         top_k: how many of each patched run's most likely tokens to keep.
         progress: show a tqdm progress bar.
         on_update: called as `on_update(result, cells)` after each chunk, `cells` the indices into
-            `result.values` that were just filled.
+            `result.values` that were just filled (remotely: once, when the result arrives).
+        remote: run the sweep on the server as one job (`True`, `"local"`, or a backend), like a trace;
+            the bar follows the server's chunks.
+        timeout: seconds the remote job may take.
     """
     over = _check_over(over, site)
     top_k = _positive_int(top_k, "top_k")
+    if remote:
+        from .remote import run_patching_sweep
+
+        return run_patching_sweep(
+            model, clean, corrupted, metric, over=over, site=site, layers=layers, positions=positions, heads=heads,
+            memory_budget=memory_budget, batch_size=batch_size, top_k=top_k, progress=progress,
+            on_update=on_update, remote=remote, timeout=timeout)
     if not callable(metric):
         raise TypeError(f"metric must be a function of the logits (or logit_diff(...) / token_prob(...)), not "
                         f"{type(metric).__name__}.")

@@ -7,7 +7,8 @@ construction. What the server adds around it (a sandbox's builtins and source ch
 sink) comes in as arguments.
 
 Options understood (all optional except `kind`):
-    kind               "trace" or "generate"
+    kind               "trace", "generate", or "analysis": a named analysis of `nnsight_jupyter.analysis`
+                       (option `analysis`), called with the variable `arguments`; the source is unused
     inputs, kwargs     positional and keyword inputs of `model.trace(...)` / `model.generate(...)`
     model_names        names the body uses for the model itself (default ["model"])
     tracer_name        the name after `as` in the client's `with` statement
@@ -51,7 +52,8 @@ def run_request(
     try:
         if validate is not None:
             validate(request.source)
-        block = compile_source(request.source, filename, first_line=first_line)
+        analysis = options.get("kind") == "analysis"
+        block = None if analysis else compile_source(request.source, filename, first_line=first_line)
         ns: dict[str, Any] = {"__builtins__": builtins if builtins is not None else _builtins.__dict__}
         ns["print"] = _printer(logs, on_log)
         for name, module_name in dict(options.get("modules") or {}).items():
@@ -77,6 +79,11 @@ def run_request(
         ns.update(variables)
         for name in options.get("model_names") or ["model"]:
             ns[str(name)] = model
+        if analysis:
+            from ..analysis.remote import run_named
+
+            value = run_named(model, options.get("analysis"), ns.get("arguments"), ns["print"])
+            return TraceResult(saved={"result": result_to_wire("result", value)}, logs=logs, error=None)
         inputs = tuple(from_wire(options.get("inputs") or [], root=model))
         kwargs = dict(from_wire(options.get("kwargs") or {}, root=model))
         if options.get("kind", "trace") == "generate":
