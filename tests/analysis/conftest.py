@@ -12,6 +12,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from tests.numerics import rounding_bound, transformer_depth_width
+
 VOCAB = 512
 
 
@@ -51,11 +53,25 @@ def patched_logits(module: torch.nn.Module, kind: str, model: torch.nn.Module, i
         handle.remove()
 
 
+class Reference:
+    """Metric values of plain runs, and how far a batched computation of them may be off (`atol`)."""
+
+    def __init__(self, values: torch.Tensor, logits: list[torch.Tensor], config: Any) -> None:
+        self.values = values
+        stacked = torch.stack(logits).double()
+        scale = float((stacked.abs() + stacked.pow(2).mean(-1, keepdim=True).sqrt()).max())
+        # Each logit of a run computed as one row of a batch is within rounding_bound x (|logit| +
+        # rms of its logits) of the same run computed alone (tests/numerics.py). A difference of two
+        # logits is within twice that; so is a probability, whose change is at most the largest
+        # change of a log-probability, itself at most twice the largest change of a logit.
+        self.atol = 2 * rounding_bound(*transformer_depth_width(config)) * scale
+
+
 def naive_sweep(model: torch.nn.Module, module_of: Callable[[int], torch.nn.Module], kind: str,
                 clean: torch.Tensor, corrupted: torch.Tensor, cells: list[tuple[int, Any, Any]],
-                metric: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                metric: Callable[[torch.Tensor], torch.Tensor]) -> Reference:
     """One plain forward per cell `(layer, position or None, column slice or None)`; the metric of each."""
-    values = []
+    values, logits = [], []
     clean_values: dict[int, torch.Tensor] = {}
     for layer, position, columns in cells:
         module = module_of(layer)
@@ -67,22 +83,9 @@ def naive_sweep(model: torch.nn.Module, module_of: Callable[[int], torch.nn.Modu
         def edit(tensor: torch.Tensor, where: Any = where, source: torch.Tensor = source) -> None:
             tensor[where] = source
 
-        values.append(metric(patched_logits(module, kind, model, corrupted, edit).unsqueeze(0))[0])
-    return torch.stack(values)
-
-
-def tolerance(reference: torch.Tensor) -> float:
-    """Absolute tolerance for batched-vs-single comparisons of logit-scale values.
-
-    The sweep runs a cell as one row of a wider batch; the reference runs it alone. Matrix
-    products of different shapes sum in different orders, so each float32 result differs by a
-    few units in the last place (~1e-7 relative), and the differences grow through the layers.
-    Over 3 tiny layers or 30 SmolLM2 layers they stay below 1e-5 of the largest logit
-    (measured: at most ~5e-7 relative on these models), so 1e-4 relative to the values' own
-    scale leaves a wide margin while still catching any wrong patch, which moves values by
-    1e-2 or more.
-    """
-    return 1e-4 * max(1.0, float(reference.abs().max()))
+        logits.append(patched_logits(module, kind, model, corrupted, edit))
+        values.append(metric(logits[-1].unsqueeze(0))[0])
+    return Reference(torch.stack(values), logits, model.config)
 
 
 def build_tiny(kind: str, seed: int = 0) -> torch.nn.Module:

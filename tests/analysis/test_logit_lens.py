@@ -43,17 +43,14 @@ def by_hand(hf, ids, layers, softcap=None):
 
 
 def check(lens: LogitLensResult, probs: torch.Tensor, target: int | None) -> None:
-    # Float error is below 1e-6 here (same shapes, same kernels); ties in the top-k would make the
-    # order ambiguous, so ids are compared through the probabilities they select.
+    # The same model, the same shapes, the same operations in the same order: equal bit for bit.
     k = lens.top_ids.shape[-1]
     expected = probs.topk(k, dim=-1)
-    torch.testing.assert_close(lens.top_probs, expected.values, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(probs.gather(-1, lens.top_ids), expected.values, rtol=1e-5, atol=1e-7)
+    assert torch.equal(lens.top_probs, expected.values) and torch.equal(lens.top_ids, expected.indices)
     if target is not None:
         p = probs[..., target]
-        torch.testing.assert_close(lens.target_probs, p, rtol=1e-5, atol=1e-9)
-        rank = (probs > p.unsqueeze(-1)).sum(-1) + 1
-        assert torch.equal(lens.target_ranks, rank)
+        assert torch.equal(lens.target_probs, p)
+        assert torch.equal(lens.target_ranks, (probs > p.unsqueeze(-1)).sum(-1) + 1)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
@@ -65,7 +62,7 @@ def test_equals_final_norm_and_unembedding_by_hand(family):
     assert lens.top_ids.shape == (3, 6, 4) and lens.layers == [0, 1, 2] and lens.dims == ("layer", "position")
     check(lens, probs, 17)
     # The last layer read through the final norm and unembedding is the model's own prediction.
-    torch.testing.assert_close(lens.top_probs[-1], final.topk(4, dim=-1).values, rtol=1e-5, atol=1e-7)
+    assert torch.equal(lens.top_probs[-1], final.topk(4, dim=-1).values)
     some = logit_lens(model, PROMPT.tolist(), layers=[-1, 0], top_k=2)
     assert some.layers == [0, 2] and some.target is None and some.target_probs is None
     check(some, probs[[0, 2]], None)
@@ -78,7 +75,7 @@ def test_gemma_soft_capping_is_applied():
     lens = logit_lens(model, PROMPT, target=5)
     probs, final = by_hand(hf, PROMPT, [0, 1, 2], softcap=3.0)
     check(lens, probs, 5)
-    torch.testing.assert_close(lens.top_probs[-1], final.topk(5, dim=-1).values, rtol=1e-5, atol=1e-7)
+    assert torch.equal(lens.top_probs[-1], final.topk(5, dim=-1).values)
     uncapped, _ = by_hand(hf, PROMPT, [0, 1, 2])
     assert (uncapped.topk(5, dim=-1).values - lens.top_probs).abs().max() > 1e-3
 

@@ -1,10 +1,9 @@
 """Analyses with `remote=`: one job on the live test server, the same numbers as a local call.
 
 The server's worker runs the tiny GPT-2 under the full sandbox (source checks, builtins,
-process lockdown, after-job model check); the client holds an identical model. Values are
-compared with a tolerance of a few float32 ulps rather than bit for bit: the shapes and kernels
-are the same, but the worker may run with another torch thread count than the test process,
-which can change how a reduction is split.
+process lockdown, after-job model check); the client holds an identical model. The server runs
+the same function with the same chunks, so the same shapes: with the workers' torch thread
+count, the local call must give the same bits.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from nnsight_jupyter.analysis.remote import _run
 from nnsight_jupyter.remote.capture import RemoteTraceError
 from nnsight_jupyter.remote.client import RemoteClient
 
+from .conftest import threads_like_workers
 from .tiny_models import VOCAB, tiny_gpt2
 
 CLEAN = torch.tensor([3, 5, 8, 13, 21, 34])
@@ -25,8 +25,8 @@ CORRUPTED = torch.tensor([3, 6, 8, 14, 21, 30])
 OFFSET = torch.arange(VOCAB) / VOCAB  # a module-level tensor a metric reads: travels with it
 
 
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+def same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and torch.equal(a, b), (a, b)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +61,12 @@ def test_sweep_is_one_job_with_the_local_numbers(model, client, submissions, cap
         return (logits + OFFSET)[:, 7] - weight * torch.log_softmax(logits, -1)[:, 9]
 
     for chosen in (logit_diff(7, 9), metric):
-        local = patching_sweep(model, CLEAN, CORRUPTED, chosen, batch_size=3, progress=False)
+        with threads_like_workers():
+            local = patching_sweep(model, CLEAN, CORRUPTED, chosen, batch_size=3, progress=False)
         remote = patching_sweep(model, CLEAN, CORRUPTED, chosen, batch_size=3, progress=True, remote=client)
-        close(remote.values, local.values)
+        same(remote.values, local.values)
         assert remote.computed.all() and remote.dims == local.dims and remote.coords == local.coords
-        assert remote.clean_baseline == pytest.approx(local.clean_baseline, rel=1e-5)
-        assert remote.corrupted_baseline == pytest.approx(local.corrupted_baseline, rel=1e-5)
+        assert (remote.clean_baseline, remote.corrupted_baseline) == (local.clean_baseline, local.corrupted_baseline)
         assert torch.equal(remote.top_ids, local.top_ids) and remote.metric == local.metric
         out = capsys.readouterr()
         assert "[nnsight-jupyter analysis]" not in out.out + out.err  # progress drives the bar, not print
@@ -77,11 +77,12 @@ def test_sweep_is_one_job_with_the_local_numbers(model, client, submissions, cap
 
 def test_head_sweep_and_updates(model, client, submissions):
     updates = []
-    local = patching_sweep(model, CLEAN, CORRUPTED, logit_diff(7, 9), site="head", over=("layer", "head"),
-                           progress=False)
+    with threads_like_workers():
+        local = patching_sweep(model, CLEAN, CORRUPTED, logit_diff(7, 9), site="head", over=("layer", "head"),
+                               progress=False)
     remote = patching_sweep(model, CLEAN, CORRUPTED, logit_diff(7, 9), site="head", over=("layer", "head"),
                             progress=False, remote=client, on_update=lambda r, cells: updates.append(len(cells)))
-    close(remote.values, local.values)
+    same(remote.values, local.values)
     assert updates == [8] and len(submissions) == 1
 
 
@@ -94,10 +95,11 @@ def test_logit_lens_sends_only_the_top_k(model, client, monkeypatch):
         return from_wire(cls, data, m)
 
     monkeypatch.setattr(LogitLensResult, "from_wire", classmethod(spy))
-    local = logit_lens(model, CLEAN, top_k=3, target=7)
+    with threads_like_workers():
+        local = logit_lens(model, CLEAN, top_k=3, target=7)
     remote = logit_lens(model, CLEAN, top_k=3, target=7, remote=client)
-    close(remote.top_probs, local.top_probs)
-    close(remote.target_probs, local.target_probs)
+    same(remote.top_probs, local.top_probs)
+    same(remote.target_probs, local.target_probs)
     assert torch.equal(remote.target_ranks, local.target_ranks) and remote.layers == local.layers
     tensors = [v for v in received[0].values() if isinstance(v, torch.Tensor)]
     assert tensors and all(VOCAB not in t.shape for t in tensors)
@@ -105,16 +107,17 @@ def test_logit_lens_sends_only_the_top_k(model, client, monkeypatch):
 
 
 def test_attention_patterns_and_the_server_model_is_left_as_it_was(model, client):
-    local = attention_patterns(model, CLEAN)
+    with threads_like_workers():
+        local = attention_patterns(model, CLEAN)
     remote = attention_patterns(model, CLEAN, remote=client)
-    close(remote.patterns, local.patterns)
+    same(remote.patterns, local.patterns)
     # The worker checks its model after every job: switching attention modes and back passed that
     # check (else the call above would have raised ModelModifiedError), and a trace still agrees.
     with model.trace(CLEAN.unsqueeze(0), remote=client):
         out = model.output.logits.save()
-    with model.trace(CLEAN.unsqueeze(0)):
+    with threads_like_workers(), model.trace(CLEAN.unsqueeze(0)):
         expected = model.output.logits.save()
-    close(out, expected)
+    same(out, expected)
 
 
 def test_user_metrics_meet_the_sandbox(model, client):
