@@ -88,7 +88,7 @@ class LogitLensResult:
                 f"{float(self.top_probs[i, -1, 0]):.2f}" for i in range(len(self.layers))]
         lines = [f"LogitLensResult: {len(self.layers)} layers x {len(self.prompt_ids)} positions, "
                  f"top {self.top_ids.shape[-1]}",
-                 "  last position, top token by layer: " + ", ".join(last[-6:]) + (" ..." if len(last) > 6 else "")]
+                 "  last position, top token by layer: " + ("..., " if len(last) > 6 else "") + ", ".join(last[-6:])]
         if self.target is not None and self.target_ranks is not None:
             text = self.token_text.get(self.target, str(self.target))
             first = (self.target_ranks[:, -1] == 1).nonzero()
