@@ -241,35 +241,24 @@ NOTEBOOKS["03_patching"] = [
     md('''
         ## Layer × position sweep
 
-        Every 3rd layer, every position. Each cell is P(" Paris") in the corrupted run after
-        patching that single (layer, position); each layer is one batched pass (one clean invoke,
-        one corrupted invoke per position). The subject tokens carry the information through the
+        `patching_sweep` patches every (layer, position) cell, here every 3rd layer and every
+        position, and runs many cells per forward pass. Each cell is P(" Paris") in the corrupted
+        run after patching that single cell; the table is shaded from the corrupted baseline
+        (white) towards the clean one (blue). The subject tokens carry the information through the
         early and middle layers; from about layer 24 it has moved to the last position, which is
         why the single patch above uses layer 24.
     '''),
-    HEATMAP,
     code('''
-        def patched_row(layer, positions):
-            """P(' Paris') in the corrupted run, patching the clean residual at (layer, pos) for each pos.
+        from nnsight_jupyter.analysis import patching_sweep, token_prob
 
-            One forward pass per layer: invoke 0 is the clean run, then one corrupted invoke per position.
-            """
-            probs = []
-            with torch.no_grad(), model.trace() as tracer:
-                with tracer.invoke(clean):
-                    h = model.layers[layer].output[0]
-                for pos in positions:
-                    with tracer.invoke(corrupted):
-                        model.layers[layer].output[0, pos] = h[pos]
-                        probs.append(model.lm_head.output[0, -1].softmax(-1)[paris].save())
-            return [p.item() for p in probs]
-
-        layers = list(range(0, len(model.layers), 3))
-        positions = list(range(len(ids_corr)))
-        grid = [patched_row(layer, positions) for layer in layers]
-
-        heatmap([f"layer {l}" for l in layers], [f"{i}:{model.tokenizer.decode(t)!r}" for i, t in enumerate(ids_corr)],
-                grid, fmt="{:.3f}")
+        sweep = patching_sweep(model, clean, corrupted, token_prob(" Paris"),
+                               layers=range(0, len(model.layers), 3), progress=False)
+        sweep
+    '''),
+    code('''
+        print(sweep)
+        print("P(' Paris') patched at layer 24, last position:", round(sweep.value(24, -1), 4))
+        print("top tokens there:", [(t, round(p, 3)) for t, p in sweep.top_tokens(24, -1)[:3]])
     '''),
 ]
 

@@ -69,7 +69,9 @@ def check_03_patching(out: str) -> None:
     patched = _float(r"last position: ([0-9.]+)", out)
     assert clean > 0.1 > corrupted
     assert patched > 100 * corrupted                                # patching restores Paris
-    assert "layer 27" in out                                        # the sweep table
+    assert "resid patched over layer (10) x position (6)" in out    # the sweep
+    assert "60/60 cells computed" in out
+    assert abs(_float(r"patched at layer 24, last position: ([0-9.]+)", out) - patched) < 1e-3
 
 
 def check_04_cross_prompt(out: str) -> None:
