@@ -26,15 +26,11 @@ from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from .errors import NNsightError
+from .errors import MagicUsageError, NNsightError
 from .models.base import NNsight
 from .tracing.envoy import Envoy
 from .tracing.source import compile_invokes, compile_source
 from .tracing.tracer import Tracer, run_block
-
-
-class MagicUsageError(NNsightError, ValueError):
-    """A `%%trace` or `%nnsight` line that cannot be understood."""
 
 
 _TRACE_USAGE = (

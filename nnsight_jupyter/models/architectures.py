@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import NNsightError
+from ..errors import ArchitectureError
 
 if TYPE_CHECKING:
     from ..tracing.envoy import Envoy
@@ -33,10 +33,6 @@ __all__ = [
 
 ROOT_NAMES = ("layers", "embed", "final_norm", "lm_head")
 LAYER_NAMES = ("attn", "mlp")
-
-
-class ArchitectureError(NNsightError):
-    """The architecture table names a module the loaded model does not have."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import NNsightError
+from ..errors import ModelUnavailableOffline
 
 __all__ = [
     "ModelInfo",
@@ -35,10 +35,6 @@ __all__ = [
 PROBE_TIMEOUT_S = 3.0
 PROBE_CACHE_S = 60.0
 _TRUE = {"1", "true", "yes", "on"}
-
-
-class ModelUnavailableOffline(NNsightError, OSError):
-    """A Hugging Face Hub model was asked for, but the Hub cannot be reached and it is not cached."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import builtins
 import types
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NNsightError
+from ..errors import NNsightError, RemoteTraceError, from_remote
 from ..tracing.envoy import Envoy
 from ..tracing.saving import save
 from .protocol import TraceRequest, TraceResult
@@ -22,16 +22,6 @@ from .values import from_wire, to_wire
 if TYPE_CHECKING:
     from ..tracing.source import Block
     from ..tracing.tracer import Tracer
-
-
-class RemoteTraceError(NNsightError):
-    """The trace raised on the server; the message carries the server's traceback of the user's lines."""
-
-    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
-        super().__init__(f"{type_name}: {message}\n\nRemote traceback:\n{remote_traceback.rstrip()}")
-        self.type_name = type_name
-        self.remote_message = message
-        self.remote_traceback = remote_traceback
 
 
 def read_names(block: "Block") -> set[str]:
@@ -93,19 +83,5 @@ def apply_result(result: TraceResult, model: Any) -> dict[str, Any]:
     for line in result.logs:
         print(line)
     if result.error is not None:
-        raise _local_error(result.error)
+        raise from_remote(result.error.type_name, result.error.message, result.error.traceback)
     return {name: from_wire(value, root=model) for name, value in result.saved.items()}
-
-
-def _local_error(info: Any) -> BaseException:
-    from .. import errors
-
-    known = getattr(errors, info.type_name, None) or getattr(builtins, info.type_name, None)
-    if isinstance(known, type) and issubclass(known, Exception) and known is not RemoteTraceError:
-        try:
-            error = known(info.message)
-        except Exception:
-            return RemoteTraceError(info.type_name, info.message, info.traceback)
-        error.add_note(f"Raised by the remote run. Remote traceback:\n{info.traceback.rstrip()}")
-        return error
-    return RemoteTraceError(info.type_name, info.message, info.traceback)

@@ -21,31 +21,12 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
-from ..errors import NNsightError
+from ..errors import NNsightError, RemoteConnectionError, RemoteServerError, RemoteTimeout
 from .config import CONFIG, RemoteConfig
 from ._codec_types import aligned_buffer
 from .protocol import TraceRequest, TraceResult, buffer_section_offset, decode_result, encode_request
 
 FINAL_EVENTS = ("completed", "error", "cancelled")
-
-
-class RemoteConnectionError(NNsightError, ConnectionError):
-    """The remote backend could not be reached."""
-
-
-class RemoteServerError(NNsightError):
-    """The server refused or failed a request; `status`, `error` and `detail` are its answer."""
-
-    def __init__(self, status: int, error: str, detail: str, body: dict | None = None) -> None:
-        super().__init__(f"{error} (HTTP {status}): {detail}")
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.body = body or {}
-
-
-class RemoteTimeout(NNsightError, TimeoutError):
-    """A remote run took longer than its `timeout`; the job was cancelled."""
 
 
 @dataclass

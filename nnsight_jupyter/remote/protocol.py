@@ -80,7 +80,7 @@ from typing import Any, Final
 import msgpack
 
 from .._version import __version__
-from ..errors import ProtocolError
+from ..errors import ProtocolError, ProtocolVersionError
 from ._codec import Decoder, Encoder
 from ._codec_types import FunctionSource, ModuleRef, Placeholder, Record, Unsupported, joined_bytes
 
@@ -111,22 +111,6 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 8 * 2**30
 """Largest message :func:`decode` and friends accept unless given another ``max_size``."""
 
 _HEADER_MAX_BYTES = 4096
-
-
-class ProtocolVersionError(ProtocolError):
-    """The message was written for another protocol version than this package speaks."""
-
-    def __init__(self, remote_protocol: int, remote_package: str) -> None:
-        self.remote_protocol = remote_protocol
-        self.remote_package = remote_package
-        older = "this side" if remote_protocol > PROTOCOL_VERSION else "the sender"
-        super().__init__(
-            f"the message uses wire protocol {remote_protocol} (nnsight-jupyter "
-            f"{reprlib.repr(remote_package)}), but this side speaks protocol {PROTOCOL_VERSION} "
-            f"(nnsight-jupyter {__version__!r}). Install matching releases on client and "
-            f"server: {older} is older, so upgrade it (on the client: "
-            "pip install -U nnsight-jupyter; on the server: ask its operator to upgrade)."
-        )
 
 
 @dataclass
@@ -363,7 +347,7 @@ def _read_header(view: memoryview, kind: str) -> tuple[int, int]:
             "[protocol version, package version]"
         )
     if header[0] != PROTOCOL_VERSION:
-        raise ProtocolVersionError(header[0], header[1])
+        raise ProtocolVersionError(header[0], header[1], PROTOCOL_VERSION, __version__)
     if len(header) != 4 or type(header[2]) is not str or type(header[3]) is not int:
         raise ProtocolError(f"malformed message header {reprlib.repr(header)}")
     if header[2] != kind:

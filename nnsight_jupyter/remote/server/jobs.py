@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ...errors import ModelUnavailable, ServerRestarted, wire_name
 __all__ = ["FINAL", "Event", "Job", "JobStore", "iso"]
 
 FINAL = frozenset({"completed", "error", "cancelled"})
@@ -425,9 +426,9 @@ class JobStore:
                     message = (f"the server restarted without model {model!r}; it now serves "
                                f"{sorted(served)}. Submit the job again to a served model.")
                     db.execute("UPDATE jobs SET status = 'error', finished = ?, request = NULL, error_type = ?, "
-                               "error_message = ? WHERE id = ?", (now, "ModelUnavailable", message, job_id))
+                               "error_message = ? WHERE id = ?", (now, wire_name(ModelUnavailable), message, job_id))
                     self._append(db, touched, job_id, "error",
-                                 {"error": {"type": "ModelUnavailable", "message": message, "traceback": ""}}, now)
+                                 {"error": {"type": wire_name(ModelUnavailable), "message": message, "traceback": ""}}, now)
                     report.append((job_id, "failed: model no longer served"))
                 elif status == "queued":
                     report.append((job_id, "still queued"))
@@ -435,9 +436,9 @@ class JobStore:
                     message = ("the server stopped twice while this job was running, so it was not run a third "
                                "time. If the job is very large, lower its memory or time use and submit it again.")
                     db.execute("UPDATE jobs SET status = 'error', finished = ?, request = NULL, error_type = ?, "
-                               "error_message = ? WHERE id = ?", (now, "ServerRestarted", message, job_id))
+                               "error_message = ? WHERE id = ?", (now, wire_name(ServerRestarted), message, job_id))
                     self._append(db, touched, job_id, "error",
-                                 {"error": {"type": "ServerRestarted", "message": message, "traceback": ""}}, now)
+                                 {"error": {"type": wire_name(ServerRestarted), "message": message, "traceback": ""}}, now)
                     report.append((job_id, "failed: interrupted twice"))
                 else:
                     db.execute("UPDATE jobs SET status = 'queued', started = NULL WHERE id = ?", (job_id,))

@@ -7,7 +7,7 @@ the same message. Operators who need more modules edit :data:`ALLOWED_MODULES`.
 
 from __future__ import annotations
 
-from ...errors import NNsightError
+from ...errors import SandboxViolation
 
 __all__ = [
     "ALLOWED_MODULES",
@@ -20,13 +20,6 @@ __all__ = [
     "module_problem",
     "name_problem",
 ]
-
-
-class SandboxViolation(NNsightError, PermissionError):
-    """The trace tried something the server's sandbox does not allow; the message says what and why.
-
-    A ``PermissionError``, so library code that handles a refused file access also handles this.
-    """
 
 
 ALLOWED_MODULES: tuple[str, ...] = (

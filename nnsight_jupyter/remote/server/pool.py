@@ -36,6 +36,7 @@ from .config import ModelSpec, ServerConfig, describe_bytes
 from .jobs import Job, JobStore
 from .process import WorkerProcess
 from .store import ResultStore
+from ...errors import MemoryLimitExceeded, ModelLoadError, ServerError, WorkerDied, wire_name
 
 __all__ = ["WorkerPool"]
 
@@ -151,7 +152,7 @@ class Replica:
             return
         body = self.pool.jobs.request_body(job.id)
         if body is None:
-            self._finish_error("ServerError", "the job's request was not found in the queue", store=True)
+            self._finish_error(ServerError, "the job's request was not found in the queue", store=True)
             return
         self.state = "busy"
         self.running = _Running(job=job, deadline=time.monotonic() + job.timeout_s)
@@ -193,7 +194,7 @@ class Replica:
             self.reason = f"loading {self.spec.spec!r} failed: {str(message.get('reason'))[:2000]}"
             log.error("model %s: %s", self.spec.name, self.reason)
             if self.job is not None:
-                self._finish_error("ModelLoadError", self.reason, store=True)
+                self._finish_error(ModelLoadError, self.reason, store=True)
         elif event == "log":
             running = self.running
             if running is not None and message.get("job_id") == running.job.id:
@@ -223,9 +224,9 @@ class Replica:
         if running.stop == "cancelled" or stopped == "cancelled":
             self._finish_cancelled()
         elif running.stop == "timeout" or stopped == "timeout":
-            self._finish_error("TimeoutError", self._timeout_message(running.job), store=True)
+            self._finish_error(TimeoutError, self._timeout_message(running.job), store=True)
         elif not isinstance(data, (bytes, bytearray, mmap.mmap)) or len(data) > self.pool.config.max_result_bytes + 2**20:
-            self._finish_error("ServerError", "the worker sent a malformed result; it was replaced", store=True)
+            self._finish_error(ServerError, "the worker sent a malformed result; it was replaced", store=True)
             self._replace("it sent a malformed result")
             return
         else:
@@ -258,7 +259,7 @@ class Replica:
                     hint = ("The model's weights are read-only on this server, so writing to them (e.g. "
                             "`weight.data.zero_()`) ends the worker this way; change activations instead "
                             "(`module.output = ...`), or the job crashed native code.")
-                self._finish_error("WorkerDied",
+                self._finish_error(WorkerDied,
                                    f"the worker process running this job died ({description}); the server replaced "
                                    f"it. {hint}", store=True)
             self._replace(f"it died while running a job ({description})")
@@ -272,7 +273,7 @@ class Replica:
                 self.reason = (f"the worker died {self.load_crashes} times while loading {self.spec.spec!r} "
                                f"({description}); check the server log")
                 if self.job is not None:
-                    self._finish_error("ModelLoadError", self.reason, store=True)
+                    self._finish_error(ModelLoadError, self.reason, store=True)
                 return
         self._replace(f"it exited ({description})")
 
@@ -303,7 +304,7 @@ class Replica:
             if running.stop == "cancelled":
                 self._finish_cancelled()
             else:
-                self._finish_error("TimeoutError", self._timeout_message(running.job) + (
+                self._finish_error(TimeoutError, self._timeout_message(running.job) + (
                     f" It did not stop within {self.pool.config.cancel_grace_s:g} s of being asked, so its worker "
                     "was replaced."), store=True)
             self._replace("a job did not stop when asked")
@@ -314,7 +315,7 @@ class Replica:
             if rss > self.rss_limit:
                 limit = describe_bytes(self.pool.config.max_job_memory_bytes)
                 self._finish_error(
-                    "MemoryLimitExceeded",
+                    MemoryLimitExceeded,
                     f"the job used {describe_bytes(rss)} in its worker, over the limit of the loaded model plus "
                     f"{limit} per job (server setting --max-job-memory-mb); use smaller tensors or batches. "
                     "Its worker was replaced.", store=True)
@@ -326,7 +327,8 @@ class Replica:
         return (f"the job ran longer than its time limit of {job.timeout_s:g} s (this server allows at most "
                 f"{limit:g} s per job, --max-job-seconds; the request's `timeout` option can lower it)")
 
-    def _finish_error(self, type_name: str, message: str, *, store: bool) -> None:
+    def _finish_error(self, kind: type[BaseException], message: str, *, store: bool) -> None:
+        type_name = wire_name(kind)
         job = self.job
         logs = self.running.logs if self.running is not None else []
         self.job = None
@@ -428,10 +430,10 @@ class WorkerPool:
     def fail_queued(self, model: str, reason: str) -> None:
         with self._failed_lock:
             for job_id in self.jobs.queued_ids(model):
-                data = encode_result(TraceResult(error=TraceErrorInfo("ModelLoadError", reason, "")))
+                data = encode_result(TraceResult(error=TraceErrorInfo(wire_name(ModelLoadError), reason, "")))
                 self.results.put(job_id, data)
                 self.jobs.finish(job_id, "error", result_bytes=len(data), ttl_s=self.config.result_ttl_s,
-                                 error=("ModelLoadError", reason, ""))
+                                 error=(wire_name(ModelLoadError), reason, ""))
 
     def model_state(self, model: str) -> tuple[str, str | None]:
         """``(state, reason)``: ready if any replica can run jobs, loading if one is on its way, else failed."""

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..._version import __version__
+from ...errors import ServerError, wire_name
 from ..protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
@@ -247,7 +248,7 @@ async def job_result(request: Request) -> Response:
         raise ApiError(409, "job cancelled", f"job {job.id} was cancelled before it finished, so it has no result",
                        status=job.status)
     if job.result_bytes is None:
-        data = encode_result(TraceResult(error=TraceErrorInfo(job.error_type or "ServerError",
+        data = encode_result(TraceResult(error=TraceErrorInfo(job.error_type or wire_name(ServerError),
                                                               job.error_message or "the job failed", "")))
         return Response(data, media_type="application/x-msgpack")
     gone = ApiError(410, "result expired",

@@ -13,7 +13,7 @@ happen; the result is encoded here, so oversized or unsendable results fail with
 before they reach the server.
 
 Stopping a job: the server sends ``cancel``; the listener thread records the reason and
-interrupts the main thread, where a ``SIGINT`` handler raises :class:`JobStopped` only while
+interrupts the main thread, where a ``SIGINT`` handler raises :class:`StopJob` only while
 trace code is running (never while a message is being written, so the pipe stays consistent).
 If the job still runs after the grace period, the server kills the process.
 
@@ -36,12 +36,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ...errors import JobStopped, ModelModifiedError, ProtocolError, ResultTooLarge, wire_name
 from .channel import BrokenChannel, Channel
 
-__all__ = ["JobStopped", "load_model", "main"]
+__all__ = ["StopJob", "load_model", "main"]
 
 
-class JobStopped(BaseException):
+class StopJob(BaseException):
     """Raised inside a running trace when the server stops it (cancel or time limit).
 
     A ``BaseException`` that trace code cannot name, so ``except Exception`` does not catch it.
@@ -213,14 +214,14 @@ class _Worker:
 
     def on_interrupt(self, signum: int, frame: Any) -> None:
         if self.in_trace and self.stop_reason:
-            raise JobStopped(self.stop_reason)
+            raise StopJob(self.stop_reason)
 
     # ----- jobs ----------------------------------------------------------------------------
     def serve(self) -> None:
         while True:
             try:
                 message = self.inbox.get()
-            except JobStopped:
+            except StopJob:
                 continue
             if message is None:
                 self.outbox.put(None)
@@ -246,17 +247,17 @@ class _Worker:
         result: Any = None
         try:
             result = self._execute(message, sink)
-        except JobStopped:
+        except StopJob:
             result = None
         self.in_trace = False
         with self.lock:
             self.current = None
             stopped = self.stop_reason
         if result is None:
-            result = TraceResult(error=TraceErrorInfo("JobStopped", stopped or "stopped", ""))
+            result = TraceResult(error=TraceErrorInfo(wire_name(JobStopped), stopped or "stopped", ""))
         elif result.error is not None and _is_out_of_memory(result.error):
             detail = f" ({result.error.message})" if result.error.message else ""
-            result.error = TraceErrorInfo("MemoryError", _memory_message(self.settings) + detail,
+            result.error = TraceErrorInfo(wire_name(MemoryError), _memory_message(self.settings) + detail,
                                           result.error.traceback)
         try:
             integrity.reset_shared_state(self.baseline)
@@ -267,7 +268,7 @@ class _Worker:
         if problems:
             restart = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
             result = TraceResult(error=TraceErrorInfo(
-                "ModelModifiedError",
+                wire_name(ModelModifiedError),
                 f"the trace changed the served model or state shared with later jobs: {restart}. A shared server "
                 "does not keep such changes; change activations inside the trace instead (e.g. "
                 "`model.layer.output = ...`). The server replaced this worker, so no other job saw the change.",
@@ -287,7 +288,7 @@ class _Worker:
         try:
             request = decode_request(message["request"], max_size=self.settings["max_request_bytes"])
         except (ProtocolError, KeyError, TypeError) as exc:
-            return TraceResult(error=TraceErrorInfo("ProtocolError", str(exc), ""))
+            return TraceResult(error=TraceErrorInfo(wire_name(ProtocolError), str(exc), ""))
         lockdown.set_user_files({str(request.options.get("filename") or "<remote trace>")})
         if self.settings["os_sandbox"]:
             timeout = float(message.get("timeout") or 60.0)
@@ -309,17 +310,17 @@ class _Worker:
             parts = encode_result_parts(result)
         except ProtocolError as exc:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
-                "ProtocolError", f"the trace's saved values cannot be sent back: {exc}", ""))
+                wire_name(ProtocolError), f"the trace's saved values cannot be sent back: {exc}", ""))
             parts = [encode_result(result)]
         except MemoryError:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
-                "MemoryError", "the result did not fit in the job's memory while being encoded; save fewer or "
+                wire_name(MemoryError), "the result did not fit in the job's memory while being encoded; save fewer or "
                 "smaller values", ""))
             parts = [encode_result(result)]
         size = sum(memoryview(part).nbytes for part in parts)
         if size > limit:
             result = TraceResult(logs=result.logs, error=TraceErrorInfo(
-                "ResultTooLarge",
+                wire_name(ResultTooLarge),
                 f"the result is {describe_bytes(size)}, over this server's limit of {describe_bytes(limit)}; "
                 "save fewer or smaller values (slice tensors before .save()), or ask the operator to raise "
                 "--max-result-mb",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import nnsight_jupyter
-from nnsight_jupyter.errors import NotSavedError, OutOfOrderError
+from nnsight_jupyter.errors import NotSavedError, OutOfOrderError, RemoteTimeout, SandboxViolation
 from nnsight_jupyter.remote.client import RemoteClient, RemoteServerError
 
 from ..identical import assert_identical
@@ -117,7 +117,7 @@ def test_non_blocking_job_handle(model, client):
 
 
 def test_timeout_cancels_the_job(model, client):
-    with pytest.raises(TimeoutError, match="time limit of 0.5 s|was cancelled"):
+    with pytest.raises(RemoteTimeout, match="time limit of 0.5 s|was cancelled"):
         with model.trace(X, remote=client, timeout=0.5):
             total = 0
             for i in range(10**9):
@@ -128,11 +128,21 @@ def test_timeout_cancels_the_job(model, client):
         client.result(handle.job_id)
 
 
-def _last_request(model):
+def test_server_errors_arrive_as_their_own_classes(model, client):
+    with pytest.raises(SandboxViolation, match="open\\(\\) is not available") as info:
+        with model.trace(X, remote=client):
+            open("/etc/hostname")
+    assert "Remote traceback" in "\n".join(info.value.__notes__)
+    with pytest.raises(RemoteTimeout, match="time limit of 0.5 s") as timed_out:
+        client.submit(_last_request(model, timeout=0.5)).values()
+    assert isinstance(timed_out.value, TimeoutError)
+
+
+def _last_request(model, **options):
     from nnsight_jupyter.remote.protocol import TraceRequest
 
     return TraceRequest("tiny", "total = 0\nfor i in range(10**9):\n    total += i\n",
-                        {"kind": "trace", "inputs": [X]}, {})
+                        {"kind": "trace", "inputs": [X], **options}, {})
 
 
 def test_trace_magic_remote(model, client, live_server):
