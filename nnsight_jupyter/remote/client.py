@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import httpx
 
 from ..errors import NNsightError, RemoteConnectionError, RemoteServerError, RemoteTimeout
-from .config import CONFIG, RemoteConfig
+from ..settings import CONFIG, RemoteConfig
 from ._codec_types import aligned_buffer
 from .protocol import TraceRequest, TraceResult, buffer_section_offset, decode_result, encode_request
 
@@ -63,13 +63,12 @@ class RemoteClient:
     """Talks to one nnsight-jupyter server."""
 
     def __init__(self, host: str, api_key: str | None = None, *, http: httpx.Client | None = None,
-                 poll_interval: float = 0.5, show_status: bool = True) -> None:
+                 show_status: bool = True) -> None:
         self.host = host.rstrip("/")
         self.api_key = api_key
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = http or httpx.Client(base_url=self.host, timeout=httpx.Timeout(30.0, connect=5.0))
         self.http.headers.update(headers)
-        self.poll_interval = poll_interval
         self.show_status = show_status
 
     # ----- plain requests -------------------------------------------------------------------
@@ -381,7 +380,7 @@ def default_backend(model_id: str | None = None, config: RemoteConfig | None = N
     config = config or CONFIG
     host = config.resolved_host()
     if host:
-        return RemoteClient(host, config.resolved_api_key(), poll_interval=config.poll_interval)
+        return RemoteClient(host, config.resolved_api_key())
     from .daemon import local_daemon_client
 
     return local_daemon_client(model_id)

@@ -21,15 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NNsightError
-from ..models.bundled import cache_dir
+from ..settings import daemon_dir
 
 START_TIMEOUT_S = 120.0
-
-
-def daemon_dir() -> Path:
-    """Where the daemon keeps its state: `$NNSIGHT_JUPYTER_DAEMON_DIR`, else `daemon/` in the cache."""
-    override = os.environ.get("NNSIGHT_JUPYTER_DAEMON_DIR")
-    return Path(override) if override else cache_dir() / "daemon"
 
 
 def _state_file() -> Path:

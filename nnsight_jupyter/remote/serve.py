@@ -6,7 +6,7 @@
 Also runnable as ``python -m nnsight_jupyter.remote.serve``. Models are registry names, Hub ids,
 folders or ``module:function`` factories, comma-separated, each optionally ``name=spec``. The
 server listens on 127.0.0.1 unless ``--host`` says otherwise, keeps its queue and results in
-``--data-dir`` (default ``~/.cache/nnsight-jupyter/server``), and needs an API key file unless
+``--data-dir`` (default ``server/`` in the cache folder, see ``nnsight_jupyter.settings``), and needs an API key file unless
 ``--insecure-no-auth`` is given, which is allowed only on a loopback address. See
 ``nnsight_jupyter.remote.server`` for the endpoints and the sandbox.
 """
@@ -14,11 +14,13 @@ server listens on 127.0.0.1 unless ``--host`` says otherwise, keeps its queue an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
-import os
 import sys
 from pathlib import Path
+
+from .. import settings
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -26,54 +28,59 @@ MiB = 2**20
 
 
 def build_parser(prog: str = "nnsight-jupyter serve") -> argparse.ArgumentParser:
+    """The flags; every limit's default is the one `ServerConfig` declares."""
+    from .server.config import ServerConfig
+
+    d = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
     parser = argparse.ArgumentParser(prog=prog, description="Serve remote traces of one or more models.")
     parser.add_argument("--models", action="append", metavar="SPECS",
                         help="models to serve: comma-separated registry names, Hub ids, folders or module:function "
                              "factories, each optionally name=spec (repeatable)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--api-key-file", type=Path, default=_env_path("NNSIGHT_JUPYTER_API_KEY_FILE"),
-                        help="file of hashed API keys (default $NNSIGHT_JUPYTER_API_KEY_FILE)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    parser.add_argument("--api-key-file", type=Path, default=settings.api_key_file(),
+                        help=f"file of hashed API keys (default ${settings.ENV_API_KEY_FILE})")
     parser.add_argument("--add-key", metavar="NAME",
                         help="create an API key for NAME in --api-key-file, print it once, and exit")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve without API keys (only on a loopback --host)")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder for the job queue and results (default $NNSIGHT_JUPYTER_SERVER_DIR or "
-                             "~/.cache/nnsight-jupyter/server)")
-    parser.add_argument("--replicas", type=int, default=1, help="worker processes per model (default 1)")
-    parser.add_argument("--result-ttl", type=float, default=3600.0, metavar="SECONDS",
-                        help="how long results stay downloadable (default 3600)")
-    parser.add_argument("--result-write-delay", type=float, default=1.0, metavar="SECONDS",
+                        help=f"folder for the job queue and results (default ${settings.ENV_SERVER_DIR} or "
+                             "server/ in the cache folder)")
+    parser.add_argument("--replicas", type=int, default=d["replicas"],
+                        help="worker processes per model (default %(default)s)")
+    parser.add_argument("--result-ttl", type=float, default=d["result_ttl_s"], metavar="SECONDS",
+                        help="how long results stay downloadable (default %(default)g)")
+    parser.add_argument("--result-write-delay", type=float, default=d["result_write_delay_s"], metavar="SECONDS",
                         help="results of 1 MiB or more reach disk this long after their job, so writing "
-                             "does not slow their download; smaller ones at once (default 1)")
-    parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (default 64)")
-    parser.add_argument("--max-result-mb", type=float, default=256.0, help="largest result (default 256)")
-    parser.add_argument("--max-job-seconds", type=float, default=600.0,
-                        help="wall-clock limit per job; a request's timeout option may lower it (default 600)")
-    parser.add_argument("--max-job-memory-mb", type=float, default=4096.0,
-                        help="memory a job may add to its worker beyond the loaded model (default 4096)")
-    parser.add_argument("--max-log-kb", type=float, default=1024.0, help="printed output kept per job (default 1024)")
-    parser.add_argument("--max-queued-jobs", type=int, default=10_000, help="queued jobs per model (default 10000)")
-    parser.add_argument("--cancel-grace", type=float, default=2.0, metavar="SECONDS",
-                        help="time a stopped job has to unwind before its worker is killed (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
-    parser.add_argument("--start-method", choices=("forkserver", "spawn"), default="forkserver",
-                        help="how worker processes start (default forkserver: fast restarts)")
+                             "does not slow their download; smaller ones at once (default %(default)g)")
+    parser.add_argument("--max-request-mb", type=float, default=d["max_request_bytes"] / MiB,
+                        help="largest request body (default %(default)g)")
+    parser.add_argument("--max-result-mb", type=float, default=d["max_result_bytes"] / MiB,
+                        help="largest result (default %(default)g)")
+    parser.add_argument("--max-job-seconds", type=float, default=d["max_job_seconds"],
+                        help="wall-clock limit per job; a request's timeout option may lower it (default %(default)g)")
+    parser.add_argument("--max-job-memory-mb", type=float, default=d["max_job_memory_bytes"] / MiB,
+                        help="memory a job may add to its worker beyond the loaded model (default %(default)g)")
+    parser.add_argument("--max-log-kb", type=float, default=d["max_log_bytes"] / 1024,
+                        help="printed output kept per job (default %(default)g)")
+    parser.add_argument("--max-queued-jobs", type=int, default=d["max_queued_jobs"],
+                        help="queued jobs per model (default %(default)s)")
+    parser.add_argument("--cancel-grace", type=float, default=d["cancel_grace_s"], metavar="SECONDS",
+                        help="time a stopped job has to unwind before its worker is killed (default %(default)g)")
+    parser.add_argument("--threads", type=int, default=d["worker_threads"],
+                        help="torch threads per worker (default: torch's)")
+    parser.add_argument("--start-method", choices=("forkserver", "spawn"), default=d["start_method"],
+                        help="how worker processes start (default %(default)s: fast restarts)")
     parser.add_argument("--no-os-sandbox", action="store_true",
                         help="skip the process-level sandbox layers (debugging only; the language layer stays)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
-
-
 def config_from_args(args: argparse.Namespace):
     """A ``ServerConfig`` from parsed flags; raises ``ValueError`` naming the bad flag."""
-    from .server.config import ServerConfig, default_data_dir, parse_model_specs
+    from .server.config import ServerConfig, parse_model_specs
 
     if not args.models:
         raise ValueError("no models given: pass --models smollm2 (or any Hub id, folder or module:function)")
@@ -82,7 +89,7 @@ def config_from_args(args: argparse.Namespace):
                          "--host such as 127.0.0.1, or create keys with --add-key")
     return ServerConfig(
         models=parse_model_specs(args.models),
-        data_dir=args.data_dir or default_data_dir(),
+        data_dir=args.data_dir or settings.server_dir(),
         api_key_file=None if args.insecure_no_auth else args.api_key_file,
         auth=not args.insecure_no_auth,
         replicas=args.replicas,

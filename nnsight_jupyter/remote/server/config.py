@@ -14,7 +14,6 @@ Model specs
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -179,14 +178,6 @@ class ServerConfig:
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
-
-
-def default_data_dir() -> Path:
-    """``$NNSIGHT_JUPYTER_SERVER_DIR``, else ``~/.cache/nnsight-jupyter/server``."""
-    env = os.environ.get("NNSIGHT_JUPYTER_SERVER_DIR")
-    if env:
-        return Path(env)
-    return Path.home() / ".cache" / "nnsight-jupyter" / "server"
 
 
 def describe_bytes(n: int) -> str:

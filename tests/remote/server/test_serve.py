@@ -47,3 +47,26 @@ def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "nnsight_jupyter.remote.serve", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--models" in done.stdout and "--api-key-file" in done.stdout
+
+
+def test_flag_defaults_are_the_server_configs(tmp_path):
+    import dataclasses
+
+    from nnsight_jupyter.remote.server.config import ServerConfig, parse_model_specs
+
+    args = serve.build_parser().parse_args(["--models", "tiny=pkg.m:f", "--insecure-no-auth"])
+    from_flags = serve.config_from_args(args)
+    declared = ServerConfig(models=parse_model_specs("tiny=pkg.m:f"), data_dir=from_flags.data_dir, auth=False)
+    for field in dataclasses.fields(ServerConfig):
+        if field.name != "clock":
+            assert getattr(from_flags, field.name) == getattr(declared, field.name), field.name
+
+
+def test_the_default_data_folder_follows_the_cache_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("NNSIGHT_JUPYTER_SERVER_DIR", raising=False)
+    monkeypatch.delenv("NNSIGHT_JUPYTER_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    args = serve.build_parser().parse_args(["--models", "tiny=pkg.m:f", "--insecure-no-auth"])
+    assert serve.config_from_args(args).data_dir == tmp_path / "xdg" / "nnsight-jupyter" / "server"
+    monkeypatch.setenv("NNSIGHT_JUPYTER_SERVER_DIR", str(tmp_path / "explicit"))
+    assert serve.config_from_args(args).data_dir == tmp_path / "explicit"
