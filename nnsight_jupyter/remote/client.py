@@ -12,8 +12,8 @@ ride in it) or downloads it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
-from ..errors import NNsightError, RemoteConnectionError, RemoteServerError, RemoteTimeout
+from ..errors import NNsightError, RemoteConnectionError, RemoteError, RemoteServerError, RemoteTimeout
 from ..settings import CONFIG, RemoteConfig
-from ._codec_types import aligned_buffer
+from .codec.memory import aligned_buffer
 from .protocol import TraceRequest, TraceResult, buffer_section_offset, decode_result, encode_request
 
 FINAL_EVENTS = ("completed", "error", "cancelled")
@@ -72,11 +72,19 @@ class RemoteClient:
         self.show_status = show_status
 
     # ----- plain requests -------------------------------------------------------------------
-    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Where httpx's errors become this package's: every request of this client runs inside it."""
         try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
+            yield
+        except RemoteError:
+            raise
+        except (httpx.TransportError, OSError) as exc:
             raise self._unreachable(exc) from exc
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with self._translated():
+            response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
             raise _server_error(response)
         return response
@@ -104,42 +112,40 @@ class RemoteClient:
         The message's buffer section is placed on a `BUFFER_ALIGNMENT` boundary; tensors decoded
         with ``adopt=True`` then wrap the downloaded bytes instead of copying them again.
         """
-        try:
-            with self.http.stream("GET", f"/jobs/{job_id}/result") as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise _server_error(response)
-                length = response.headers.get("content-length")
-                if length is None or not length.isdigit():
-                    return memoryview(response.read())
-                size = int(length)
-                chunks = response.iter_raw()
-                head = bytearray()
+        with self._translated(), self.http.stream("GET", f"/jobs/{job_id}/result") as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _server_error(response)
+            length = response.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return memoryview(response.read())
+            size = int(length)
+            chunks = response.iter_raw()
+            head = bytearray()
+            for chunk in chunks:
+                head += chunk
+                if len(head) >= 4096 or buffer_section_offset(head) is not None:
+                    break
+            view = aligned_buffer(max(size, len(head)), buffer_section_offset(head) or 0)
+            filled = len(head)
+            view[:filled] = head
+            if filled > size:
+                raise RemoteConnectionError(f"the server sent more than the announced {size} bytes")
+            try:
                 for chunk in chunks:
-                    head += chunk
-                    if len(head) >= 4096 or buffer_section_offset(head) is not None:
-                        break
-                view = aligned_buffer(max(size, len(head)), buffer_section_offset(head) or 0)
-                filled = len(head)
-                view[:filled] = head
-                sock = _plain_socket(response) if filled < size else None
-                if sock is not None:
-                    filled = _receive_into(sock, view, filled, size, self.http.timeout.read)
-                else:
-                    for chunk in chunks:
-                        end = filled + len(chunk)
-                        if end > size:
-                            raise RemoteConnectionError(f"the server sent more than the announced {size} bytes")
-                        view[filled:end] = chunk
-                        filled = end
-                if filled != size:
-                    raise RemoteConnectionError(
-                        f"the download of job {job_id}'s result stopped after {filled} of {size} bytes; "
-                        f"fetch it again with nnsight_jupyter.remote.client.job({job_id!r}).result()"
-                    )
-                return view
-        except (httpx.TransportError, OSError) as exc:
-            raise self._unreachable(exc) from exc
+                    end = filled + len(chunk)
+                    if end > size:
+                        raise RemoteConnectionError(f"the server sent more than the announced {size} bytes")
+                    view[filled:end] = chunk
+                    filled = end
+            except httpx.TransportError:
+                pass  # the connection ended early: said below, with how far it got
+            if filled != size:
+                raise RemoteConnectionError(
+                    f"the download of job {job_id}'s result stopped after {filled} of {size} bytes; "
+                    f"fetch it again with nnsight_jupyter.remote.job({job_id!r}).values()"
+                )
+            return view
 
     def _unreachable(self, exc: Exception) -> RemoteConnectionError:
         return RemoteConnectionError(
@@ -162,8 +168,8 @@ class RemoteClient:
         failures = 0
         while True:
             try:
-                with self.http.stream("GET", f"/jobs/{job_id}/events", params={"after": last},
-                                      timeout=httpx.Timeout(60.0, connect=5.0)) as response:
+                with self._translated(), self.http.stream("GET", f"/jobs/{job_id}/events", params={"after": last},
+                                                          timeout=httpx.Timeout(60.0, connect=5.0)) as response:
                     if response.status_code >= 400:
                         response.read()
                         raise _server_error(response)
@@ -173,13 +179,13 @@ class RemoteClient:
                         yield event
                         if event.get("type") in FINAL_EVENTS:
                             return
-            except httpx.TransportError as exc:
+            except RemoteConnectionError as exc:
                 failures += 1
                 if failures > 8:
                     raise RemoteConnectionError(
                         f"Lost the connection to {self.host} while following job {job_id} and could not "
                         f"reconnect ({exc}). The job keeps running; fetch it later with "
-                        f"nnsight_jupyter.remote.job({job_id!r}).result()."
+                        f"nnsight_jupyter.remote.job({job_id!r}).values()."
                     ) from exc
                 time.sleep(min(0.2 * 2**failures, 5.0))
                 continue
@@ -278,35 +284,6 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             data.append(value[1:] if value.startswith(" ") else value)
     if data:
         yield json.loads("\n".join(data))
-
-
-def _plain_socket(response: httpx.Response) -> socket.socket | None:
-    """The socket under an unencrypted HTTP/1.1 response, whose remaining body bytes can be read straight
-    into place; None where that is not safe (TLS, HTTP/2, a transport without a network stream).
-
-    Reading a large body through httpx costs three copies of every byte and a Python step per
-    64 KiB; `recv_into` lets the kernel write it where it belongs. The connection is then not
-    reused: httpx closes it, since its parser never saw the body's end.
-    """
-    if response.http_version != "HTTP/1.1" or response.headers.get("content-encoding") \
-            or response.headers.get("transfer-encoding"):
-        return None
-    stream = response.extensions.get("network_stream")
-    if stream is None or stream.get_extra_info("ssl_object") is not None:
-        return None
-    sock = stream.get_extra_info("socket")
-    return sock if isinstance(sock, socket.socket) else None
-
-
-def _receive_into(sock: socket.socket, view: memoryview, filled: int, size: int, timeout: float | None) -> int:
-    """Fill ``view[filled:size]`` from ``sock``; returns how far it got (short if the server hung up)."""
-    sock.settimeout(timeout)
-    while filled < size:
-        got = sock.recv_into(view[filled:size])
-        if got == 0:
-            break
-        filled += got
-    return filled
 
 
 def _server_error(response: httpx.Response) -> RemoteServerError:

@@ -4,8 +4,8 @@ Why msgpack and not pickle
     Decoding a message must never run code. NDIF ships cloudpickle one way and ``torch.load``
     (with ``weights_only=False``) the other, so each side trusts whatever the other sends. Here
     every value is data: msgpack's own types plus a fixed table of extension types below.
-    Functions travel as source text and decode to :class:`FunctionSource`; it is the server's
-    sandbox, not this module, that decides whether and how to compile them.
+    Functions travel as source text and decode to :class:`FunctionSource`; the receiver
+    decides whether and how to compile them.
 
 Message layout
     A message is three sections, back to back::
@@ -81,8 +81,9 @@ import msgpack
 
 from .._version import __version__
 from ..errors import ProtocolError, ProtocolVersionError
-from ._codec import Decoder, Encoder
-from ._codec_types import FunctionSource, ModuleRef, Placeholder, Record, Unsupported, joined_bytes
+from .codec.body import Decoder, Encoder
+from .codec.memory import joined_bytes
+from .codec.wire import FunctionSource, ModuleRef, Placeholder, Record, Unsupported
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",

@@ -24,7 +24,7 @@ from ..errors import NNsightError
 from ..tracing.cache import Cache, CacheEntry, CachedCall
 from ..tracing.envoy import Envoy
 from ..tracing.saving import NotSaved
-from ._codec_types import FunctionSource, ModuleRef, Placeholder, Record
+from .codec.wire import FunctionSource, ModuleRef, Placeholder, Record
 
 _LEAVES = (
     type(None), bool, int, float, complex, str, bytes, torch.Tensor, np.ndarray, torch.dtype, torch.Size,

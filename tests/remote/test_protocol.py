@@ -22,8 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nnsight_jupyter import _version
-from nnsight_jupyter.remote import _codec_types, protocol
-from nnsight_jupyter.remote._codec_types import NUMPY_DTYPES, TORCH_DTYPES, ModuleRef, Placeholder, Record
+from nnsight_jupyter.remote import protocol
+from nnsight_jupyter.remote.codec import memory
+from nnsight_jupyter.remote.codec.arrays import NUMPY_DTYPES, TORCH_DTYPES
+from nnsight_jupyter.remote.codec.wire import ModuleRef, Placeholder, Record
 from nnsight_jupyter.remote.protocol import (
     PROTOCOL_VERSION,
     FunctionSource,
@@ -742,50 +744,10 @@ def test_module_exports() -> None:
 
 # ----- copying large buffers --------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [16 * 2**20, 16 * 2**20 + 4097, 40 * 2**20 - 3])
-def test_a_large_copy_split_across_threads_is_exact(size):
+def test_a_large_copy_is_exact(size):
     source = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
-    target = memoryview(bytearray(size))
-    _codec_types.copy_into(target, source)
-    assert target == source
-
-
-def test_a_large_copy_uses_helper_threads_where_it_may(monkeypatch):
-    seen = []
-    real = _codec_types.np.copyto
-
-    def spy(dst, src):
-        seen.append(threading.current_thread().name)
-        real(dst, src)
-
-    monkeypatch.setattr(_codec_types, "_usable_cpus", lambda: 4)
-    monkeypatch.setattr(_codec_types.np, "copyto", spy)
-    size = 32 * 2**20
-    source = memoryview(bytes(range(256)) * (size // 256))
-    target = memoryview(bytearray(size))
-    _codec_types.copy_into(target, source)
-    assert target == source
-    assert len(seen) == 4 and sum(name.startswith("nnsj-copy") for name in seen) == 3
-
-
-def test_where_threads_are_refused_a_large_copy_is_done_in_one(monkeypatch):
-    class RefusingPool:
-        def submit(self, *args, **kwargs):
-            raise PermissionError("starting threads is not allowed here")
-
-    monkeypatch.setattr(_codec_types, "_usable_cpus", lambda: 4)
-    monkeypatch.setattr(_codec_types, "_copy_threads", RefusingPool())
-    size = 24 * 2**20 + 5
-    source = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
-    target = memoryview(bytearray(size))
-    _codec_types.copy_into(target, source)
-    assert target == source
-    monkeypatch.setattr(_codec_types, "_copy_threads", None)
-
-    def refuse(*args, **kwargs):
-        raise PermissionError("no threads")
-
-    monkeypatch.setattr("concurrent.futures.ThreadPoolExecutor.submit", refuse)
-    assert _codec_types._copy_pool() is None and _codec_types._copy_threads is False
+    copied = memory.owned_copy(source)
+    assert isinstance(copied, mmap.mmap) and memoryview(copied) == source
 
 
 # ----- joining a message's parts ------------------------------------------------------------------------
@@ -800,13 +762,13 @@ def _parts(size: int) -> list:
 def test_joined_messages_are_plain_bytes_equal_to_a_join(size):
     parts = _parts(size)
     expected = b"".join(parts)
-    joined = _codec_types.joined_bytes(parts)
+    joined = memory.joined_bytes(parts)
     assert type(joined) is bytes and len(joined) == size
     assert joined == expected and hash(joined) == hash(expected)
 
 
 def test_a_large_message_is_built_in_place_in_huge_pages(monkeypatch):
-    new_bytes, madvise = _codec_types._native_bytes()
+    new_bytes, madvise = memory._native_bytes()
     made, advised = [], []
 
     def spy_new(pointer, size):
@@ -817,9 +779,9 @@ def test_a_large_message_is_built_in_place_in_huge_pages(monkeypatch):
         advised.append((address, length, advice))
         return madvise(address, length, advice)
 
-    monkeypatch.setattr(_codec_types, "_native_bytes_calls", (spy_new, spy_madvise))
+    monkeypatch.setattr(memory, "_native_bytes_calls", (spy_new, spy_madvise))
     parts = _parts(12 * 2**20 + 7)
-    joined = _codec_types.joined_bytes(parts)
+    joined = memory.joined_bytes(parts)
     assert joined == b"".join(parts)
     assert made == [len(joined)]
     start = int(np.frombuffer(joined, dtype=np.uint8).ctypes.data)
@@ -827,7 +789,7 @@ def test_a_large_message_is_built_in_place_in_huge_pages(monkeypatch):
     assert advice == mmap.MADV_HUGEPAGE and address % (2 * 2**20) == 0 and length % (2 * 2**20) == 0
     assert start <= address and address + length <= start + len(joined) and length >= 8 * 2**20
     small = _parts(2**20)
-    assert _codec_types.joined_bytes(small) == b"".join(small)
+    assert memory.joined_bytes(small) == b"".join(small)
     assert made == [len(joined)], "messages under 4 MiB are joined as usual"
 
 
@@ -835,20 +797,20 @@ def test_where_native_calls_are_refused_messages_are_joined_as_usual(monkeypatch
     def refuse(*args):
         raise PermissionError("calling native code through ctypes is not allowed on this server")
 
-    monkeypatch.setattr(_codec_types, "_native_bytes_calls", (refuse, refuse))
+    monkeypatch.setattr(memory, "_native_bytes_calls", (refuse, refuse))
     parts = _parts(6 * 2**20)
-    assert _codec_types.joined_bytes(parts) == b"".join(parts)
-    assert _codec_types._native_bytes_calls is False
-    assert _codec_types.joined_bytes(parts) == b"".join(parts)
+    assert memory.joined_bytes(parts) == b"".join(parts)
+    assert memory._native_bytes_calls is False
+    assert memory.joined_bytes(parts) == b"".join(parts)
 
     class NoPythonApi:
         def __getattr__(self, name):
             raise PermissionError("ctypes.dlsym refused")
 
-    monkeypatch.setattr(_codec_types, "_native_bytes_calls", None)
-    monkeypatch.setattr(_codec_types.ctypes, "pythonapi", NoPythonApi())
-    assert _codec_types._native_bytes() is None and _codec_types._native_bytes_calls is False
-    assert _codec_types.joined_bytes(parts) == b"".join(parts)
+    monkeypatch.setattr(memory, "_native_bytes_calls", None)
+    monkeypatch.setattr(memory.ctypes, "pythonapi", NoPythonApi())
+    assert memory._native_bytes() is None and memory._native_bytes_calls is False
+    assert memory.joined_bytes(parts) == b"".join(parts)
 
 
 def test_large_requests_and_results_round_trip_through_joined_bytes():

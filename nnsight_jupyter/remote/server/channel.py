@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import msgpack
 
-from .._codec_types import fresh_buffer
+from ..codec.memory import fresh_buffer
 
 __all__ = ["BrokenChannel", "Channel"]
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
-from nnsight_jupyter.remote._codec_types import ADOPT_MIN_BYTES, BUFFER_ALIGNMENT, aligned_buffer
+from nnsight_jupyter.remote.codec.arrays import ADOPT_MIN_BYTES
+from nnsight_jupyter.remote.codec.memory import BUFFER_ALIGNMENT, aligned_buffer
 from nnsight_jupyter.remote.client import RemoteClient, RemoteConnectionError
 from nnsight_jupyter.remote.protocol import (
     TraceResult,
@@ -263,27 +264,62 @@ def test_two_names_for_one_saved_tensor_arrive_as_one_tensor_as_they_would_local
     assert torch.equal(remote[0], local[0])
 
 
-def test_a_large_download_is_read_straight_off_the_socket_and_the_client_carries_on(live_server, monkeypatch):
-    from nnsight_jupyter.remote import client as client_module
-
-    reads = []
-    real = client_module._receive_into
-
-    def spy(sock, view, filled, size, timeout):
-        reads.append((filled, size))
-        return real(sock, view, filled, size, timeout)
-
-    monkeypatch.setattr(client_module, "_receive_into", spy)
+def test_a_large_download_arrives_whole_and_the_client_carries_on(live_server):
     client = RemoteClient(str(live_server.http.base_url), live_server.key, show_status=False)
     model = tiny_gpt2()
     object.__setattr__(model, "remote_id", "tiny")
     x = torch.randint(1, 97, (1, 4))
-    for n in (400_000, 700_000):  # the second run reuses the client after a connection it let go
+    for n in (400_000, 700_000):  # the second run reuses the client's connection
         with model.trace(x, remote=client):
             big = (torch.arange(n, dtype=torch.float32) * 0.5).save()
         assert torch.equal(big, torch.arange(n, dtype=torch.float32) * 0.5)
-    assert len(reads) == 2 and all(0 < filled < size for filled, size in reads)
+        assert big.data_ptr() % BUFFER_ALIGNMENT == 0
     assert client.health()["status"] == "ok"
+
+
+def _transport_client(body: bytes, *, chunk: int, announce: int | None = None) -> tuple[RemoteClient, list]:
+    """A client whose every request is answered by httpx's MockTransport with `body`, streamed in chunks."""
+    import httpx
+
+    requests = []
+
+    class Chunks(httpx.SyncByteStream):
+        def __iter__(self):
+            for start in range(0, len(body), chunk):
+                yield body[start:start + chunk]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        headers = {"content-type": "application/x-msgpack"}
+        if announce is not None:
+            headers["content-length"] = str(announce)
+        return httpx.Response(200, headers=headers, stream=Chunks())
+
+    http = httpx.Client(base_url="http://server.test", transport=httpx.MockTransport(answer))
+    return RemoteClient("http://server.test", "key", http=http, show_status=False), requests
+
+
+@pytest.mark.parametrize("chunk", [1000, 65536, 1 << 22])
+def test_the_download_goes_through_httpx_and_large_tensors_keep_its_memory(chunk):
+    big = torch.randn(ADOPT_MIN_BYTES // 4 + 1000)
+    small = torch.arange(10)
+    body = encode_result(TraceResult(saved={"big": big, "small": small}, logs=["done"]))
+    client, requests = _transport_client(body, chunk=chunk, announce=len(body))
+    result = client.result("j1")
+    assert [str(r.url) for r in requests] == ["http://server.test/jobs/j1/result"]
+    assert requests[0].headers["authorization"] == "Bearer key"
+    assert torch.equal(result.saved["big"], big) and torch.equal(result.saved["small"], small)
+    assert result.logs == ["done"]
+    assert result.saved["big"].data_ptr() % BUFFER_ALIGNMENT == 0
+    unannounced, _ = _transport_client(body, chunk=chunk, announce=None)
+    assert torch.equal(unannounced.result("j1").saved["big"], big)
+
+
+def test_a_download_longer_than_announced_is_refused():
+    body = encode_result(TraceResult(saved={"x": torch.randn(1000)}))
+    client, _ = _transport_client(body, chunk=4096, announce=len(body) - 10)
+    with pytest.raises(RemoteConnectionError, match="more than the announced"):
+        client.result("j1")
 
 
 def _one_shot_http_server(head: bytes, body: bytes) -> str:

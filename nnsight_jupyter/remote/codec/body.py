@@ -8,7 +8,7 @@ fast. Containers that msgpack lacks (tuple, set, frozenset, slice) are therefore
 rather than nested payloads: the tag is the array's first item, so msgpack keeps walking them
 with its own depth limit and no Python recursion.
 
-Encoding raises :class:`~._codec_types.Unsupported` carrying the offending value's path;
+Encoding raises :class:`~.wire.Unsupported` carrying the offending value's path;
 decoding raises ``ValueError`` (or whatever msgpack raises) for malformed input. ``protocol``
 turns both into ``ProtocolError``.
 """
@@ -24,22 +24,10 @@ import msgpack
 import numpy as np
 import torch
 
-from ._codec_types import (
-    BUFFER_ALIGNMENT,
-    TORCH_DTYPE_NAMES,
-    TORCH_DTYPES,
-    FunctionSource,
-    ModuleRef,
-    Placeholder,
-    Record,
-    Unsupported,
-    array_from_wire,
-    array_to_wire,
-    function_to_wire,
-    tensor_from_wire,
-    tensor_to_wire,
-    unsupported_reason,
-)
+from .arrays import TORCH_DTYPE_NAMES, TORCH_DTYPES, array_from_wire, array_to_wire, tensor_from_wire, tensor_to_wire
+from .functions import function_to_wire
+from .memory import BUFFER_ALIGNMENT
+from .wire import FunctionSource, ModuleRef, Placeholder, Record, Unsupported, unsupported_reason
 
 DEEPEST = 1023
 """How many containers msgpack lets enclose a value inside a message body (it caps nesting
