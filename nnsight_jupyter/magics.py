@@ -30,7 +30,7 @@ from .errors import MagicUsageError, NNsightError
 from .models.base import NNsight
 from .tracing.envoy import Envoy
 from .tracing.source import compile_invokes, compile_source
-from .tracing.tracer import Tracer, run_block
+from .tracing.tracer import Tracer
 
 
 _TRACE_USAGE = (
@@ -134,13 +134,8 @@ class TraceMagics(Magics):
                 inputs = (prompts,)
             tracer = self._tracer(model, inputs, args)
             ns = dict(self.shell.user_ns, model=model, tracer=tracer)
-            if args.remote:
-                from .remote.session import run_remote
-
-                block.as_name = "tracer"
-                results = run_remote(tracer, block, ns)
-            else:
-                results = run_block(tracer, block, ns, module_level=False)
+            block.as_name = "tracer"
+            results = tracer.run(block, ns)
         results.pop("model", None)
         results.pop("tracer", None)
         self.shell.user_ns.update(results)
@@ -161,7 +156,7 @@ class TraceMagics(Magics):
         block = compile_invokes(cell, source_name, len(prompts), "__nnsight_prompts__", first_line=2)
         tracer = self._tracer(model, (), args)
         ns = dict(self.shell.user_ns, model=model, tracer=tracer, __nnsight_prompts__=prompts)
-        run_block(tracer, block, ns, module_level=False)
+        tracer.run(block, ns)
         names = list(dict.fromkeys(n for values in tracer.invoke_values for n in values))
         return {name: [values.get(name) for values in tracer.invoke_values] for name in names}
 
@@ -185,7 +180,7 @@ class TraceMagics(Magics):
             print(model)
             return None
         if command == "status":
-            from .remote.config import CONFIG
+            from .settings import CONFIG
 
             host = CONFIG.resolved_host()
             if not host:
@@ -202,7 +197,7 @@ class TraceMagics(Magics):
                 print(f"  {entry.get('name')}: {entry.get('state')}")
             return None
         if command == "config":
-            from .remote.config import CONFIG
+            from .settings import CONFIG
 
             if len(words) < 2 or any("=" not in w for w in words[1:]):
                 raise MagicUsageError("Usage: %nnsight config KEY=VALUE [KEY=VALUE ...]")

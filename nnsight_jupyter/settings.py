@@ -28,8 +28,10 @@ tests and notebooks can change them at any time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ __all__ = [
     "config_file",
     "daemon_dir",
     "hub_endpoint",
+    "hub_offline",
     "hub_offline_variable",
     "read_config_file",
     "server_dir",
@@ -141,6 +144,34 @@ def hub_endpoint() -> str:
         return str(constants.ENDPOINT)
     except ImportError:
         return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Forbid Hugging Face Hub traffic during the conversion, and only then.
+
+    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import time, so it is imported first
+    (with the caller's environment) and its constant is switched along with the variable;
+    otherwise a first import inside this block would leave the whole process offline.
+    """
+    try:
+        import huggingface_hub.constants as hub_constants
+    except ImportError:
+        hub_constants = None
+    saved_env = os.environ.get("HF_HUB_OFFLINE")
+    saved_const = getattr(hub_constants, "HF_HUB_OFFLINE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved_const
 
 
 # ----- the remote backend ------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import torch
 
 from ..errors import InvokeError, TraceError
 from ..tracing.batching import Rows, batch_size_of, rows_for
-from ..tracing.envoy import Envoy, display_path
-from ..tracing.hooks import ModuleWrappers
+from ..tracing.backend import Backend
+from ..tracing.envoy import Envoy
 from ..tracing.source import compile_source
 from ..tracing.tracer import Tracer, run_block
 
@@ -43,25 +43,12 @@ class NNsight(Envoy):
                 "For a Hugging Face model id or folder use LanguageModel(...)."
             )
         object.__setattr__(self, "_model", module)
-        object.__setattr__(self, "_interleaver", None)
         object.__setattr__(self, "remote_id", remote_id)
-        self._refresh()
+        Envoy.__init__(self, module)
 
     def _refresh(self) -> None:
-        """Re-read the module tree (after a module was mounted or replaced)."""
-        canonical: dict[int, str] = {}
-        paths: list[tuple[str, torch.nn.Module]] = []
-        for name, module in self._model.named_modules():
-            canonical[id(module)] = name
-            paths.append((name, module))
-        object.__setattr__(self, "_canonical", canonical)
-        object.__setattr__(self, "_paths", paths)
-        object.__setattr__(self, "_wrappers", ModuleWrappers(paths))
-        Envoy.__init__(self, self._model, "", self)
-
-    @staticmethod
-    def _describe(path: str) -> str:
-        return display_path(path)
+        object.__setattr__(self, "_module", self._model)
+        super()._refresh()
 
     # ----- public entry points ------------------------------------------------------------------
     def trace(self, *inputs: Any, **kwargs: Any) -> Tracer:
@@ -77,17 +64,17 @@ class NNsight(Envoy):
         """
         if not kwargs:
             return Tracer(self, inputs, kwargs)
-        remote, blocking, timeout = _remote_options(kwargs)
-        return Tracer(self, inputs, kwargs, remote=remote, blocking=blocking, timeout=timeout)
+        backend, options = _backend_options(kwargs)
+        return Tracer(self, inputs, kwargs, backend=backend, options=options)
 
     def generate(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but runs the wrapped module's `.generate(...)`; `tracer.all()` loops over steps."""
         if not hasattr(self._model, "generate"):
             raise TraceError(f"{type(self._model).__name__} has no .generate() method; use model.trace(...).")
-        remote, blocking, timeout = _remote_options(kwargs)
+        backend, options = _backend_options(kwargs)
         gen_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_OPTIONS}
-        return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs, remote=remote,
-                      blocking=blocking, timeout=timeout)
+        return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs, backend=backend,
+                      options=options)
 
     def run_with_cache(self, *inputs: Any, modules: list[Any] | None = None, include_inputs: bool = False,
                        **kwargs: Any) -> tuple[Any, Any]:
@@ -132,8 +119,22 @@ class NNsight(Envoy):
         return self._model.generate(*args, **kwargs, **generate_kwargs)
 
 
-def _remote_options(kwargs: dict) -> tuple[Any, bool, float | None]:
-    return kwargs.pop("remote", False), bool(kwargs.pop("blocking", True)), kwargs.pop("timeout", None)
+def _backend_options(kwargs: dict) -> tuple[Backend | None, dict[str, Any]]:
+    """The backend `remote=` asks for (None: this process) and the options it is given.
+
+    `remote=True` is the configured server (or a local daemon), `remote="local"` the in-process
+    simulation of one, and an object may be an engine backend (it has `execute`) or anything that
+    runs trace requests (`run(request, timeout=...)`, such as a `RemoteClient`).
+    """
+    remote = kwargs.pop("remote", False)
+    options = {"blocking": bool(kwargs.pop("blocking", True)), "timeout": kwargs.pop("timeout", None)}
+    if remote is False or remote is None:
+        return None, options
+    if hasattr(remote, "execute"):
+        return remote, options
+    from ..remote.backends import remote_backend
+
+    return remote_backend(remote), options
 
 
 def _concat(values: list[Any], what: str) -> Any:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..settings import cache_dir
+from ..settings import cache_dir, hub_offline
 
 try:
     import fcntl
@@ -181,34 +181,6 @@ def _locked(lock_path: Path, *, progress: bool) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    """Forbid Hugging Face Hub traffic during the conversion, and only then.
-
-    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import time, so it is imported first
-    (with the caller's environment) and its constant is switched along with the variable;
-    otherwise a first import inside this block would leave the whole process offline.
-    """
-    try:
-        import huggingface_hub.constants as hub_constants
-    except ImportError:
-        hub_constants = None
-    saved_env = os.environ.get("HF_HUB_OFFLINE")
-    saved_const = getattr(hub_constants, "HF_HUB_OFFLINE", None)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if hub_constants is not None:
-        hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
-        if hub_constants is not None:
-            hub_constants.HF_HUB_OFFLINE = saved_const
 
 
 @contextlib.contextmanager
@@ -384,7 +356,7 @@ def prepare_smollm2(*, progress: bool = True) -> Path:
         tmp = root / f".{MODEL_DIRNAME}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            with _hub_offline():
+            with hub_offline():
                 _convert(gguf, tmp, progress=progress)
             _write_marker(tmp, source, gguf)
             old = None

@@ -20,8 +20,8 @@ from .protocol import TraceRequest, TraceResult
 from .values import from_wire, to_wire
 
 if TYPE_CHECKING:
+    from ..tracing.backend import TraceCall
     from ..tracing.source import Block
-    from ..tracing.tracer import Tracer
 
 
 def read_names(block: "Block") -> set[str]:
@@ -34,8 +34,11 @@ def read_names(block: "Block") -> set[str]:
     return names
 
 
-def build_request(tracer: "Tracer", block: "Block", ns: dict[str, Any]) -> TraceRequest:
-    model = tracer.model
+def build_request(call: TraceCall, *, timeout: float | None = None) -> TraceRequest:
+    """The request for one trace: the body's source, the values of the names it reads, the model call."""
+    model = call.model
+    block = call.block
+    ns = call.namespace
     model_id = getattr(model, "remote_id", None)
     if not model_id:
         raise NNsightError(
@@ -64,17 +67,17 @@ def build_request(tracer: "Tracer", block: "Block", ns: dict[str, Any]) -> Trace
             variables[name] = to_wire(value, name=name, root=model)
     text, first_line = block.remote_source()
     options: dict[str, Any] = {
-        "kind": "generate" if tracer._generate else "trace",
-        "inputs": to_wire(list(tracer._args), name="inputs", root=model),
-        "kwargs": to_wire({**tracer._kwargs, **tracer._generate_kwargs}, name="kwargs", root=model),
+        "kind": "generate" if call.generate else "trace",
+        "inputs": to_wire(list(call.args), name="inputs", root=model),
+        "kwargs": to_wire({**call.kwargs, **call.generate_kwargs}, name="kwargs", root=model),
         "model_names": model_names or ["model"],
         "tracer_name": block.as_name,
         "modules": modules,
         "filename": block.filename,
         "first_line": first_line,
     }
-    if tracer._remote_timeout is not None:
-        options["timeout"] = float(tracer._remote_timeout)
+    if timeout is not None:
+        options["timeout"] = float(timeout)
     return TraceRequest(model_id=str(model_id), source=text, options=options, variables=variables)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ModulePathError
 from .envoy import first_argument
+from .paths import normalise_path
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
@@ -87,16 +88,8 @@ class Cache(Mapping[str, CacheEntry]):
 
         return record
 
-    @staticmethod
-    def _normalise(key: str) -> str:
-        if key == "model":
-            return ""
-        if key.startswith("model."):
-            key = key[6:]
-        return key.replace("[", ".").replace("]", "")
-
     def __getitem__(self, key: str) -> CacheEntry:
-        path = key if key in self._entries else self._normalise(key)
+        path = key if key in self._entries else normalise_path(key)
         if path in self._entries:
             return self._entries[path]
         raise KeyError(

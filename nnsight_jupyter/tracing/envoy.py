@@ -12,17 +12,46 @@ reachable as `envoy.child("output")` or `envoy.output_`.
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..errors import ModulePathError, TraceError
+from .hooks import ModuleWrappers
 from .interleave import current_mediator
-
-if TYPE_CHECKING:
-    from ..models.base import NNsight
+from .paths import display_path
 
 _RESERVED = {"output", "input", "inputs"}
+
+_PATH_RULES: list[Callable[[str], None]] = []
+
+
+def add_path_rule(rule: Callable[[str], None]) -> Callable[[], None]:
+    """Check every name a string path reaches with `rule`, which raises to refuse it; returns the undo.
+
+    `envoy.resolve("a.b")` and `envoy.add_alias(name, "a.b")` turn strings into attribute lookups,
+    which code reading the source cannot see. A process that runs other people's traces (a
+    server's worker) adds its attribute rule here, so computed paths obey the same rule as
+    written ones::
+
+        remove = add_path_rule(check_attribute)   # raises for "_model", "__globals__", ...
+        ...
+        remove()
+    """
+    _PATH_RULES.append(rule)
+
+    def remove() -> None:
+        if rule in _PATH_RULES:
+            _PATH_RULES.remove(rule)
+
+    return remove
+
+
+def _check_path(*names: str) -> None:
+    for name in names:
+        for part in name.split("."):
+            for rule in _PATH_RULES:
+                rule(part)
 
 
 def first_argument(args: tuple, kwargs: dict) -> Any:
@@ -32,26 +61,48 @@ def first_argument(args: tuple, kwargs: dict) -> Any:
     return next(iter(kwargs.values()), None)
 
 
-def display_path(path: str, root: str = "model") -> str:
-    """`transformer.h.0.attn` -> `model.transformer.h[0].attn`."""
-    if not path:
-        return root
-    out = root
-    for part in path.split("."):
-        out += f"[{part}]" if part.isdigit() else f".{part}"
-    return out
-
-
 class Envoy:
-    """Proxy for one module: children by attribute or index, values by `.output` / `.input` / `.inputs`."""
+    """Proxy for one module: children by attribute or index, values by `.output` / `.input` / `.inputs`.
 
-    def __init__(self, module: torch.nn.Module, path: str, root: "NNsight | None") -> None:
+    `Envoy(module)` is a root: it indexes the whole module tree (each module's path, and the
+    wrappers a trace installs) and can be traced on its own; the envoys below it share that index.
+    """
+
+    def __init__(self, module: torch.nn.Module, path: str = "", root: "Envoy | None" = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root if root is not None else self)
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_aliases", {})
+        if root is None:
+            self._index()
         self._build_children()
+
+    def _index(self) -> None:
+        """At the root: every module's canonical path, and the wrappers a trace of this tree installs.
+
+        Wrapping the first model is the engine's first use: the source recorder goes in then
+        (see `runtime.py`).
+        """
+        from .runtime import install_source_recorder
+
+        install_source_recorder()
+        canonical: dict[int, str] = {}
+        paths: list[tuple[str, torch.nn.Module]] = []
+        for name, module in self._module.named_modules():
+            canonical[id(module)] = name
+            paths.append((name, module))
+        object.__setattr__(self, "_canonical", canonical)
+        object.__setattr__(self, "_paths", paths)
+        object.__setattr__(self, "_wrappers", ModuleWrappers(paths))
+        if "_interleaver" not in self.__dict__:
+            object.__setattr__(self, "_interleaver", None)
+
+    def _refresh(self) -> None:
+        """Re-read the module tree (after a module was mounted or replaced)."""
+        root = self._root
+        root._index()
+        Envoy.__init__(root, root._module, "", root)
 
     def _build_children(self) -> None:
         children: dict[str, Envoy] = {}
@@ -102,6 +153,8 @@ class Envoy:
 
     def resolve(self, relative_path: str) -> Any:
         """The envoy (or attribute) at a dotted path below this one: `model.resolve("transformer.h.0")`."""
+        if _PATH_RULES and isinstance(relative_path, str):
+            _check_path(relative_path)
         node: Any = self
         for part in relative_path.split(".") if relative_path else []:
             if part.startswith("_"):
@@ -114,6 +167,8 @@ class Envoy:
 
     def add_alias(self, name: str, relative_path: str) -> None:
         """Make `envoy.<name>` another way to reach `relative_path` (used for architecture-agnostic names)."""
+        if _PATH_RULES:
+            _check_path(name)
         self.resolve(relative_path)
         self._aliases[name] = relative_path
 

@@ -30,6 +30,7 @@ from greenlet import getcurrent, greenlet
 
 from ..errors import ModuleNotReachedError, OutOfOrderError
 from .batching import Rows, narrow, splice
+from .paths import display_path
 
 RESULT = ("result",)
 
@@ -231,7 +232,7 @@ class Interleaver:
     def __init__(self, root: Any, block: Any = None) -> None:
         self.root = root
         self.block = block
-        self.describe_path = root._describe
+        self.describe_path = display_path
         self.mediators: list[Mediator] = []
         self.wait_in: dict[str, list[Mediator]] = {}
         self.wait_out: dict[str, list[Mediator]] = {}

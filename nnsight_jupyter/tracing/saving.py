@@ -39,7 +39,8 @@ def save(value: Any) -> Any:
     return value
 
 
-def _tensor_save(self: torch.Tensor) -> torch.Tensor:
+def tensor_save(self: torch.Tensor) -> torch.Tensor:
+    """`Tensor.save` (installed by `runtime.install_trace_hooks`)."""
     m = getattr(getcurrent(), "_nnsight_jupyter_mediator", None)
     if m is None:
         other = getattr(object, "save", None)  # another tracing library's `.save()` on every object
@@ -48,12 +49,6 @@ def _tensor_save(self: torch.Tensor) -> torch.Tensor:
         return save(self)
     m.interleaver.saved[id(self)] = self
     return self
-
-
-def install_tensor_save() -> None:
-    """Give tensors a `.save()` method (once, at the first trace; outside a trace it explains itself)."""
-    if "save" not in torch.Tensor.__dict__:
-        torch.Tensor.save = _tensor_save  # type: ignore[attr-defined]
 
 
 def holds_unsaved_tensor(value: Any, saved: dict[int, Any], depth: int = 3) -> bool:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from ..errors import ScanError
-from .envoy import display_path, first_argument
+from .envoy import first_argument
+from .paths import display_path, normalise_path
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
@@ -65,11 +66,7 @@ class ScanResult(Mapping[str, ModuleShapes]):
     def __getitem__(self, key: str) -> ModuleShapes:
         if key in self._entries:
             return self._entries[key]
-        if key.startswith("model."):
-            key = key[6:]
-        elif key == "model":
-            key = ""
-        return self._entries[key.replace("[", ".").replace("]", "")]
+        return self._entries[normalise_path(key)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -8,8 +8,9 @@ tracebacks point at the user's lines), and skipped inline.
 Source comes from `linecache` (files and notebook cells), from a record of recently compiled
 strings (`exec(...)`; IPython's `%%time` parses the cell with `ast.parse`, filename `<unknown>`, and
 compiles the tree as `<timed exec>`), or from `sys.orig_argv` for `python -c`. A recorded source
-is used only if compiling it gives the very code object that is running. The record is an audit hook on the `compile` event: it only keeps a
-reference to the last few sources whose filename is a pseudo-name such as `<string>`.
+is used only if compiling it gives the very code object that is running. The record is an audit hook on the `compile` event, installed when the first model is
+wrapped (`runtime.py`): it only keeps a reference to the last few sources whose filename is a
+pseudo-name such as `<string>`, so a string compiled before then has no recorded source.
 
 Compiling also rewrites two things in the body's syntax tree:
 - `x.save()` becomes `__nnsight_save__(x)`, so any value (tuples, lists, numbers) can be saved;
@@ -24,7 +25,6 @@ import collections
 import copy
 import linecache
 import sys
-import threading
 import weakref
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
@@ -34,12 +34,13 @@ from ..errors import InvokeError, SourceUnavailableError, TraceError
 SAVE_NAME = "__nnsight_save__"
 
 _EXEC_SOURCES: collections.deque[tuple[str, object]] = collections.deque(maxlen=64)
-_audit_installed = False
-_audit_lock = threading.Lock()
+_recording = [False]
+"""Whether the audit hook records; it cannot be removed from the process, so `runtime.uninstall` turns it off."""
 
 
-def _record_compiled_source(event: str, args: tuple) -> None:
-    if event != "compile":
+def record_compiled_source(event: str, args: tuple) -> None:
+    """The audit hook that keeps the last sources compiled under pseudo-filenames (`runtime.py` installs it)."""
+    if event != "compile" or not _recording[0]:
         return
     try:
         source, filename = args
@@ -49,15 +50,6 @@ def _record_compiled_source(event: str, args: tuple) -> None:
             _EXEC_SOURCES.append((filename, source))
     except Exception:  # an audit hook must never make compile() fail
         pass
-
-
-def install_source_recorder() -> None:
-    """Start recording sources compiled under pseudo-filenames (idempotent)."""
-    global _audit_installed
-    with _audit_lock:
-        if not _audit_installed:
-            sys.addaudithook(_record_compiled_source)
-            _audit_installed = True
 
 
 @dataclass(eq=False)
@@ -369,7 +361,7 @@ def _module_tree(frame: FrameType, what: str) -> tuple[ast.Module, str, list[str
     raise SourceUnavailableError(
         f"Cannot read the source of this `with {what}` block (it runs from {filename!r}, line {frame.f_lineno}). "
         "The engine needs the block's source to run it beside the forward pass. "
-        "Run it from a file, a notebook cell, or exec() a string compiled after nnsight_jupyter was imported; "
+        "Run it from a file, a notebook cell, or exec() a string compiled after the model was wrapped; "
         "code typed into a plain `python` prompt or piped through stdin has no readable source."
     )
 

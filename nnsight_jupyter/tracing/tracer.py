@@ -13,7 +13,7 @@ Whatever happens — an exception in the body, in the model, or a KeyboardInterr
 wrappers come off, parameter gradients touched by a failed run are put back, and names the body
 had bound in the caller's namespace are restored. (`Tensor.save` and a pass-through wrapper of
 `torch.autograd.backward` are installed at the first trace and stay; outside a trace they do
-nothing new.)
+nothing new; `runtime.py` says why and how to take them off.)
 """
 
 from __future__ import annotations
@@ -36,14 +36,13 @@ from .interleave import (
     _MISSING,
     current_mediator,
 )
-from .saving import NotSaved, holds_unsaved_tensor, install_tensor_save, save
-from .source import SAVE_NAME, USER_CODES, Block, block_for_frame, install_source_recorder
+from .saving import NotSaved, holds_unsaved_tensor, save
+from .backend import LOCAL, Backend, TraceCall
+from .runtime import install_trace_hooks
+from .source import SAVE_NAME, USER_CODES, Block, block_for_frame
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
-
-install_source_recorder()
-
 
 _CO_OPTIMIZED = 0x0001
 
@@ -137,17 +136,29 @@ class Tracer:
     _untraced: tuple[Any, Any, bool] | None = None  # tracing to put back once the body is skipped
 
     def __init__(self, model: "NNsight", args: tuple, kwargs: dict, *, generate: bool = False,
-                 generate_kwargs: dict | None = None, remote: Any = False, blocking: bool = True,
-                 timeout: float | None = None) -> None:
+                 generate_kwargs: dict | None = None, backend: Backend | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.model = model
-        self._remote = remote
-        self._blocking = blocking
-        self._remote_timeout = timeout
+        self.backend: Backend = backend if backend is not None else LOCAL
+        self.options: dict[str, Any] = options or {}
         self._args = args
         self._kwargs = kwargs
         self._has_input = bool(args or kwargs)
         self._generate = generate
         self._generate_kwargs = generate_kwargs or {}
+
+    def call(self, block: Block, namespace: dict, *, module_level: bool = False) -> TraceCall:
+        """What this tracer's backend receives to run `block` reading `namespace`."""
+        return TraceCall(self, self.model, block, namespace, module_level=module_level, args=self._args,
+                         kwargs=self._kwargs, generate=self._generate, generate_kwargs=self._generate_kwargs,
+                         options=self.options)
+
+    def run(self, block: Block, namespace: dict, *, module_level: bool = False) -> dict[str, Any]:
+        """Run `block` through this tracer's backend; returns the names it bound (with `as` name: the tracer)."""
+        bound = self.backend.execute(self.call(block, namespace, module_level=module_level))
+        if block.as_name:
+            bound[block.as_name] = self
+        return bound
 
     # ----- the with statement -------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -194,14 +205,9 @@ class Tracer:
             module_level = frame.f_locals is frame.f_globals
             ns = frame.f_globals if module_level else FrameNamespace(frame.f_locals, fallback=frame.f_globals)
         try:
-            if self._remote:
-                from ..remote.session import run_remote
-
-                bound = run_remote(self, self._block, ns)
-                if module_level:
-                    ns.update(bound)
-            else:
-                bound = run_block(self, self._block, ns, module_level=module_level)
+            bound = self.run(self._block, ns, module_level=module_level)
+            if module_level:
+                ns.update(bound)
         except BaseException as error:
             del frame
             raise user_traceback(error) from error.__cause__
@@ -293,16 +299,21 @@ class Tracer:
 
 def _path_of(x: Any) -> str:
     from .envoy import Envoy
+    from .paths import normalise_path
 
     if isinstance(x, Envoy):
         return x._path
     if isinstance(x, str):
-        return x[6:] if x.startswith("model.") else ("" if x == "model" else x)
+        return normalise_path(x)
     raise TraceError(f"cache(modules=...) takes envoys (model.layers[0]) or path strings, not {type(x).__name__}.")
 
 
 def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> dict[str, Any]:
-    """Run a compiled trace body against one forward pass; return the names it bound, finalised."""
+    """Run a compiled trace body against one forward pass; return the names it bound, finalised.
+
+    With `module_level`, `ns` is the caller's module globals: what the body bound there is put
+    back if the run fails; on success the caller binds the returned names.
+    """
     model = tracer.model
     if model._interleaver is not None:
         raise TraceError("A trace of this model is already running; finish it before starting another.")
@@ -315,8 +326,7 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
     if block.as_name:
         ns[block.as_name] = tracer
     model._interleaver = il
-    install_tensor_save()
-    install_backward_guard()
+    install_trace_hooks()
     try:
         il.start(il.add(block.code, ns, assigned=block.assigned, rows=None, label="trace body"))
         tracer._frozen = True
@@ -360,10 +370,8 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
             bound.update(values)
     if block.as_name:
         bound[block.as_name] = tracer
-    if restore is not None:
-        ns.update(bound)
-        if restore[SAVE_NAME] is _MISSING:
-            ns.pop(SAVE_NAME, None)
+    if restore is not None and restore[SAVE_NAME] is _MISSING:
+        ns.pop(SAVE_NAME, None)
     return bound
 
 
@@ -408,33 +416,6 @@ def _finalised(m: Any, saved: dict[int, Any]) -> dict[str, Any]:
         if value is not _MISSING:
             values[name] = NotSaved(name) if holds_unsaved_tensor(value, saved) else value
     return values
-
-
-def install_backward_guard() -> None:
-    """Route `torch.autograd.backward` (which `Tensor.backward` calls) through `_guarded_backward`, once.
-
-    Installed at the first trace and left in place, like `Tensor.save`: outside a trace it only
-    passes the call on. Inside one, the first backward snapshots the traced model's parameter
-    gradients, so that a run that fails afterwards can put them back (`restore_grads`).
-    """
-    global _original_backward
-    if _original_backward is None:
-        _original_backward = torch.autograd.backward
-        torch.autograd.backward = _guarded_backward
-
-
-_original_backward: Any = None
-
-
-def _guarded_backward(*args: Any, **kwargs: Any) -> Any:
-    from .interleave import current_trace
-
-    trace = current_trace()
-    if trace is not None and trace.grad_snapshot is None:
-        trace.grad_snapshot = [
-            (p, None if p.grad is None else p.grad.detach().clone()) for p in trace.root._model.parameters()
-        ]
-    return _original_backward(*args, **kwargs)
 
 
 def restore_grads(il: Interleaver) -> None:

@@ -293,36 +293,25 @@ def preimport() -> list[str]:
     return present
 
 
-def harden_engine() -> None:
-    """Make the engine's string paths obey the attribute rules in this process.
+_engine_rule: list[Callable[[], None]] = []
+
+
+def harden_engine() -> Callable[[], None]:
+    """Make the engine's string paths obey the attribute rules in this process; returns the undo.
 
     ``envoy.resolve("a.b")`` and ``envoy.add_alias(name, "a.b")`` turn strings into attribute
     lookups, so ``model.resolve("_model.forward.__globals__")`` would reach what the source check
-    refuses to let code spell out. In a worker they refuse the same names ``getattr`` refuses.
+    refuses to let code spell out. The engine's path-rule hook (``tracing.envoy.add_path_rule``)
+    makes them refuse the same names ``getattr`` refuses. Calling it again adds nothing.
     """
-    import functools
+    from ...tracing.envoy import add_path_rule
 
-    from ...tracing.envoy import Envoy
+    if not _engine_rule:
+        remove = add_path_rule(check_attribute)
 
-    if getattr(Envoy.resolve, "_nnsj_checked", False):
-        return
-    resolve, add_alias = Envoy.resolve, Envoy.add_alias
+        def undo() -> None:
+            remove()
+            _engine_rule.clear()
 
-    @functools.wraps(resolve)
-    def checked_resolve(self: Any, relative_path: str) -> Any:
-        if isinstance(relative_path, str):
-            for part in relative_path.split("."):
-                check_attribute(part)
-        return resolve(self, relative_path)
-
-    @functools.wraps(add_alias)
-    def checked_add_alias(self: Any, name: str, relative_path: str) -> None:
-        check_attribute(name)
-        if isinstance(relative_path, str):
-            for part in relative_path.split("."):
-                check_attribute(part)
-        return add_alias(self, name, relative_path)
-
-    checked_resolve._nnsj_checked = True  # type: ignore[attr-defined]
-    Envoy.resolve = checked_resolve  # type: ignore[method-assign]
-    Envoy.add_alias = checked_add_alias  # type: ignore[method-assign]
+        _engine_rule.append(undo)
+    return _engine_rule[0]

@@ -103,18 +103,25 @@ def test_modules_are_read_only_proxies():
     assert op.attrgetter("real")(3) == 3 and op.add is operator.add
 
 
-def test_harden_engine_checks_string_paths(monkeypatch):
+def test_harden_engine_checks_string_paths():
     from nnsight_jupyter.tracing.envoy import Envoy
 
-    monkeypatch.setattr(Envoy, "resolve", Envoy.resolve)
-    monkeypatch.setattr(Envoy, "add_alias", Envoy.add_alias)
+    resolve, add_alias = Envoy.resolve, Envoy.add_alias
     model = tiny_gpt2()
-    sandbox.harden_engine()
-    assert model.resolve("transformer.h.0") is model.transformer.h[0]
-    with pytest.raises(SandboxViolation, match="_model"):
-        model.resolve("_model")
-    with pytest.raises(SandboxViolation, match="__globals__"):
-        model.add_alias("g", "transformer.forward.__globals__")
+    undo = sandbox.harden_engine()
+    try:
+        assert model.resolve("transformer.h.0") is model.transformer.h[0]
+        with pytest.raises(SandboxViolation, match="_model"):
+            model.resolve("_model")
+        with pytest.raises(SandboxViolation, match="__globals__"):
+            model.add_alias("g", "transformer.forward.__globals__")
+        with pytest.raises(SandboxViolation, match="__init__"):
+            model.add_alias("__init__", "transformer")
+        assert Envoy.resolve is resolve and Envoy.add_alias is add_alias, "the hook patches no Envoy method"
+    finally:
+        undo()
+    with pytest.raises(AttributeError):
+        model.resolve("transformer.forward.__globals__x")
 
 
 def test_a_sandboxed_run_gives_the_same_values_as_a_plain_one():
