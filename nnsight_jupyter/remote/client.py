@@ -24,9 +24,10 @@ import httpx
 from ..errors import NNsightError, RemoteConnectionError, RemoteError, RemoteServerError, RemoteTimeout
 from ..settings import CONFIG, RemoteConfig
 from .codec.memory import aligned_buffer
+from .lifecycle import FINAL_STATES
 from .protocol import TraceRequest, TraceResult, buffer_section_offset, decode_result, encode_request
 
-FINAL_EVENTS = ("completed", "error", "cancelled")
+FINAL_EVENTS = FINAL_STATES
 
 
 @dataclass

@@ -16,9 +16,10 @@ from typing import Any
 import anywidget
 import traitlets
 
+from ..remote.lifecycle import FINAL_STATES
+
 _HERE = pathlib.Path(__file__).parent
 
-FINAL_STATES = ("completed", "error", "cancelled")
 _SHOWN_LINES = 5
 _COLOURS = {"submitted": "#6b7280", "queued": "#b45309", "loading": "#2563eb", "running": "#2563eb",
             "completed": "#15803d", "error": "#b91c1c", "cancelled": "#6b7280"}

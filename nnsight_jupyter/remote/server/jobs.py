@@ -7,7 +7,7 @@ Why SQLite
     power loss), needs no service, and its single writer matches one server per data folder
     (enforced with a lock file; a second server on the same folder is refused).
 
-States::
+States (``remote/lifecycle.py``)::
 
     queued ──> loading ──> running ──> completed | error
        │          │           │
@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ...errors import ModelUnavailable, ServerRestarted, wire_name
+from ..lifecycle import FINAL_STATES, PENDING_STATES
 __all__ = ["FINAL", "Event", "Job", "JobStore", "iso"]
 
-FINAL = frozenset({"completed", "error", "cancelled"})
-PENDING = frozenset({"queued", "loading", "running"})
+FINAL = frozenset(FINAL_STATES)
+PENDING = frozenset(PENDING_STATES)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-import re
 from typing import Any, AsyncIterator
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -33,6 +32,7 @@ from starlette.routing import Route
 
 from ..._version import __version__
 from ...errors import ServerError, wire_name
+from ..lifecycle import is_job_id
 from ..protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
@@ -52,7 +52,6 @@ from .store import DELAY_MIN_BYTES, iter_file
 
 __all__ = ["ROUTES"]
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _BODY_TYPES = ("application/x-msgpack", "application/msgpack", "application/vnd.msgpack",
                "application/octet-stream")
 KEEPALIVE_S = 10.0
@@ -162,7 +161,7 @@ async def _job(request: Request) -> Job:
     unknown = ApiError(404, "unknown job",
                        f"there is no job {job_id[:80]!r} for this API key (jobs are visible only to the key that "
                        "submitted them)")
-    if not _JOB_ID.match(job_id):
+    if not is_job_id(job_id):
         raise unknown
     job = await run_in_threadpool(_service(request).jobs.get, job_id)
     if job is None or job.owner != _owner(request):

@@ -26,16 +26,16 @@ import heapq
 import itertools
 import mmap
 import os
-import re
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from ..lifecycle import is_job_id
+
 __all__ = ["ResultStore"]
 
-_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 CHUNK = 8 << 20
 DELAY_MIN_BYTES = 1 << 20
 """Results this large or larger wait ``later`` seconds before they are written (see the module docstring)."""
@@ -59,10 +59,11 @@ class ResultStore:
         self._write_order = itertools.count()
         self._writes_changed = threading.Condition(threading.Lock())
         self._writer_thread: threading.Thread | None = None
+        self._writing = 0
         self._lock = threading.Lock()
 
     def _path(self, job_id: str) -> Path:
-        if not _ID.match(job_id):
+        if not is_job_id(job_id):
             raise ValueError(f"not a job id: {job_id!r}")
         return self.folder / f"{job_id}.msgpack"
 
@@ -85,7 +86,7 @@ class ResultStore:
             delay = later if len(data) >= self.delay_min_bytes else 0.0
             with self._writes_changed:
                 heapq.heappush(self._writes, (time.monotonic() + delay, next(self._write_order), job_id, target))
-                self._writes_changed.notify()
+                self._writes_changed.notify_all()
             self._start_writer()
 
     def _write(self, job_id: str, target: Path) -> None:
@@ -116,10 +117,31 @@ class ResultStore:
                     # until the first write is due, or a new one (maybe due sooner) arrives
                     self._writes_changed.wait(self._writes[0][0] - time.monotonic() if self._writes else None)
                 _, _, job_id, target = heapq.heappop(self._writes)
+                self._writing += 1
             try:
                 self._write(job_id, target)
             except OSError as exc:
                 print(f"nnsight-jupyter server: cannot write the result of job {job_id}: {exc}", file=sys.stderr)
+            finally:
+                with self._writes_changed:
+                    self._writing -= 1
+                    self._writes_changed.notify_all()
+
+    def settled(self, timeout: float = 10.0) -> bool:
+        """Wait until the background writer has handled every write due by now; False on time-out.
+
+        For a clean shutdown check and for tests: a deleted result's write counts as handled once
+        the writer has passed it over.
+        """
+        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        with self._writes_changed:
+            while self._writing or (self._writes and self._writes[0][0] <= now):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._writes_changed.wait(left)
+        return True
 
     def flush(self) -> None:
         """Write every result still waiting for the disk (at shutdown, and in tests)."""

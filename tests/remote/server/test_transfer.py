@@ -116,7 +116,8 @@ def test_a_result_deleted_before_its_write_never_reaches_disk(tmp_path):
     store.put("job1", b"x" * 100, later=0.2)
     store.delete("job1")
     assert store.recent("job1") is None and store.read("job1") is None
-    time.sleep(0.5)
+    time.sleep(0.25)  # the write is due after 0.2 s; settled() then waits until the writer has handled it
+    assert store.settled() and not store._writes, "the writer never passed the deleted result's write over"
     assert not list(tmp_path.iterdir())
 
 
@@ -171,7 +172,7 @@ def test_flush_racing_the_background_writer_leaves_whole_files(tmp_path):
     for job_id, data in blobs.items():
         store.put(job_id, data, later=0)
     store.flush()
-    time.sleep(0.3)
+    assert store.settled(), "the background writer did not finish"
     assert {p.name for p in tmp_path.iterdir()} == {f"{job_id}.msgpack" for job_id in blobs}
     assert all((tmp_path / f"{job_id}.msgpack").read_bytes() == data for job_id, data in blobs.items())
 
