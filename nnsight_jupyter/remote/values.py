@@ -23,6 +23,7 @@ import torch
 from ..errors import NNsightError
 from ..tracing.cache import Cache, CacheEntry, CachedCall
 from ..tracing.envoy import Envoy
+from ..tracing.nested import TRUNCATED, leaves, map_structure
 from ..tracing.saving import NotSaved
 from .codec.wire import FunctionSource, ModuleRef, Placeholder, Record
 
@@ -50,6 +51,10 @@ def to_wire(value: Any, *, name: str = "value", root: Any = None, lenient: bool 
 
     With `lenient` (results), a value that cannot travel becomes a stand-in instead of an error.
     """
+    return map_structure(value, lambda leaf: _leaf_to_wire(leaf, name, root, lenient), exact=True)
+
+
+def _leaf_to_wire(value: Any, name: str, root: Any, lenient: bool) -> Any:
     if isinstance(value, Envoy):
         if root is not None and value._root is not root:
             raise NNsightError(
@@ -60,11 +65,6 @@ def to_wire(value: Any, *, name: str = "value", root: Any = None, lenient: bool 
         return Placeholder("omitted", value._name, value._line or "")
     if isinstance(value, NotSaved):
         return Placeholder("not_saved", value._name, "")
-    kind = type(value)
-    if kind in (list, tuple, set, frozenset):
-        return kind(to_wire(v, name=name, root=root, lenient=lenient) for v in value)
-    if kind is dict:
-        return {k: to_wire(v, name=name, root=root, lenient=lenient) for k, v in value.items()}
     if isinstance(value, Cache):
         entries = {
             path: [{"output": to_wire(c.output, name=name, root=root, lenient=lenient),
@@ -92,6 +92,10 @@ def result_to_wire(name: str, value: Any) -> Any:
 
 def from_wire(value: Any, *, root: Any = None, compile_function: Callable[[FunctionSource], Any] | None = None) -> Any:
     """Translate a decoded value back into engine values."""
+    return map_structure(value, lambda leaf: _leaf_from_wire(leaf, root, compile_function), exact=True)
+
+
+def _leaf_from_wire(value: Any, root: Any, compile_function: Callable[[FunctionSource], Any] | None) -> Any:
     kind = type(value)
     if kind is ModuleRef:
         if root is None:
@@ -106,23 +110,18 @@ def from_wire(value: Any, *, root: Any = None, compile_function: Callable[[Funct
         if compile_function is None:
             return value
         return compile_function(value)
-    if kind in (list, tuple, set, frozenset):
-        return kind(from_wire(v, root=root, compile_function=compile_function) for v in value)
-    if kind is dict:
-        return {k: from_wire(v, root=root, compile_function=compile_function) for k, v in value.items()}
     return value
 
 
-def _travels(value: Any, depth: int = 0) -> bool:
-    if depth > 50:
-        return False
+def _travels(value: Any) -> bool:
+    """Whether every leaf of `value` is something the codec sends (in containers at most 50 deep)."""
+    return all(leaf is not TRUNCATED and _leaf_travels(leaf) for leaf in leaves(value, exact=True, max_depth=50))
+
+
+def _leaf_travels(value: Any) -> bool:
     if isinstance(value, (Envoy, Cache)) or _is_model_output(value):
         return True
     kind = type(value)
-    if kind in (list, tuple, set, frozenset):
-        return all(_travels(v, depth + 1) for v in value)
-    if kind is dict:
-        return all(_travels(v, depth + 1) for v in value.values())
     return kind in _LEAVES or kind is torch.nn.Parameter or isinstance(value, (NotSaved, types.FunctionType))
 
 

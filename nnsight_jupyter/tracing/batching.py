@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .nested import leaves, map_structure, rebuild
+
 
 @dataclass(frozen=True)
 class Rows:
@@ -41,7 +43,14 @@ def rows_for(sizes: list[int | None]) -> list[Rows | None]:
 def narrow(value: Any, rows: Rows | None) -> Any:
     if rows is None or (rows.start == 0 and rows.size == rows.total):
         return value
-    return _map(value, lambda t: t.narrow(0, rows.start, rows.size), rows.total)
+    start, size, total = rows.start, rows.size, rows.total
+
+    def own_rows(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == total:
+            return v.narrow(0, start, size)
+        return v
+
+    return map_structure(value, own_rows)
 
 
 def splice(full: Any, rows: Rows | None, new: Any) -> Any:
@@ -64,56 +73,16 @@ def splice(full: Any, rows: Rows | None, new: Any) -> Any:
         return torch.cat(parts, dim=0)
     if isinstance(full, (tuple, list)) and isinstance(new, (tuple, list)) and len(full) == len(new):
         items = [splice(f, rows, n) if f is not n else f for f, n in zip(full, new)]
-        return _rebuild(full, items)
+        return rebuild(full, items)
     if isinstance(full, dict) and isinstance(new, dict):
         merged = {k: (splice(full[k], rows, v) if k in full and full[k] is not v else v) for k, v in new.items()}
-        return _rebuild_dict(full, merged)
+        return rebuild(full, merged)
     return new
 
 
-def _map(value: Any, fn, total: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        if value.dim() > 0 and value.shape[0] == total:
-            return fn(value)
-        return value
-    if isinstance(value, (tuple, list)):
-        return _rebuild(value, [_map(v, fn, total) for v in value])
-    if isinstance(value, dict):
-        return _rebuild_dict(value, {k: _map(v, fn, total) for k, v in value.items()})
-    return value
-
-
-def _rebuild(original: tuple | list, items: list) -> Any:
-    if isinstance(original, list):
-        return type(original)(items) if type(original) is not list else items
-    if hasattr(original, "_fields"):
-        return type(original)(*items)
-    return type(original)(items) if type(original) is not tuple else tuple(items)
-
-
-def _rebuild_dict(original: dict, items: dict) -> Any:
-    if type(original) is dict:
-        return items
-    try:
-        return type(original)(**items)
-    except TypeError:
-        rebuilt = type(original)()
-        rebuilt.update(items)
-        return rebuilt
-
-
 def batch_size_of(value: Any) -> int | None:
-    """The size of the first dimension of the first tensor found in `value`."""
-    if isinstance(value, torch.Tensor):
-        return value.shape[0] if value.dim() > 0 else None
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            size = batch_size_of(v)
-            if size is not None:
-                return size
-    if isinstance(value, dict):
-        for v in value.values():
-            size = batch_size_of(v)
-            if size is not None:
-                return size
+    """The size of the first dimension of the first tensor (of at least one dimension) found in `value`."""
+    for leaf in leaves(value):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
     return None

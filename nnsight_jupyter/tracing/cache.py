@@ -16,22 +16,19 @@ import torch
 
 from ..errors import ModulePathError
 from .envoy import first_argument
+from .nested import map_structure
 from .paths import normalise_path
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
 
 
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
 def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_detached(v) for v in value)
-    if isinstance(value, list):
-        return [_detached(v) for v in value]
-    if isinstance(value, dict) and type(value) is dict:
-        return {k: _detached(v) for k, v in value.items()}
-    return value
+    return map_structure(value, _detach)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from greenlet import getcurrent
 
 from ..errors import NNsightError, NotSavedError
+from .nested import leaves
 
 
 def save(value: Any) -> Any:
@@ -52,17 +53,17 @@ def tensor_save(self: torch.Tensor) -> torch.Tensor:
 
 
 def holds_unsaved_tensor(value: Any, saved: dict[int, Any], depth: int = 3) -> bool:
-    """Whether `value` is, or contains, a tensor that was not saved (a list of saved tensors is fine)."""
+    """Whether `value` is, or contains, a tensor that was not saved (a list of saved tensors is fine).
+
+    Containers are looked into `depth` levels deep; a saved container is not looked into.
+    """
     if id(value) in saved:
         return False
     if isinstance(value, torch.Tensor):
         return True
-    if depth <= 0:
-        return False
-    if isinstance(value, (tuple, list, set, frozenset)):
-        return any(holds_unsaved_tensor(v, saved, depth - 1) for v in value)
-    if isinstance(value, dict):
-        return any(holds_unsaved_tensor(v, saved, depth - 1) for v in value.values())
+    for leaf in leaves(value, max_depth=depth, skip=lambda v: id(v) in saved):
+        if isinstance(leaf, torch.Tensor):
+            return True
     return False
 
 

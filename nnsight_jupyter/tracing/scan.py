@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ScanError
 from .envoy import first_argument
+from .nested import map_structure
 from .paths import display_path, normalise_path
 
 if TYPE_CHECKING:
@@ -31,15 +32,13 @@ class TensorInfo:
 
 
 def describe(value: Any) -> Any:
-    """Replace every tensor in a nested value by its shape and dtype."""
+    """Replace every tensor in a nested value by its shape and dtype, and other values by their type's name."""
+    return map_structure(value, _describe_leaf, plain=True)
+
+
+def _describe_leaf(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return TensorInfo(tuple(value.shape), value.dtype)
-    if isinstance(value, (tuple, list)):
-        return type(value)(describe(v) for v in value) if not hasattr(value, "_fields") else tuple(
-            describe(v) for v in value
-        )
-    if isinstance(value, dict):
-        return {k: describe(v) for k, v in value.items()}
     return None if value is None else type(value).__name__
 
 
@@ -135,12 +134,4 @@ def scan(model: "NNsight", inputs: tuple, kwargs: dict) -> ScanResult:
 
 
 def _to_fake(value: Any, mode: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return mode.from_tensor(value)
-    if isinstance(value, tuple):
-        return tuple(_to_fake(v, mode) for v in value)
-    if isinstance(value, list):
-        return [_to_fake(v, mode) for v in value]
-    if isinstance(value, dict):
-        return type(value)({k: _to_fake(v, mode) for k, v in value.items()}) if type(value) is dict else value
-    return value
+    return map_structure(value, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
