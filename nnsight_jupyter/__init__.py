@@ -1,9 +1,9 @@
 """nnsight-jupyter: read and edit the internals of PyTorch models, in a notebook or on a server.
 
-    from nnsight_jupyter import NNsight
-    model = NNsight(net)
-    with model.trace(x):
-        hidden = model.layers[2].output.save()
+from nnsight_jupyter import NNsight
+model = NNsight(net)
+with model.trace(x):
+    hidden = model.layers[2].output.save()
 """
 
 from . import errors

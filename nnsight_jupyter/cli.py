@@ -39,7 +39,7 @@ def demo(prompt: str, layer: int) -> int:
     target = int(top.indices[0])
     with torch.no_grad(), model.trace(ids):
         model.layers[layer].mlp.output[:, -1] = 0
-        patched = torch.softmax(model.lm_head.output[0, -1], dim=-1)[target].save()
+        patched = torch.softmax(model.lm_head.output[0, -1], dim=-1)[target].save()  # type: ignore[attr-defined]
     print(
         f"\nZeroing layer {layer}'s MLP output at the last position moves "
         f"P({tokenizer.decode([target])!r}) from {float(probs[target]):.3f} to {float(patched):.3f}"

@@ -106,8 +106,9 @@ class ProtocolError(NNsightError, ValueError):
 class ProtocolVersionError(ProtocolError):
     """The message was written for another protocol version than this side speaks."""
 
-    def __init__(self, remote_protocol: int, remote_package: str, local_protocol: int = 0,
-                 local_package: str = "") -> None:
+    def __init__(
+        self, remote_protocol: int, remote_package: str, local_protocol: int = 0, local_package: str = ""
+    ) -> None:
         import reprlib
 
         self.remote_protocol = remote_protocol
@@ -203,11 +204,17 @@ class ServerError(RemoteError):
 
 def _table() -> dict[str, type[BaseException]]:
     table: dict[str, type[BaseException]] = {
-        name: value for name, value in vars(builtins).items()
+        name: value
+        for name, value in vars(builtins).items()
         if isinstance(value, type) and issubclass(value, Exception)
     }
-    table.update({name: value for name, value in globals().items()
-                  if isinstance(value, type) and issubclass(value, NNsightError)})
+    table.update(
+        {
+            name: value
+            for name, value in globals().items()
+            if isinstance(value, type) and issubclass(value, NNsightError)
+        }
+    )
     table["TimeoutError"] = RemoteTimeout
     table["MemoryError"] = MemoryLimitExceeded
     return table

@@ -32,7 +32,6 @@ from .tracing.envoy import Envoy
 from .tracing.source import compile_invokes, compile_source
 from .tracing.tracer import Tracer
 
-
 _TRACE_USAGE = (
     "%%trace MODEL [PROMPT ...] [--max-new-tokens N] [--remote] [--timeout S] [--show]\n"
     "  MODEL   a registry alias (smollm2, gpt2), a Hugging Face id or folder, or a model object in the notebook\n"
@@ -102,7 +101,9 @@ class TraceMagics(Magics):
                 try:
                     values.append(ast.literal_eval(token))
                 except (ValueError, SyntaxError):
-                    raise MagicUsageError(f"Cannot read the prompt {token}: write it as a Python string literal.")
+                    raise MagicUsageError(
+                        f"Cannot read the prompt {token}: write it as a Python string literal."
+                    ) from None
                 continue
             try:
                 value = eval(token, self.shell.user_ns)  # a notebook variable or expression
@@ -118,7 +119,7 @@ class TraceMagics(Magics):
         return values
 
     # ----- %%trace --------------------------------------------------------------------------
-    @cell_magic("trace")
+    @cell_magic("trace")  # type: ignore[arg-type]
     def trace(self, line: str, cell: str) -> None:
         """Run the cell as the body of a trace of MODEL on PROMPT(s). `%nnsight help` for details."""
         args, _ = _parse_trace_line(line)
@@ -151,8 +152,9 @@ class TraceMagics(Magics):
             return model.generate(*inputs, max_new_tokens=args.max_new_tokens, **options)
         return model.trace(*inputs, **options)
 
-    def _run_invokes(self, model: NNsight, prompts: list[Any], cell: str, source_name: str,
-                     args: argparse.Namespace) -> dict[str, Any]:
+    def _run_invokes(
+        self, model: NNsight, prompts: list[Any], cell: str, source_name: str, args: argparse.Namespace
+    ) -> dict[str, Any]:
         block = compile_invokes(cell, source_name, len(prompts), "__nnsight_prompts__", first_line=2)
         tracer = self._tracer(model, (), args)
         ns = dict(self.shell.user_ns, model=model, tracer=tracer, __nnsight_prompts__=prompts)
@@ -161,7 +163,7 @@ class TraceMagics(Magics):
         return {name: [values.get(name) for values in tracer.invoke_values] for name in names}
 
     # ----- %nnsight -------------------------------------------------------------------------
-    @line_magic("nnsight")
+    @line_magic("nnsight")  # type: ignore[arg-type]
     def nnsight(self, line: str) -> Any:
         """`%nnsight models | tree MODEL | status | config KEY=VALUE | help`."""
         words = line.split()
@@ -184,15 +186,19 @@ class TraceMagics(Magics):
 
             host = CONFIG.resolved_host()
             if not host:
-                print("remote backend: a local daemon on 127.0.0.1, started on the first --remote cell "
-                      "(set a server with %nnsight config host=URL api_key=KEY)")
+                print(
+                    "remote backend: a local daemon on 127.0.0.1, started on the first --remote cell "
+                    "(set a server with %nnsight config host=URL api_key=KEY)"
+                )
                 return None
             from .remote.client import RemoteClient
 
             client = RemoteClient(host, CONFIG.resolved_api_key())
             health = client.health()
-            print(f"remote backend: {host} (protocol {health.get('protocol_version')}, "
-                  f"server {health.get('package_version')})")
+            print(
+                f"remote backend: {host} (protocol {health.get('protocol_version')}, "
+                f"server {health.get('package_version')})"
+            )
             for entry in client.models():
                 print(f"  {entry.get('name')}: {entry.get('state')}")
             return None
@@ -219,13 +225,18 @@ def _summary(name: str, value: Any) -> Any:
         if isinstance(v, torch.Tensor):
             f = v.detach().float()
             stats = (
-                f"mean {f.mean():.4g}, std {f.std():.4g}, min {f.min():.4g}, max {f.max():.4g}" if f.numel() > 1
+                f"mean {f.mean():.4g}, std {f.std():.4g}, min {f.min():.4g}, max {f.max():.4g}"
+                if f.numel() > 1
                 else f"value {f.item():.4g}"
             )
             return f"tensor {list(v.shape)} {str(v.dtype).replace('torch.', '')}: {stats}"
         if isinstance(v, (list, tuple)):
-            return f"{type(v).__name__} of {len(v)}: [" + "; ".join(describe(x) for x in v[:4]) + (
-                "; ..." if len(v) > 4 else "") + "]"
+            return (
+                f"{type(v).__name__} of {len(v)}: ["
+                + "; ".join(describe(x) for x in v[:4])
+                + ("; ..." if len(v) > 4 else "")
+                + "]"
+            )
         return repr(v)[:200]
 
     return HTML(f"<pre><b>{name}</b>: {_escape(describe(value))}</pre>")
@@ -244,11 +255,11 @@ def complete_module_paths(shell: Any, text_before_cursor: str) -> list[str]:
     if not match:
         return []
     expr, prefix = match.groups()
-    head = re.match(r"[A-Za-z_]\w*", expr).group(0)  # type: ignore[union-attr]
+    head = re.match(r"[A-Za-z_]\w*", expr).group(0)
     obj = shell.user_ns.get(head)
     if not isinstance(obj, Envoy):
         return []
-    rest = expr[len(head):]
+    rest = expr[len(head) :]
     for part in re.findall(r"\.([A-Za-z_]\w*)|\[\s*(-?\d+)\s*\]|\[\s*['\"]([^'\"]+)['\"]\s*\]", rest):
         attr, index, key = part
         try:
@@ -264,8 +275,10 @@ def complete_module_paths(shell: Any, text_before_cursor: str) -> list[str]:
             return []
     names = list(obj._children) + list(obj._aliases) + ["output", "input", "inputs", "next", "call"]
     names += [n for n in dir(obj._module) if not n.startswith("_")]
-    return sorted({n for n in names if n.startswith(prefix) and n.isidentifier()},
-                  key=lambda n: (n not in obj._children and n not in obj._aliases, n))
+    return sorted(
+        {n for n in names if n.startswith(prefix) and n.isidentifier()},
+        key=lambda n: (n not in obj._children and n not in obj._aliases, n),
+    )
 
 
 def _matcher(shell: Any):

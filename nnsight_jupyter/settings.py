@@ -90,7 +90,7 @@ def cache_dir() -> Path:
 
 
 def server_dir() -> Path:
-    """``nnsight-jupyter serve``'s default data folder: ``$NNSIGHT_JUPYTER_SERVER_DIR``, else ``server/`` in the cache."""
+    """``serve``'s default data folder: ``$NNSIGHT_JUPYTER_SERVER_DIR``, else ``server/`` in the cache."""
     explicit = _env(ENV_SERVER_DIR)
     return Path(explicit).expanduser() if explicit else cache_dir() / "server"
 
@@ -123,7 +123,7 @@ def read_config_file() -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise NNsightError(f"Cannot read {path}: {exc}. Fix or delete the file.") from exc
     if not isinstance(data, dict):
-        raise NNsightError(f"{path} must hold a JSON object like {{\"host\": ..., \"api_key\": ...}}.")
+        raise NNsightError(f'{path} must hold a JSON object like {{"host": ..., "api_key": ...}}.')
     return data
 
 

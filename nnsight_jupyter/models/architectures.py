@@ -67,15 +67,23 @@ ARCHITECTURES: dict[str, ArchitectureNames] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "phi": ArchitectureNames("model.layers", "model.embed_tokens", "model.final_layernorm", "lm_head", "self_attn",
-                             "mlp"),
+    "phi": ArchitectureNames(
+        "model.layers", "model.embed_tokens", "model.final_layernorm", "lm_head", "self_attn", "mlp"
+    ),
     "gpt2": _GPT2_LIKE,
     "gptj": _GPT2_LIKE,
     "gpt_neo": _GPT2_LIKE,
-    "gpt_neox": ArchitectureNames("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head",
-                                  "attention", "mlp"),
-    "opt": ArchitectureNames("model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm",
-                             "lm_head", "self_attn", None),
+    "gpt_neox": ArchitectureNames(
+        "gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head", "attention", "mlp"
+    ),
+    "opt": ArchitectureNames(
+        "model.decoder.layers",
+        "model.decoder.embed_tokens",
+        "model.decoder.final_layer_norm",
+        "lm_head",
+        "self_attn",
+        None,
+    ),
 }
 
 
@@ -95,7 +103,7 @@ def names_for(model: torch.nn.Module) -> ArchitectureNames | None:
     return ARCHITECTURES.get(model_type)
 
 
-def apply_aliases(root: "Envoy", names: ArchitectureNames, model_type: str) -> None:
+def apply_aliases(root: Envoy, names: ArchitectureNames, model_type: str) -> None:
     """Install the shared names on `root` and on each of its decoder layers, checking every path."""
     for alias in ROOT_NAMES:
         path = getattr(names, alias)

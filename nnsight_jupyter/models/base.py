@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import InvokeError, TraceError
-from ..tracing.batching import Rows, batch_size_of, rows_for
 from ..tracing.backend import Backend
+from ..tracing.batching import Rows, batch_size_of, rows_for
 from ..tracing.envoy import Envoy
 from ..tracing.source import compile_source
 from ..tracing.tracer import Tracer, run_block
@@ -73,11 +73,11 @@ class NNsight(Envoy):
             raise TraceError(f"{type(self._model).__name__} has no .generate() method; use model.trace(...).")
         backend, options = _backend_options(kwargs)
         gen_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_OPTIONS}
-        return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs, backend=backend,
-                      options=options)
+        return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs, backend=backend, options=options)
 
-    def run_with_cache(self, *inputs: Any, modules: list[Any] | None = None, include_inputs: bool = False,
-                       **kwargs: Any) -> tuple[Any, Any]:
+    def run_with_cache(
+        self, *inputs: Any, modules: list[Any] | None = None, include_inputs: bool = False, **kwargs: Any
+    ) -> tuple[Any, Any]:
         """Run once and return `(output, cache)`, the cache holding every (or each chosen) module's output."""
         tracer = Tracer(self, inputs, kwargs)
         ns = {"tracer": tracer, "modules": modules, "include_inputs": include_inputs}
@@ -153,9 +153,24 @@ def _concat(values: list[Any], what: str) -> Any:
 
 
 _GENERATE_OPTIONS = {
-    "max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "temperature", "top_k",
-    "top_p", "num_beams", "repetition_penalty", "eos_token_id", "pad_token_id", "stopping_criteria",
-    "logits_processor", "generation_config", "streamer", "use_cache", "num_return_sequences",
+    "max_new_tokens",
+    "min_new_tokens",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "num_beams",
+    "repetition_penalty",
+    "eos_token_id",
+    "pad_token_id",
+    "stopping_criteria",
+    "logits_processor",
+    "generation_config",
+    "streamer",
+    "use_cache",
+    "num_return_sequences",
 }
 
 _RUN_WITH_CACHE = compile_source(

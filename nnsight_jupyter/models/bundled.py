@@ -28,13 +28,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..settings import cache_dir, hub_offline
 
 try:
     import fcntl
 except ImportError:  # Windows has no flock; there a single process is assumed.
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None
 
 __all__ = [
     "INSTALL_COMMAND",
@@ -143,11 +144,7 @@ def _is_complete(folder: Path, source: dict[str, object] | None) -> bool:
 
 
 def _write_marker(folder: Path, source: dict[str, object], gguf: Path) -> None:
-    files = {
-        p.name: p.stat().st_size
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MARKER_FILENAME
-    }
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER_FILENAME}
     marker = dict(source, source=str(gguf), files=files, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     for name in ("torch", "transformers"):
         module = sys.modules.get(name)
@@ -196,7 +193,7 @@ def _quiet_transformers() -> Iterator[None]:
     verbosity = tf_logging.get_verbosity()
     tf_logging.disable_progress_bar()
     tf_logging.set_verbosity_error()
-    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    gguf_utils: Any = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
     if gguf_utils is None:
         with contextlib.suppress(ImportError):
             import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -256,9 +253,7 @@ def _convert(gguf: Path, dest: Path, *, progress: bool) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
         stage(1)
-        quantised = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
 
         stage(2)
         config = quantised.config

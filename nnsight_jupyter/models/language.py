@@ -44,21 +44,42 @@ import torch
 
 from ..errors import InvokeError, ModulePathError, TraceError
 from ..tracing.batching import Rows, rows_for
+from . import registry
 from .architectures import ArchitectureNames, apply_aliases, names_for
 from .base import NNsight, PreparedInput
-from . import registry
 
 __all__ = ["Generation", "LanguageModel"]
 
-_CONFIG_KWARGS = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only", "subfolder", "gguf_file",
-                  "force_download", "proxies")
+_CONFIG_KWARGS = (
+    "revision",
+    "trust_remote_code",
+    "cache_dir",
+    "token",
+    "local_files_only",
+    "subfolder",
+    "gguf_file",
+    "force_download",
+    "proxies",
+)
 _SAMPLING_SWITCHES = ("do_sample", "generation_config", "num_beams")
-_MODULE_STATE_KEPT = frozenset({
-    "_modules", "forward", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
-    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-    "_is_full_backward_hook",
-})
+_MODULE_STATE_KEPT = frozenset(
+    {
+        "_modules",
+        "forward",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+        "_is_full_backward_hook",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +93,7 @@ class Generation:
     @property
     def new_tokens(self) -> torch.Tensor:
         """The generated ids only, `[batch, new]` (rows that stopped early end in pad tokens)."""
-        return self.sequences[:, self.prompt_length:]
+        return self.sequences[:, self.prompt_length :]
 
     @property
     def text(self) -> list[str]:
@@ -100,15 +121,27 @@ class LanguageModel(NNsight):
         **kwargs: any other `from_pretrained` keyword (revision, trust_remote_code, ...).
     """
 
-    def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dtype: Any = None,
-                 attn_implementation: str | None = None, dispatch: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        tokenizer: Any = None,
+        device_map: Any = None,
+        dtype: Any = None,
+        attn_implementation: str | None = None,
+        dispatch: bool = False,
+        **kwargs: Any,
+    ) -> None:
         object.__setattr__(self, "_arch", None)
         object.__setattr__(self, "_last_generation", None)
         object.__setattr__(self, "_load", None)
         object.__setattr__(self, "_tokenizer_error", None)
         if isinstance(model, torch.nn.Module):
-            loose = {k: v for k, v in (("device_map", device_map), ("dtype", dtype),
-                                       ("attn_implementation", attn_implementation)) if v is not None}
+            loose = {
+                k: v
+                for k, v in (("device_map", device_map), ("dtype", dtype), ("attn_implementation", attn_implementation))
+                if v is not None
+            }
             loose.update(kwargs)
             if loose:
                 raise TypeError(
@@ -121,8 +154,9 @@ class LanguageModel(NNsight):
             if tokenizer is None:
                 tokenizer = self._tokenizer_for_built(hf_model)
         elif isinstance(model, (str, os.PathLike)):
-            hf_model, tokenizer = self._open(str(model), tokenizer, device_map, dtype, attn_implementation,
-                                             dispatch, kwargs)
+            hf_model, tokenizer = self._open(
+                str(model), tokenizer, device_map, dtype, attn_implementation, dispatch, kwargs
+            )
         else:
             raise TypeError(
                 f"LanguageModel takes a model name, folder, Hub id or torch module, not {type(model).__name__}."
@@ -139,15 +173,24 @@ class LanguageModel(NNsight):
             apply_aliases(self, names, model_type)
 
     # ----- loading --------------------------------------------------------------------------------
-    def _open(self, name: str, tokenizer: Any, device_map: Any, dtype: Any, attn_implementation: str | None,
-              dispatch: bool, kwargs: dict) -> tuple[torch.nn.Module, Any]:
+    def _open(
+        self,
+        name: str,
+        tokenizer: Any,
+        device_map: Any,
+        dtype: Any,
+        attn_implementation: str | None,
+        dispatch: bool,
+        kwargs: dict,
+    ) -> tuple[torch.nn.Module, Any]:
         """The model (a meta skeleton unless `dispatch`) and its tokenizer.
 
         A model whose constructor cannot run on the meta device (custom code that reads tensor
         values while building) is loaded at once instead of failing.
         """
-        where = registry.resolve(name, revision=kwargs.get("revision"),
-                                 local_files_only=bool(kwargs.get("local_files_only")))
+        where = registry.resolve(
+            name, revision=kwargs.get("revision"), local_files_only=bool(kwargs.get("local_files_only"))
+        )
         load_kwargs = {**where.extra, **kwargs}
         if device_map is not None:
             load_kwargs["device_map"] = device_map
@@ -184,8 +227,9 @@ class LanguageModel(NNsight):
         tok.padding_side = "left"
         return tok
 
-    def _skeleton(self, where: registry.Resolved, config_kwargs: dict, dtype: Any,
-                  attn_implementation: str | None) -> torch.nn.Module:
+    def _skeleton(
+        self, where: registry.Resolved, config_kwargs: dict, dtype: Any, attn_implementation: str | None
+    ) -> torch.nn.Module:
         """The module tree without weights (meta device), so paths and print(model) work before loading."""
         from transformers import AutoConfig, AutoModelForCausalLM
 

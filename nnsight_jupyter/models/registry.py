@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ModelUnavailableOffline
 from ..settings import hub_endpoint, hub_offline_variable
@@ -95,13 +96,20 @@ _REGISTRY: dict[str, _Entry] = {
         prepare=_prepare_smollm2,
         ready=_smollm2_ready,
     ),
-    "gpt2": _Entry("gpt2", "GPT-2 small (124M) from the Hugging Face Hub: openai-community/gpt2",
-                   hub_id="openai-community/gpt2"),
+    "gpt2": _Entry(
+        "gpt2", "GPT-2 small (124M) from the Hugging Face Hub: openai-community/gpt2", hub_id="openai-community/gpt2"
+    ),
 }
 
 
-def register(name: str, *, hub_id: str | None = None, prepare: Callable[[], Path] | None = None,
-             description: str = "", ready: Callable[[], bool] | None = None) -> None:
+def register(
+    name: str,
+    *,
+    hub_id: str | None = None,
+    prepare: Callable[[], Path] | None = None,
+    description: str = "",
+    ready: Callable[[], bool] | None = None,
+) -> None:
     """Add a short name: either a Hub id, or a function that returns a local folder (and may build it)."""
     if (hub_id is None) == (prepare is None):
         raise ValueError("register() takes exactly one of hub_id= (a Hub model) or prepare= (returns a local folder).")
@@ -142,7 +150,7 @@ def resolve(name: str, *, revision: str | None = None, local_files_only: bool = 
     if entry is not None and entry.prepare is not None:
         return Resolved(str(entry.prepare()), {}, None)
     if entry is not None:
-        name = entry.hub_id  # type: ignore[assignment]
+        name = entry.hub_id
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return Resolved(expanded, {}, None)
@@ -237,8 +245,16 @@ def _in_hub_cache(hub_id: str, revision: str | None = None) -> bool:
 
 def is_connection_error(error: BaseException) -> bool:
     """Whether a loading error (or anything in its cause chain) means "the Hub could not be reached"."""
-    names = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout", "ConnectionError",
-             "gaierror", "TimeoutException", "ReadTimeout"}
+    names = {
+        "LocalEntryNotFoundError",
+        "OfflineModeIsEnabled",
+        "ConnectError",
+        "ConnectTimeout",
+        "ConnectionError",
+        "gaierror",
+        "TimeoutException",
+        "ReadTimeout",
+    }
     seen: set[int] = set()
     node: BaseException | None = error
     while node is not None and id(node) not in seen:

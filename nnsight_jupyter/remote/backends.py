@@ -85,6 +85,6 @@ def remote_backend(choice: Any) -> RemoteBackend:
     if choice == "local" or hasattr(choice, "run"):
         return RemoteBackend(choice)
     raise TypeError(
-        f"remote= takes True (the configured server), \"local\" (an in-process simulation), or an object "
+        f'remote= takes True (the configured server), "local" (an in-process simulation), or an object '
         f"with run(request, timeout=...) such as a RemoteClient; got {choice!r}."
     )

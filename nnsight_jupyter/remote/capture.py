@@ -13,7 +13,7 @@ import builtins
 import types
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NNsightError, RemoteTraceError, from_remote
+from ..errors import NNsightError, from_remote
 from ..tracing.envoy import Envoy
 from ..tracing.saving import save
 from .protocol import TraceRequest, TraceResult
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..tracing.source import Block
 
 
-def read_names(block: "Block") -> set[str]:
+def read_names(block: Block) -> set[str]:
     """Every name the body loads (anywhere inside it)."""
     names: set[str] = set()
     for stmt in block.body:

@@ -16,8 +16,9 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 
@@ -34,7 +35,7 @@ FINAL_EVENTS = FINAL_STATES
 class JobHandle:
     """A submitted job; fetch its result now or later (also after a kernel restart, by id)."""
 
-    client: "RemoteClient"
+    client: RemoteClient
     job_id: str
     model: str = ""
 
@@ -63,8 +64,9 @@ class JobHandle:
 class RemoteClient:
     """Talks to one nnsight-jupyter server."""
 
-    def __init__(self, host: str, api_key: str | None = None, *, http: httpx.Client | None = None,
-                 show_status: bool = True) -> None:
+    def __init__(
+        self, host: str, api_key: str | None = None, *, http: httpx.Client | None = None, show_status: bool = True
+    ) -> None:
         self.host = host.rstrip("/")
         self.api_key = api_key
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -169,8 +171,15 @@ class RemoteClient:
         failures = 0
         while True:
             try:
-                with self._translated(), self.http.stream("GET", f"/jobs/{job_id}/events", params={"after": last},
-                                                          timeout=httpx.Timeout(60.0, connect=5.0)) as response:
+                with (
+                    self._translated(),
+                    self.http.stream(
+                        "GET",
+                        f"/jobs/{job_id}/events",
+                        params={"after": last},
+                        timeout=httpx.Timeout(60.0, connect=5.0),
+                    ) as response,
+                ):
                     if response.status_code >= 400:
                         response.read()
                         raise _server_error(response)
@@ -194,8 +203,9 @@ class RemoteClient:
             if status["status"] in FINAL_EVENTS:
                 return
 
-    def follow(self, job_id: str, *, timeout: float | None = None,
-               on_event: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    def follow(
+        self, job_id: str, *, timeout: float | None = None, on_event: Callable[[dict], None] | None = None
+    ) -> dict[str, Any]:
         """Block until the job ends (cancelling it on Ctrl-C or timeout); returns the final event."""
         deadline = None if timeout is None else time.monotonic() + timeout
         display = _StatusDisplay(job_id) if self.show_status and on_event is None else None
@@ -254,7 +264,7 @@ class RemoteClient:
         if result is None:
             result = self.result(handle.job_id)
         if result.logs[: len(shown)] == shown:
-            result.logs = result.logs[len(shown):]
+            result.logs = result.logs[len(shown) :]
         return result
 
 

@@ -19,8 +19,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import NNsightError, RemoteConnectionError, RemoteServerError
 from ..settings import daemon_dir
@@ -125,11 +126,23 @@ def start_daemon(models: list[str], *, name: str = "") -> dict[str, Any]:
     port = _free_port()
     log = open(folder / f"daemon{suffix}.log", "ab")
     command = [
-        sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", ",".join(models), "--host", "127.0.0.1",
-        "--port", str(port), "--api-key-file", str(keys), "--data-dir", str(folder / f"data{suffix}"),
+        sys.executable,
+        "-m",
+        "nnsight_jupyter.remote.serve",
+        "--models",
+        ",".join(models),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key-file",
+        str(keys),
+        "--data-dir",
+        str(folder / f"data{suffix}"),
     ]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     log.close()
     state = {"pid": process.pid, "port": port, "api_key": api_key, "models": models}
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -143,8 +156,10 @@ def start_daemon(models: list[str], *, name: str = "") -> dict[str, Any]:
             return state
         time.sleep(0.25)
     os.killpg(process.pid, signal.SIGTERM)
-    raise NNsightError(f"The local nnsight-jupyter daemon did not answer within {START_TIMEOUT_S:g} s; "
-                       f"see {folder / f'daemon{suffix}.log'}.")
+    raise NNsightError(
+        f"The local nnsight-jupyter daemon did not answer within {START_TIMEOUT_S:g} s; "
+        f"see {folder / f'daemon{suffix}.log'}."
+    )
 
 
 def local_daemon_client(model_id: str | None = None):

@@ -24,11 +24,12 @@ import io
 import linecache
 import traceback
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..models.base import NNsight
-from ..tracing.source import USER_CODES, compile_source
 from ..tracing.saving import save
+from ..tracing.source import USER_CODES, compile_source
 from ..tracing.tracer import run_block, user_traceback
 from .protocol import TraceErrorInfo, TraceRequest, TraceResult
 from .values import from_wire, result_to_wire
@@ -67,8 +68,12 @@ def run_request(
         def compile_function(fn: Any) -> Any:
             if validate is not None:
                 validate(fn.source)
-            code = compile(fn.source, f"<function {fn.name}>", "exec" if not fn.source.startswith("lambda") else
-                           "eval", dont_inherit=True)
+            code = compile(
+                fn.source,
+                f"<function {fn.name}>",
+                "exec" if not fn.source.startswith("lambda") else "eval",
+                dont_inherit=True,
+            )
             USER_CODES.add(code)
             if fn.source.startswith("lambda"):
                 return eval(code, ns)

@@ -229,7 +229,7 @@ def encode_result_parts(result: TraceResult) -> list[bytes | memoryview]:
             raise ProtocolError(f"result.error must be a TraceErrorInfo or None, got {error!r}")
         for name in ("type_name", "message", "traceback"):
             _expect_text(getattr(error, name), f"result.error.{name}")
-        error = {
+        error_fields: dict[str, str] | None = {
             "type_name": error.type_name,
             "message": error.message,
             "traceback": error.traceback,
@@ -239,13 +239,14 @@ def encode_result_parts(result: TraceResult) -> list[bytes | memoryview]:
         [
             ("saved", "saved", result.saved),
             ("logs", "logs", result.logs),
-            ("error", "error", error),
+            ("error", "error", error_fields if error is not None else None),
         ],
     )
 
 
-def decode_result(data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_MESSAGE_BYTES,
-                  adopt: bool = False) -> TraceResult:
+def decode_result(
+    data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_MESSAGE_BYTES, adopt: bool = False
+) -> TraceResult:
     """Decode a message written by :func:`encode_result`.
 
     ``adopt=True`` hands ``data`` over to the result: large tensors then use its memory in place
@@ -297,7 +298,9 @@ def buffer_section_offset(prefix: bytes | bytearray | memoryview) -> int | None:
     return header_end + header[3]
 
 
-def _decode_message(data: bytes, kind: str, max_size: int, *, adopt: bool = False) -> dict[Any, Any]:
+def _decode_message(
+    data: bytes | bytearray | memoryview, kind: str, max_size: int, *, adopt: bool = False
+) -> dict[Any, Any]:
     """Check the header of ``data`` and return its decoded body map."""
     try:
         view = memoryview(data).cast("B")
@@ -337,15 +340,9 @@ def _read_header(view: memoryview, kind: str) -> tuple[int, int]:
         raise ProtocolError(
             f"not an nnsight-jupyter message: its header cannot be read ({exc or 'truncated'})"
         ) from exc
-    if (
-        type(header) is not list
-        or len(header) < 2
-        or type(header[0]) is not int
-        or type(header[1]) is not str
-    ):
+    if type(header) is not list or len(header) < 2 or type(header[0]) is not int or type(header[1]) is not str:
         raise ProtocolError(
-            "not an nnsight-jupyter message: it does not start with "
-            "[protocol version, package version]"
+            "not an nnsight-jupyter message: it does not start with [protocol version, package version]"
         )
     if header[0] != PROTOCOL_VERSION:
         raise ProtocolVersionError(header[0], header[1], PROTOCOL_VERSION, __version__)
@@ -365,8 +362,7 @@ def _read_header(view: memoryview, kind: str) -> tuple[int, int]:
 def _expect_fields(body: dict[Any, Any], names: tuple[str, ...], kind: str) -> None:
     if set(body) != set(names):
         raise ProtocolError(
-            f"malformed {kind} message: fields {sorted(map(repr, body))}, "
-            f"expected {sorted(map(repr, names))}"
+            f"malformed {kind} message: fields {sorted(map(repr, body))}, expected {sorted(map(repr, names))}"
         )
 
 
@@ -380,9 +376,7 @@ def _expect_names(value: object, label: str) -> None:
         raise ProtocolError(f"{label} must be a dict, got {type(value).__name__}")
     for key in value:
         if type(key) is not str:
-            raise ProtocolError(
-                f"{label} must have str keys (names), but has the key {reprlib.repr(key)}"
-            )
+            raise ProtocolError(f"{label} must have str keys (names), but has the key {reprlib.repr(key)}")
 
 
 def _expect_lines(value: object) -> None:

@@ -6,8 +6,8 @@
 Also runnable as ``python -m nnsight_jupyter.remote.serve``. Models are registry names, Hub ids,
 folders or ``module:function`` factories, comma-separated, each optionally ``name=spec``. The
 server listens on 127.0.0.1 unless ``--host`` says otherwise, keeps its queue and results in
-``--data-dir`` (default ``server/`` in the cache folder, see ``nnsight_jupyter.settings``), and needs an API key file unless
-``--insecure-no-auth`` is given, which is allowed only on a loopback address. See
+``--data-dir`` (default ``server/`` in the cache folder, see ``nnsight_jupyter.settings``), and
+needs an API key file unless ``--insecure-no-auth`` is given, which is allowed only on a loopback address. See
 ``nnsight_jupyter.remote.server`` for the endpoints and the sandbox.
 """
 
@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .. import settings
 
@@ -31,49 +32,105 @@ def build_parser(prog: str = "nnsight-jupyter serve") -> argparse.ArgumentParser
     """The flags; every limit's default is the one `ServerConfig` declares."""
     from .server.config import ServerConfig
 
-    d = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    d: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
     parser = argparse.ArgumentParser(prog=prog, description="Serve remote traces of one or more models.")
-    parser.add_argument("--models", action="append", metavar="SPECS",
-                        help="models to serve: comma-separated registry names, Hub ids, folders or module:function "
-                             "factories, each optionally name=spec (repeatable)")
+    parser.add_argument(
+        "--models",
+        action="append",
+        metavar="SPECS",
+        help="models to serve: comma-separated registry names, Hub ids, folders or module:function "
+        "factories, each optionally name=spec (repeatable)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
-    parser.add_argument("--api-key-file", type=Path, default=settings.api_key_file(),
-                        help=f"file of hashed API keys (default ${settings.ENV_API_KEY_FILE})")
-    parser.add_argument("--add-key", metavar="NAME",
-                        help="create an API key for NAME in --api-key-file, print it once, and exit")
-    parser.add_argument("--insecure-no-auth", action="store_true",
-                        help="serve without API keys (only on a loopback --host)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help=f"folder for the job queue and results (default ${settings.ENV_SERVER_DIR} or "
-                             "server/ in the cache folder)")
-    parser.add_argument("--replicas", type=int, default=d["replicas"],
-                        help="worker processes per model (default %(default)s)")
-    parser.add_argument("--result-ttl", type=float, default=d["result_ttl_s"], metavar="SECONDS",
-                        help="how long results stay downloadable (default %(default)g)")
-    parser.add_argument("--result-write-delay", type=float, default=d["result_write_delay_s"], metavar="SECONDS",
-                        help="results of 1 MiB or more reach disk this long after their job, so writing "
-                             "does not slow their download; smaller ones at once (default %(default)g)")
-    parser.add_argument("--max-request-mb", type=float, default=d["max_request_bytes"] / MiB,
-                        help="largest request body (default %(default)g)")
-    parser.add_argument("--max-result-mb", type=float, default=d["max_result_bytes"] / MiB,
-                        help="largest result (default %(default)g)")
-    parser.add_argument("--max-job-seconds", type=float, default=d["max_job_seconds"],
-                        help="wall-clock limit per job; a request's timeout option may lower it (default %(default)g)")
-    parser.add_argument("--max-job-memory-mb", type=float, default=d["max_job_memory_bytes"] / MiB,
-                        help="memory a job may add to its worker beyond the loaded model (default %(default)g)")
-    parser.add_argument("--max-log-kb", type=float, default=d["max_log_bytes"] / 1024,
-                        help="printed output kept per job (default %(default)g)")
-    parser.add_argument("--max-queued-jobs", type=int, default=d["max_queued_jobs"],
-                        help="queued jobs per model (default %(default)s)")
-    parser.add_argument("--cancel-grace", type=float, default=d["cancel_grace_s"], metavar="SECONDS",
-                        help="time a stopped job has to unwind before its worker is killed (default %(default)g)")
-    parser.add_argument("--threads", type=int, default=d["worker_threads"],
-                        help="torch threads per worker (default: torch's)")
-    parser.add_argument("--start-method", choices=("forkserver", "spawn"), default=d["start_method"],
-                        help="how worker processes start (default %(default)s: fast restarts)")
-    parser.add_argument("--no-os-sandbox", action="store_true",
-                        help="skip the process-level sandbox layers (debugging only; the language layer stays)")
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=settings.api_key_file(),
+        help=f"file of hashed API keys (default ${settings.ENV_API_KEY_FILE})",
+    )
+    parser.add_argument(
+        "--add-key", metavar="NAME", help="create an API key for NAME in --api-key-file, print it once, and exit"
+    )
+    parser.add_argument(
+        "--insecure-no-auth", action="store_true", help="serve without API keys (only on a loopback --host)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"folder for the job queue and results (default ${settings.ENV_SERVER_DIR} or "
+        "server/ in the cache folder)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=d["replicas"], help="worker processes per model (default %(default)s)"
+    )
+    parser.add_argument(
+        "--result-ttl",
+        type=float,
+        default=d["result_ttl_s"],
+        metavar="SECONDS",
+        help="how long results stay downloadable (default %(default)g)",
+    )
+    parser.add_argument(
+        "--result-write-delay",
+        type=float,
+        default=d["result_write_delay_s"],
+        metavar="SECONDS",
+        help="results of 1 MiB or more reach disk this long after their job, so writing "
+        "does not slow their download; smaller ones at once (default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=d["max_request_bytes"] / MiB,
+        help="largest request body (default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-result-mb", type=float, default=d["max_result_bytes"] / MiB, help="largest result (default %(default)g)"
+    )
+    parser.add_argument(
+        "--max-job-seconds",
+        type=float,
+        default=d["max_job_seconds"],
+        help="wall-clock limit per job; a request's timeout option may lower it (default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-job-memory-mb",
+        type=float,
+        default=d["max_job_memory_bytes"] / MiB,
+        help="memory a job may add to its worker beyond the loaded model (default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-log-kb",
+        type=float,
+        default=d["max_log_bytes"] / 1024,
+        help="printed output kept per job (default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-queued-jobs", type=int, default=d["max_queued_jobs"], help="queued jobs per model (default %(default)s)"
+    )
+    parser.add_argument(
+        "--cancel-grace",
+        type=float,
+        default=d["cancel_grace_s"],
+        metavar="SECONDS",
+        help="time a stopped job has to unwind before its worker is killed (default %(default)g)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=d["worker_threads"], help="torch threads per worker (default: torch's)"
+    )
+    parser.add_argument(
+        "--start-method",
+        choices=("forkserver", "spawn"),
+        default=d["start_method"],
+        help="how worker processes start (default %(default)s: fast restarts)",
+    )
+    parser.add_argument(
+        "--no-os-sandbox",
+        action="store_true",
+        help="skip the process-level sandbox layers (debugging only; the language layer stays)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -85,8 +142,10 @@ def config_from_args(args: argparse.Namespace):
     if not args.models:
         raise ValueError("no models given: pass --models smollm2 (or any Hub id, folder or module:function)")
     if args.insecure_no_auth and not _loopback(args.host):
-        raise ValueError(f"--insecure-no-auth serves anyone who can reach {args.host}; use it only with a loopback "
-                         "--host such as 127.0.0.1, or create keys with --add-key")
+        raise ValueError(
+            f"--insecure-no-auth serves anyone who can reach {args.host}; use it only with a loopback "
+            "--host such as 127.0.0.1, or create keys with --add-key"
+        )
     return ServerConfig(
         models=parse_model_specs(args.models),
         data_dir=args.data_dir or settings.server_dir(),
@@ -145,10 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = ", ".join(f"{m.name} ({m.spec})" if m.name != m.spec else m.name for m in config.models)
     auth = f"API keys from {config.api_key_file}" if config.auth else "NO AUTHENTICATION (--insecure-no-auth)"
-    print(f"nnsight-jupyter server: http://{args.host}:{args.port} serving {names}; data in {config.data_dir}; {auth}",
-          file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    print(
+        f"nnsight-jupyter server: http://{args.host}:{args.port} serving {names}; data in {config.data_dir}; {auth}",
+        file=sys.stderr,
+        flush=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    )
     server.run()
     return 0
 

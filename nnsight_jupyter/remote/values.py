@@ -15,21 +15,37 @@ from __future__ import annotations
 
 import importlib
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import NNsightError
-from ..tracing.cache import Cache, CacheEntry, CachedCall
+from ..tracing.cache import Cache, CachedCall, CacheEntry
 from ..tracing.envoy import Envoy
 from ..tracing.nested import TRUNCATED, leaves, map_structure
 from ..tracing.saving import NotSaved
 from .codec.wire import FunctionSource, ModuleRef, Placeholder, Record
 
 _LEAVES = (
-    type(None), bool, int, float, complex, str, bytes, torch.Tensor, np.ndarray, torch.dtype, torch.Size,
-    torch.device, type(...), slice, FunctionSource, ModuleRef, Placeholder,
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    torch.Tensor,
+    np.ndarray,
+    torch.dtype,
+    torch.Size,
+    torch.device,
+    type(...),
+    slice,
+    FunctionSource,
+    ModuleRef,
+    Placeholder,
 )
 
 
@@ -57,9 +73,7 @@ def to_wire(value: Any, *, name: str = "value", root: Any = None, lenient: bool 
 def _leaf_to_wire(value: Any, name: str, root: Any, lenient: bool) -> Any:
     if isinstance(value, Envoy):
         if root is not None and value._root is not root:
-            raise NNsightError(
-                f"`{name}` refers to a module of a different model than the one being traced remotely."
-            )
+            raise NNsightError(f"`{name}` refers to a module of a different model than the one being traced remotely.")
         return ModuleRef(value._path)
     if isinstance(value, Unavailable):
         return Placeholder("omitted", value._name, value._line or "")
@@ -67,9 +81,15 @@ def _leaf_to_wire(value: Any, name: str, root: Any, lenient: bool) -> Any:
         return Placeholder("not_saved", value._name, "")
     if isinstance(value, Cache):
         entries = {
-            path: [{"output": to_wire(c.output, name=name, root=root, lenient=lenient),
+            path: [
+                {
+                    "output": to_wire(c.output, name=name, root=root, lenient=lenient),
                     "inputs": to_wire(c.inputs, name=name, root=root, lenient=lenient),
-                    "step": c.step, "call": c.call} for c in entry.calls]
+                    "step": c.step,
+                    "call": c.call,
+                }
+                for c in entry.calls
+            ]
             for path, entry in value._entries.items()
         }
         return Record(Cache.__module__, "Cache", entries)
@@ -136,8 +156,11 @@ def _rebuild_record(record: Record, fields: dict) -> Any:
     """Rebuild a transformers ModelOutput or a Cache by name; anything else stays a plain dict."""
     if record.module == Cache.__module__ and record.qualname == "Cache":
         return _rebuild_cache(fields)
-    if (record.module == "transformers.modeling_outputs" or record.module.startswith("transformers.models.")) \
-            and all(part.isidentifier() for part in record.module.split(".")) and record.qualname.isidentifier():
+    if (
+        (record.module == "transformers.modeling_outputs" or record.module.startswith("transformers.models."))
+        and all(part.isidentifier() for part in record.module.split("."))
+        and record.qualname.isidentifier()
+    ):
         try:
             cls = getattr(importlib.import_module(record.module), record.qualname, None)
         except ImportError:
@@ -152,11 +175,17 @@ def _is_model_output_class(cls: type) -> bool:
 
 
 def _rebuild_cache(entries: dict) -> Cache:
-    cache = Cache(None, include_inputs=True, detach=True)  # type: ignore[arg-type]
+    cache = Cache(None, include_inputs=True, detach=True)
     for path, calls in entries.items():
         entry = cache._entries[path] = CacheEntry(path)
         for call in calls:
             inputs = call.get("inputs")
-            entry.calls.append(CachedCall(call.get("output"), tuple(inputs) if inputs is not None else None,
-                                          int(call.get("step", 0)), int(call.get("call", 0))))
+            entry.calls.append(
+                CachedCall(
+                    call.get("output"),
+                    tuple(inputs) if inputs is not None else None,
+                    int(call.get("step", 0)),
+                    int(call.get("call", 0)),
+                )
+            )
     return cache

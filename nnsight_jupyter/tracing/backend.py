@@ -40,11 +40,33 @@ class TraceCall:
         options: what the engine passes on without reading (`timeout`, `blocking`).
     """
 
-    __slots__ = ("tracer", "model", "block", "namespace", "module_level", "args", "kwargs", "generate",
-                 "generate_kwargs", "options")
+    __slots__ = (
+        "tracer",
+        "model",
+        "block",
+        "namespace",
+        "module_level",
+        "args",
+        "kwargs",
+        "generate",
+        "generate_kwargs",
+        "options",
+    )
 
-    def __init__(self, tracer: Tracer, model: Envoy, block: Block, namespace: dict, *, module_level: bool,
-                 args: tuple, kwargs: dict, generate: bool, generate_kwargs: dict, options: dict) -> None:
+    def __init__(
+        self,
+        tracer: Tracer,
+        model: Envoy,
+        block: Block,
+        namespace: dict,
+        *,
+        module_level: bool,
+        args: tuple,
+        kwargs: dict,
+        generate: bool,
+        generate_kwargs: dict,
+        options: dict,
+    ) -> None:
         self.tracer = tracer
         self.model = model
         self.block = block

@@ -9,8 +9,9 @@ call in `.calls`; `.output` is the first.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -68,7 +69,7 @@ class CacheEntry:
 class Cache(Mapping[str, CacheEntry]):
     """Recorded module values of one run, keyed by module path."""
 
-    def __init__(self, model: "NNsight", *, include_inputs: bool, detach: bool) -> None:
+    def __init__(self, model: NNsight, *, include_inputs: bool, detach: bool) -> None:
         self._model = model
         self._include_inputs = include_inputs
         self._detach = detach
@@ -126,5 +127,5 @@ class _CacheView:
             raise AttributeError(name)
         return _CacheView(self._cache, f"{self._path}.{name}")
 
-    def __getitem__(self, index: int | str) -> "_CacheView":
+    def __getitem__(self, index: int | str) -> _CacheView:
         return _CacheView(self._cache, f"{self._path}.{index}")

@@ -12,7 +12,8 @@ reachable as `envoy.child("output")` or `envoy.output_`.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ class Envoy:
     wrappers a trace installs) and can be traced on its own; the envoys below it share that index.
     """
 
-    def __init__(self, module: torch.nn.Module, path: str = "", root: "Envoy | None" = None) -> None:
+    def __init__(self, module: torch.nn.Module, path: str = "", root: Envoy | None = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root if root is not None else self)
@@ -115,8 +116,12 @@ class Envoy:
                 del self.__dict__[name]
         for name, envoy in children.items():
             # Found by plain attribute lookup, without a __getattr__ call, unless the name is taken.
-            if (name.isidentifier() and not name.startswith("_") and not hasattr(type(self), name)
-                    and name not in self.__dict__):
+            if (
+                name.isidentifier()
+                and not name.startswith("_")
+                and not hasattr(type(self), name)
+                and name not in self.__dict__
+            ):
                 object.__setattr__(self, name, envoy)
         object.__setattr__(self, "_children", children)
         object.__setattr__(self, "_child_list", tuple(children.values()))
@@ -142,7 +147,9 @@ class Envoy:
 
     def _path_error(self, name: str) -> ModulePathError:
         where = display_path(self._path)
-        options = list(dict.fromkeys([*self._children, *self._aliases, *(n for n in dir(self._module) if not n.startswith("_"))]))
+        options = list(
+            dict.fromkeys([*self._children, *self._aliases, *(n for n in dir(self._module) if not n.startswith("_"))])
+        )
         close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         kids = ", ".join(self._children) or "none"
@@ -159,8 +166,7 @@ class Envoy:
         for part in relative_path.split(".") if relative_path else []:
             if part.startswith("_"):
                 raise ModulePathError(
-                    f"{relative_path!r}: module paths name child modules and public attributes; "
-                    f"{part!r} is private."
+                    f"{relative_path!r}: module paths name child modules and public attributes; {part!r} is private."
                 )
             node = node[int(part)] if part.isdigit() and isinstance(node, Envoy) else getattr(node, part)
         return node
@@ -172,7 +178,7 @@ class Envoy:
         self.resolve(relative_path)
         self._aliases[name] = relative_path
 
-    def child(self, name: str) -> "Envoy":
+    def child(self, name: str) -> Envoy:
         """The child envoy called `name` (also for names such as `output` that clash with properties)."""
         try:
             return self._children[name]
@@ -196,7 +202,7 @@ class Envoy:
             return self._children[key]
         raise self._path_error(str(key))
 
-    def __iter__(self) -> Iterator["Envoy"]:
+    def __iter__(self) -> Iterator[Envoy]:
         return iter(self._children.values())
 
     def __len__(self) -> int:
@@ -205,7 +211,7 @@ class Envoy:
     def __contains__(self, name: object) -> bool:
         return name in self._children
 
-    def modules(self) -> Iterator["Envoy"]:
+    def modules(self) -> Iterator[Envoy]:
         """This envoy and every envoy below it, depth first."""
         yield self
         for child in self._children.values():
@@ -285,13 +291,13 @@ class Envoy:
             raise TraceError(f"{display_path(self._path)} was called with no arguments; it has no .input to set.")
         m.swap(m.location(self._path, "input"), new)
 
-    def next(self, step: int = 1) -> "Envoy":
+    def next(self, step: int = 1) -> Envoy:
         """Move to the module's next call in this forward pass (for modules that run more than once)."""
         m = self._mediator("next()")
         m.cursor = {**m.cursor, self._path: m.cursor.get(self._path, 0) + step}
         return self
 
-    def call(self, index: int) -> "_CallView":
+    def call(self, index: int) -> _CallView:
         """The `index`-th call (from 0) of this module within one forward pass."""
         if index < 0:
             raise TraceError("call() counts calls from 0; pass a non-negative index.")

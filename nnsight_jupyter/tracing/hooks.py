@@ -21,8 +21,9 @@ dictionary store per module.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.modules.module as _torch_module
@@ -32,16 +33,32 @@ from .interleave import Interleaver
 _NOTHING = object()
 
 _TORCH_CALL_IMPL = torch.nn.Module._call_impl
-_GLOBAL_HOOKS = tuple(getattr(_torch_module, name, None) for name in (
-    "_global_backward_pre_hooks", "_global_backward_hooks", "_global_forward_hooks", "_global_forward_pre_hooks"))
+_GLOBAL_HOOKS = tuple(
+    getattr(_torch_module, name, None)
+    for name in (
+        "_global_backward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+    )
+)
 _tracing_state = getattr(torch._C, "_get_tracing_state", None)
-CALL_WRAPPING = (all(isinstance(h, dict) for h in _GLOBAL_HOOKS) and _tracing_state is not None
-                 and torch.nn.Module.__call__ is getattr(torch.nn.Module, "_wrapped_call_impl", None))
+CALL_WRAPPING = (
+    all(isinstance(h, dict) for h in _GLOBAL_HOOKS)
+    and _tracing_state is not None
+    and torch.nn.Module.__call__ is getattr(torch.nn.Module, "_wrapped_call_impl", None)
+)
 """Whether this torch calls modules the way the call wrapper relies on (else: `forward` wrappers only)."""
 
 
-def _make_wrapper(holder: list, path: str, forward: Callable, is_root: bool,
-                  module: torch.nn.Module | None = None, forward_wrapper: Callable | None = None) -> Callable:
+def _make_wrapper(
+    holder: list,
+    path: str,
+    forward: Callable,
+    is_root: bool,
+    module: torch.nn.Module | None = None,
+    forward_wrapper: Callable | None = None,
+) -> Callable:
     """A wrapper that counts the module's call and serves the trace around its `forward`.
 
     Without `module` it wraps `forward` itself. With `module` it stands in for torch's
@@ -62,10 +79,21 @@ def _make_wrapper(holder: list, path: str, forward: Callable, is_root: bool,
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         il = holder[0]
-        if il is None or guarded and (
-                module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or forward_pre or forward_hooks or backward_pre or backward
-                or _tracing_state()):
+        if (
+            il is None
+            or guarded
+            and (
+                module._forward_hooks
+                or module._forward_pre_hooks
+                or module._backward_hooks
+                or module._backward_pre_hooks
+                or forward_pre
+                or forward_hooks
+                or backward_pre
+                or backward
+                or _tracing_state()
+            )
+        ):
             return untraced(*args, **kwargs)
         n_in = il.n_in
         call = n_in.get(path, 0)
@@ -105,9 +133,8 @@ def _root_wrapper(holder: list, wrapped: Callable, untraced: Callable) -> Callab
     return wrapped_root
 
 
-def _calls_through_call_impl(cls: type) -> bool:
-    return (CALL_WRAPPING and cls.__call__ is torch.nn.Module.__call__
-            and cls._call_impl is _TORCH_CALL_IMPL)
+def _calls_through_call_impl(cls: type[torch.nn.Module]) -> bool:
+    return CALL_WRAPPING and cls.__call__ is torch.nn.Module.__call__ and cls._call_impl is _TORCH_CALL_IMPL
 
 
 class ModuleWrappers:
@@ -123,7 +150,7 @@ class ModuleWrappers:
     def __init__(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
         self.holder: list[Interleaver | None] = [None]
         self.entries = []
-        self.class_forwards: dict[type, Callable] = {}
+        self.class_forwards: dict[type[torch.nn.Module], Callable] = {}
         self.fast: list[tuple[dict, str, Callable, Callable]] = []
         for path, module in modules:
             func = type(module).forward

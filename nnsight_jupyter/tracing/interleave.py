@@ -93,7 +93,7 @@ class _Worker(greenlet):
     and reused instead.
     """
 
-    _nnsight_jupyter_mediator: "Mediator | None" = None
+    _nnsight_jupyter_mediator: Mediator | None = None
 
 
 _idle = threading.local()
@@ -119,7 +119,7 @@ def _release_worker(worker: _Worker) -> None:
         pool.append(worker)
 
 
-def _worker_main(m: "Mediator") -> None:
+def _worker_main(m: Mediator) -> None:
     while True:
         box: list[Any] = []
         try:
@@ -130,15 +130,15 @@ def _worker_main(m: "Mediator") -> None:
         except BaseException as error:  # handed to the model side, which raises it there
             box.append(_Raised(error))
         main = m.interleaver.main
-        m = None  # type: ignore[assignment]
+        m = None
         m = main.switch(box.pop())
 
 
-def current_mediator() -> "Mediator | None":
+def current_mediator() -> Mediator | None:
     return getattr(getcurrent(), MEDIATOR_ATTR, None)
 
 
-def current_trace() -> "Interleaver | None":
+def current_trace() -> Interleaver | None:
     m = getattr(getcurrent(), MEDIATOR_ATTR, None)
     return m.interleaver if m is not None else None
 
@@ -150,7 +150,7 @@ class Scope(dict):
     function's module globals) are looked up in `fallback`.
     """
 
-    mediator: "Mediator"
+    mediator: Mediator
     fallback: Any = None
 
     def __missing__(self, name: str) -> Any:
@@ -175,11 +175,35 @@ _EMPTY: dict = {}
 class Mediator:
     """One participant of a trace: a compiled body running in its own greenlet."""
 
-    __slots__ = ("interleaver", "code", "ns", "assigned", "rows", "label", "index", "pending", "done",
-                 "started", "step", "cursor", "last", "greenlet", "initial")
+    __slots__ = (
+        "interleaver",
+        "code",
+        "ns",
+        "assigned",
+        "rows",
+        "label",
+        "index",
+        "pending",
+        "done",
+        "started",
+        "step",
+        "cursor",
+        "last",
+        "greenlet",
+        "initial",
+    )
 
-    def __init__(self, interleaver: "Interleaver", code: Any, ns: dict, *, assigned: tuple[str, ...],
-                 rows: Rows | None, label: str, index: int) -> None:
+    def __init__(
+        self,
+        interleaver: Interleaver,
+        code: Any,
+        ns: dict,
+        *,
+        assigned: tuple[str, ...],
+        rows: Rows | None,
+        label: str,
+        index: int,
+    ) -> None:
         self.interleaver = interleaver
         self.code = code
         self.ns = ns
@@ -225,9 +249,29 @@ class Interleaver:
     module wrapper's check for waiters is one lookup of a string whose hash is cached.
     """
 
-    __slots__ = ("root", "block", "describe_path", "mediators", "wait_in", "wait_out", "wait_other",
-                 "name_waiters", "n_in", "n_out", "saved", "main", "observers", "stop_requested",
-                 "stopped_at", "here", "here_value", "result", "grad_snapshot", "root_depth", "pass_idx")
+    __slots__ = (
+        "root",
+        "block",
+        "describe_path",
+        "mediators",
+        "wait_in",
+        "wait_out",
+        "wait_other",
+        "name_waiters",
+        "n_in",
+        "n_out",
+        "saved",
+        "main",
+        "observers",
+        "stop_requested",
+        "stopped_at",
+        "here",
+        "here_value",
+        "result",
+        "grad_snapshot",
+        "root_depth",
+        "pass_idx",
+    )
 
     def __init__(self, root: Any, block: Any = None) -> None:
         self.root = root
@@ -503,8 +547,8 @@ class Interleaver:
         """Drop the references that tie greenlets, namespaces and this object together."""
         for m in self.mediators:
             m.greenlet = None
-            m.ns = None  # type: ignore[assignment]
-            m.interleaver = None  # type: ignore[assignment]
+            m.ns = None
+            m.interleaver = None
         self.mediators = []
         self.wait_in = {}
         self.wait_out = {}

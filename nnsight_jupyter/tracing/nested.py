@@ -52,8 +52,13 @@ def map_structure(value: Any, leaf: Callable[[Any], Any], *, exact: bool = False
         return items if plain else rebuild(value, items)
     mapped = [map_structure(v, leaf, exact=exact, plain=plain) for v in value]
     if plain:
-        return tuple(mapped) if isinstance(value, tuple) else type(value)(mapped) if isinstance(
-            value, (set, frozenset)) and type(value) in _EXACT else mapped
+        return (
+            tuple(mapped)
+            if isinstance(value, tuple)
+            else type(value)(mapped)
+            if isinstance(value, (set, frozenset)) and type(value) in _EXACT
+            else mapped
+        )
     return rebuild(value, mapped)
 
 
@@ -78,8 +83,9 @@ def rebuild(original: Any, items: Any) -> Any:
     return kind(items)
 
 
-def leaves(value: Any, *, exact: bool = False, max_depth: int | None = None,
-           skip: Callable[[Any], bool] | None = None) -> Iterator[Any]:
+def leaves(
+    value: Any, *, exact: bool = False, max_depth: int | None = None, skip: Callable[[Any], bool] | None = None
+) -> Iterator[Any]:
     """Every leaf of `value`, depth first. With `max_depth`, only leaves at most that many containers
     deep are reached, and a container deeper than that is yielded as `TRUNCATED`; values for which
     `skip(value)` is true are neither entered nor yielded."""

@@ -3,9 +3,9 @@
 A trace body runs beside the forward pass, so a name bound there may hold a view into a buffer the
 model later overwrites, or a value from the middle of an edit. Only values marked with `.save()`
 (or `nnsight_jupyter.save(...)`) are handed back as they are, and so are containers whose tensors
-were all saved. A name that held an unsaved tensor is replaced by `NotSaved`, which raises `NotSavedError` on any use, instead of silently
-keeping a stale value from an earlier run. Plain Python values (numbers, strings, functions) are
-handed back as they are: they cannot go stale.
+were all saved. A name that held an unsaved tensor is replaced by `NotSaved`, which raises
+`NotSavedError` on any use, instead of silently keeping a stale value from an earlier run. Plain
+Python values (numbers, strings, functions) are handed back as they are: they cannot go stale.
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ class NotSaved:
     __pow__ = __rpow__ = __mod__ = __rmod__ = __neg__ = __pos__ = __abs__ = _raise
     __lt__ = __le__ = __gt__ = __ge__ = _raise
     __and__ = __or__ = __xor__ = __invert__ = _raise
-    __eq__ = _raise  # type: ignore[assignment]
-    __ne__ = _raise  # type: ignore[assignment]
-    __hash__ = None  # type: ignore[assignment]
+    __eq__ = _raise
+    __ne__ = _raise
+    __hash__ = None
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

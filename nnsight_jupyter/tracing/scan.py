@@ -8,8 +8,9 @@ the scan ends, whatever happens.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -90,7 +91,7 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def scan(model: "NNsight", inputs: tuple, kwargs: dict) -> ScanResult:
+def scan(model: NNsight, inputs: tuple, kwargs: dict) -> ScanResult:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     prepared = model._prepare_input(*inputs, **kwargs)

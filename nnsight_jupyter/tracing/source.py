@@ -8,9 +8,10 @@ tracebacks point at the user's lines), and skipped inline.
 Source comes from `linecache` (files and notebook cells), from a record of recently compiled
 strings (`exec(...)`; IPython's `%%time` parses the cell with `ast.parse`, filename `<unknown>`, and
 compiles the tree as `<timed exec>`), or from `sys.orig_argv` for `python -c`. A recorded source
-is used only if compiling it gives the very code object that is running. The record is an audit hook on the `compile` event, installed when the first model is
-wrapped (`runtime.py`): it only keeps a reference to the last few sources whose filename is a
-pseudo-name such as `<string>`, so a string compiled before then has no recorded source.
+is used only if compiling it gives the very code object that is running. The record is an audit
+hook on the `compile` event, installed when the first model is wrapped (`runtime.py`): it only
+keeps a reference to the last few sources whose filename is a pseudo-name such as `<string>`, so
+a string compiled before then has no recorded source.
 
 Compiling also rewrites two things in the body's syntax tree:
 - `x.save()` becomes `__nnsight_save__(x)`, so any value (tuples, lists, numbers) can be saved;
@@ -62,7 +63,7 @@ class Block:
     as_name: str | None
     assigned: tuple[str, ...]
     body: list[ast.stmt] = field(repr=False)
-    invokes: dict[int, "Block"] = field(default_factory=dict, repr=False)
+    invokes: dict[int, Block] = field(default_factory=dict, repr=False)
     text: str | None = field(default=None, repr=False)
     frame_names: frozenset[str] | None = field(default=None, repr=False)
     """The fast (local, cell, free) names of the function whose `with` this is, once known."""
@@ -78,7 +79,7 @@ _BLOCKS: collections.OrderedDict[tuple[int, int], tuple[CodeType, Block]] = coll
 """Compiled blocks by (id of the running code object, offset of its `with`); the code object is kept alive with its
 block, so its id cannot be reused while cached (hashing a code object would hash its whole body)."""
 _BLOCKS_MAX = 512
-USER_CODES: "weakref.WeakSet[CodeType]" = weakref.WeakSet()
+USER_CODES: weakref.WeakSet[CodeType] = weakref.WeakSet()
 _INVOKES_BY_CODE: weakref.WeakKeyDictionary[CodeType, dict[int, Block]] = weakref.WeakKeyDictionary()
 
 
@@ -291,9 +292,9 @@ def assigned_names(stmts: list[ast.stmt]) -> set[str]:
             for gen in node.generators:  # type: ignore[attr-defined]
                 self.visit(gen.iter)
 
-        visit_SetComp = visit_ListComp  # type: ignore[assignment]
-        visit_DictComp = visit_ListComp  # type: ignore[assignment]
-        visit_GeneratorExp = visit_ListComp  # type: ignore[assignment]
+        visit_SetComp = visit_ListComp
+        visit_DictComp = visit_ListComp
+        visit_GeneratorExp = visit_ListComp
 
         def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
             names.add(node.target.id)
@@ -304,7 +305,7 @@ def assigned_names(stmts: list[ast.stmt]) -> set[str]:
                 if alias.name != "*":
                     names.add(alias.asname or alias.name.split(".")[0])
 
-        visit_ImportFrom = visit_Import  # type: ignore[assignment]
+        visit_ImportFrom = visit_Import
 
     visitor = Visitor()
     for stmt in stmts:

@@ -20,29 +20,29 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Iterator
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvokeError, NNsightError, TraceError
+from .backend import LOCAL, Backend, TraceCall
 from .interleave import (
+    _MISSING,
     ENDED,
     RESULT,
     EarlyStop,
     Interleaver,
     Scope,
     StopTrace,
-    _MISSING,
     current_mediator,
 )
-from .saving import NotSaved, holds_unsaved_tensor, save
-from .backend import LOCAL, Backend, TraceCall
 from .runtime import install_trace_hooks
+from .saving import NotSaved, holds_unsaved_tensor, save
 from .source import SAVE_NAME, USER_CODES, Block, block_for_frame
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
+    from .cache import Cache
 
 _CO_OPTIMIZED = 0x0001
 
@@ -78,12 +78,12 @@ def _noop_trace(frame: FrameType, event: str, arg: Any) -> None:
 class Invoker:
     """One prompt (or batch) of a multi-input trace: `with tracer.invoke(input):`."""
 
-    def __init__(self, tracer: "Tracer", args: tuple, kwargs: dict) -> None:
+    def __init__(self, tracer: Tracer, args: tuple, kwargs: dict) -> None:
         self.tracer = tracer
         self.args = args
         self.kwargs = kwargs
 
-    def __enter__(self) -> "Invoker":
+    def __enter__(self) -> Invoker:
         m = current_mediator()
         frame = sys._getframe(1)
         if m is None or m.interleaver is not self.tracer._interleaver or m.index != 0:
@@ -109,14 +109,14 @@ class Invoker:
         self.tracer._pending_invokes.append((self, block, ns))
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> Literal[False]:
         return False
 
 
 class _StepSelector:
     """`tracer.iter[...]`: choose the generation steps a loop body runs on."""
 
-    def __init__(self, tracer: "Tracer") -> None:
+    def __init__(self, tracer: Tracer) -> None:
         self.tracer = tracer
 
     def __getitem__(self, selection: int | slice | list[int]) -> Iterator[int]:
@@ -130,14 +130,22 @@ class Tracer:
     job: Any = None
     invoke_values: list[dict[str, Any]] | tuple = ()
     _interleaver: Interleaver | None = None
-    _pending_invokes: list[tuple[Invoker, Block, Scope]] | tuple = ()
+    _pending_invokes: list[tuple[Invoker, Block, Scope]] = []  # replaced by each run before use
     _frozen = False
     _frame: FrameType | None = None
     _untraced: tuple[Any, Any, bool] | None = None  # tracing to put back once the body is skipped
 
-    def __init__(self, model: "NNsight", args: tuple, kwargs: dict, *, generate: bool = False,
-                 generate_kwargs: dict | None = None, backend: Backend | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: NNsight,
+        args: tuple,
+        kwargs: dict,
+        *,
+        generate: bool = False,
+        generate_kwargs: dict | None = None,
+        backend: Backend | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model
         self.backend: Backend = backend if backend is not None else LOCAL
         self.options: dict[str, Any] = options or {}
@@ -149,9 +157,18 @@ class Tracer:
 
     def call(self, block: Block, namespace: dict, *, module_level: bool = False) -> TraceCall:
         """What this tracer's backend receives to run `block` reading `namespace`."""
-        return TraceCall(self, self.model, block, namespace, module_level=module_level, args=self._args,
-                         kwargs=self._kwargs, generate=self._generate, generate_kwargs=self._generate_kwargs,
-                         options=self.options)
+        return TraceCall(
+            self,
+            self.model,
+            block,
+            namespace,
+            module_level=module_level,
+            args=self._args,
+            kwargs=self._kwargs,
+            generate=self._generate,
+            generate_kwargs=self._generate_kwargs,
+            options=self.options,
+        )
 
     def run(self, block: Block, namespace: dict, *, module_level: bool = False) -> dict[str, Any]:
         """Run `block` through this tracer's backend; returns the names it bound (with `as` name: the tracer)."""
@@ -161,7 +178,7 @@ class Tracer:
         return bound
 
     # ----- the with statement -------------------------------------------------------------------
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Tracer:
         frame = sys._getframe(1)
         self._block = block_for_frame(frame, "model.generate(...)" if self._generate else "model.trace(...)")
         self._frame = frame
@@ -199,7 +216,7 @@ class Tracer:
         if frame.f_code.co_flags & _CO_OPTIMIZED:
             module_level = False
             f_locals = frame.f_locals
-            ns: dict = FrameNamespace(f_locals)
+            ns: Any = FrameNamespace(f_locals)
             ns.fallback = frame.f_globals
         else:
             module_level = frame.f_locals is frame.f_globals
@@ -236,8 +253,7 @@ class Tracer:
         m = self._mediator("result")
         return m.request(RESULT)
 
-    def cache(self, modules: list[Any] | None = None, *, include_inputs: bool = False,
-              detach: bool = True) -> "Cache":
+    def cache(self, modules: list[Any] | None = None, *, include_inputs: bool = False, detach: bool = True) -> Cache:
         """Record the outputs (and optionally inputs) of all or the given modules during this run."""
         from .cache import Cache
 
@@ -386,13 +402,15 @@ def _bindings_before(block: Block, ns: dict) -> dict[str, Any]:
     return {name: ns.get(name, _MISSING) for name in names}
 
 
-def _model_call(tracer: Tracer, model: "NNsight", il: Interleaver) -> tuple[tuple, dict]:
+def _model_call(tracer: Tracer, model: NNsight, il: Interleaver) -> tuple[tuple, dict]:
     """The one batched model call of this trace; starts the invoke bodies on their rows."""
     if tracer._has_input:
         prepared = [model._prepare_input(*tracer._args, **tracer._kwargs)]
     else:
-        prepared = [model._prepare_input(*inv.args, **inv.kwargs) if (inv.args or inv.kwargs) else None
-                    for inv, _, _ in tracer._pending_invokes]
+        prepared = [
+            model._prepare_input(*inv.args, **inv.kwargs) if (inv.args or inv.kwargs) else None
+            for inv, _, _ in tracer._pending_invokes
+        ]
         if not any(p is not None for p in prepared):
             raise TraceError(
                 "This trace has no input: pass one to model.trace(input), or add "
@@ -400,7 +418,7 @@ def _model_call(tracer: Tracer, model: "NNsight", il: Interleaver) -> tuple[tupl
             )
     args, kwargs, rows = model._batch_inputs(prepared)
     if not tracer._has_input:
-        for (inv, inner, scope), row in zip(tracer._pending_invokes, rows):
+        for (_, inner, scope), row in zip(tracer._pending_invokes, rows):
             il.add(inner.code, scope, assigned=inner.assigned, rows=row, label="invoke")
         for m in il.mediators[1:]:
             il.start(m)
@@ -477,4 +495,3 @@ def user_traceback(error: BaseException) -> BaseException:
     if isinstance(error, NNsightError) and last_user is not None:
         last_user.tb_next = None
     return error.with_traceback(first_user)
-

@@ -21,8 +21,15 @@ from ..remote.lifecycle import FINAL_STATES
 _HERE = pathlib.Path(__file__).parent
 
 _SHOWN_LINES = 5
-_COLOURS = {"submitted": "#6b7280", "queued": "#b45309", "loading": "#2563eb", "running": "#2563eb",
-            "completed": "#15803d", "error": "#b91c1c", "cancelled": "#6b7280"}
+_COLOURS = {
+    "submitted": "#6b7280",
+    "queued": "#b45309",
+    "loading": "#2563eb",
+    "running": "#2563eb",
+    "completed": "#15803d",
+    "error": "#b91c1c",
+    "cancelled": "#6b7280",
+}
 
 
 class JobStatus(anywidget.AnyWidget):
@@ -89,7 +96,7 @@ class JobStatus(anywidget.AnyWidget):
         colour = _COLOURS.get(self.state, "#6b7280")
         parts = [
             '<div class="nnsj-job" style="font-family: var(--jp-ui-font-family, sans-serif); font-size: 13px; '
-            'border-left: 3px solid ' + colour + '; padding: 2px 8px;">',
+            "border-left: 3px solid " + colour + '; padding: 2px 8px;">',
             f'<span style="color: {colour}; font-weight: 600;">{html.escape(self.state)}</span> ',
             f"job <code>{html.escape(self.job_id)}</code>",
         ]
@@ -104,8 +111,11 @@ class JobStatus(anywidget.AnyWidget):
         if self.lines:
             hidden = self.line_count - len(self.lines)
             more = f"({hidden} earlier lines)\n" if hidden > 0 else ""
-            parts.append("<pre style=\"margin: 2px 0; max-height: 8em; overflow: auto;\">"
-                         + html.escape(more + "\n".join(self.lines)) + "</pre>")
+            parts.append(
+                '<pre style="margin: 2px 0; max-height: 8em; overflow: auto;">'
+                + html.escape(more + "\n".join(self.lines))
+                + "</pre>"
+            )
         parts.append("</div>")
         return "".join(parts)
 

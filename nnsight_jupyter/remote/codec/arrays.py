@@ -18,8 +18,17 @@ import torch
 from .memory import BUFFER_ALIGNMENT, address, owned_copy
 from .wire import Unsupported
 
-__all__ = ["ADOPT_MIN_BYTES", "MAX_DIMS", "NUMPY_DTYPES", "TORCH_DTYPES", "TORCH_DTYPE_NAMES", "array_from_wire",
-           "array_to_wire", "tensor_from_wire", "tensor_to_wire"]
+__all__ = [
+    "ADOPT_MIN_BYTES",
+    "MAX_DIMS",
+    "NUMPY_DTYPES",
+    "TORCH_DTYPES",
+    "TORCH_DTYPE_NAMES",
+    "array_from_wire",
+    "array_to_wire",
+    "tensor_from_wire",
+    "tensor_to_wire",
+]
 
 MAX_DIMS = 64
 """Most dimensions a decoded tensor or array may claim (numpy's own limit)."""
@@ -112,7 +121,7 @@ def tensor_to_wire(tensor: torch.Tensor) -> tuple[str, list[int], memoryview]:
         raw = plain.reshape(-1).view(torch.uint8).numpy()
     except RuntimeError as exc:
         raise Unsupported(tensor, f"the tensor's values cannot be read ({exc})") from None
-    return name, list(plain.shape), memoryview(raw)
+    return name, list(plain.shape), memoryview(raw)  # type: ignore[arg-type]
 
 
 def tensor_from_wire(
@@ -146,16 +155,13 @@ def array_to_wire(array: np.ndarray[Any, Any]) -> tuple[str, list[int], memoryvi
     if key not in NUMPY_DTYPES:
         raise Unsupported(
             array,
-            f"numpy arrays of dtype {array.dtype} are not supported; "
-            "send a bool, integer, float or complex array",
+            f"numpy arrays of dtype {array.dtype} are not supported; send a bool, integer, float or complex array",
         )
     plain = np.asarray(array, dtype=little, order="C")
-    return key, list(plain.shape), memoryview(plain.reshape(-1).view(np.uint8))
+    return key, list(plain.shape), memoryview(plain.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
-def array_from_wire(
-    dtype_key: object, shape: object, offset: object, buffers: memoryview
-) -> np.ndarray[Any, Any]:
+def array_from_wire(dtype_key: object, shape: object, offset: object, buffers: memoryview) -> np.ndarray[Any, Any]:
     """Build a writable numpy array holding a copy of its bytes from the buffer section."""
     dtype = NUMPY_DTYPES.get(dtype_key) if isinstance(dtype_key, str) else None
     if dtype is None:
@@ -170,14 +176,10 @@ def array_from_wire(
 
 def _check_shape(shape: object) -> list[int]:
     if type(shape) is not list or len(shape) > MAX_DIMS:
-        raise ValueError(
-            f"bad shape {reprlib.repr(shape)}: expected a list of at most {MAX_DIMS} sizes"
-        )
+        raise ValueError(f"bad shape {reprlib.repr(shape)}: expected a list of at most {MAX_DIMS} sizes")
     for size in shape:
         if type(size) is not int or size < 0 or size >= 2**63:
-            raise ValueError(
-                f"bad shape {reprlib.repr(shape)}: sizes must be integers in [0, 2**63)"
-            )
+            raise ValueError(f"bad shape {reprlib.repr(shape)}: sizes must be integers in [0, 2**63)")
     return shape
 
 
@@ -188,5 +190,3 @@ def _buffer_slice(buffers: memoryview, offset: object, nbytes: int) -> memoryvie
             f"but the buffer section holds {buffers.nbytes} bytes"
         )
     return buffers[offset : offset + nbytes]
-
-

@@ -50,7 +50,7 @@ EXT_MODULE_REF = 13
 EXT_RECORD = 14
 EXT_PLACEHOLDER = 15
 
-_TAGS = {
+_TAGS: dict[type, msgpack.ExtType] = {
     tuple: msgpack.ExtType(EXT_TUPLE, b""),
     set: msgpack.ExtType(EXT_SET, b""),
     frozenset: msgpack.ExtType(EXT_FROZENSET, b""),
@@ -60,9 +60,7 @@ _RECORD_TAG = msgpack.ExtType(EXT_RECORD, b"")
 _ELLIPSIS = msgpack.ExtType(EXT_ELLIPSIS, b"")
 
 _TIMESTAMP_HEADERS = tuple(
-    prefix + bytes([size]) + b"\xff"
-    for prefix in (b"\xc7", b"\xc8\x00", b"\xc9\x00\x00\x00")
-    for size in (4, 8, 12)
+    prefix + bytes([size]) + b"\xff" for prefix in (b"\xc7", b"\xc8\x00", b"\xc9\x00\x00\x00") for size in (4, 8, 12)
 ) + (b"\xd6\xff", b"\xd7\xff")
 """Every way msgpack can start a timestamp, which it decodes without consulting ext_hook."""
 
@@ -198,6 +196,7 @@ _ENCODERS: dict[type, Callable[[Encoder, Any], Any]] = {
     Placeholder: Encoder._placeholder,
 }
 
+
 def _bigint_bytes(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
 
@@ -229,9 +228,7 @@ def _located(
     return Unsupported(None, fallback or reason, fields[0][1] if len(fields) == 1 else "a value")
 
 
-def _find_path(
-    root: object, is_culprit: Callable[[object, int], bool], label: str
-) -> str | None:
+def _find_path(root: object, is_culprit: Callable[[object, int], bool], label: str) -> str | None:
     """Return where in ``root`` the first value matching ``is_culprit`` sits, as Python syntax.
 
     ``is_culprit`` gets each value and how many containers hold it. The search is iterative and
@@ -322,9 +319,7 @@ class Decoder:
     def unpack_body(self, data: bytes) -> Any:
         """Unpack ``data``, refusing tags out of place and msgpack timestamps."""
         try:
-            body = msgpack.unpackb(
-                data, ext_hook=self._ext_hook, list_hook=self._list_hook, strict_map_key=False
-            )
+            body = msgpack.unpackb(data, ext_hook=self._ext_hook, list_hook=self._list_hook, strict_map_key=False)
         except msgpack.exceptions.StackError:
             raise ValueError("containers nest deeper than msgpack's limit of 1024") from None
         if self._open_tags:
@@ -379,12 +374,13 @@ class Decoder:
     def _tensor(self, data: bytes) -> torch.Tensor:
         tensor = self._tensors.get(data)
         if tensor is None:
-            tensor = self._tensors[data] = tensor_from_wire(*_buffer_ref(data, "tensor"), self._buffers,
-                                                            adopt=self._adopt)
+            dtype, shape, offset = _buffer_ref(data, "tensor")
+            tensor = self._tensors[data] = tensor_from_wire(dtype, shape, offset, self._buffers, adopt=self._adopt)
         return tensor
 
     def _ndarray(self, data: bytes) -> np.ndarray[Any, Any]:
-        return array_from_wire(*_buffer_ref(data, "array"), self._buffers)
+        dtype, shape, offset = _buffer_ref(data, "array")
+        return array_from_wire(dtype, shape, offset, self._buffers)
 
     def _function(self, data: bytes) -> FunctionSource:
         parts = _plain(data, "function")

@@ -51,9 +51,7 @@ def _lambda_source(function: types.FunctionType) -> str:
             "source cannot be cut out; re-run the cell that defines it",
         ) from None
     candidates = [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Lambda) and node.lineno == code.co_firstlineno
+        node for node in ast.walk(tree) if isinstance(node, ast.Lambda) and node.lineno == code.co_firstlineno
     ]
     if len(candidates) > 1:
         spans = [span for span in _code_spans(code) if span[:2] != span[2:]]
@@ -96,5 +94,3 @@ def _no_source(name: str, cause: object) -> str:
         "as source text, so define it in a notebook cell or a .py file (not with exec or in "
         "the plain Python prompt), or write its body inside the trace instead"
     )
-
-

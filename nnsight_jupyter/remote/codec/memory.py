@@ -53,7 +53,7 @@ def aligned_buffer(size: int, offset: int) -> memoryview:
     buffer = fresh_buffer(size + BUFFER_ALIGNMENT)
     view = memoryview(buffer)
     pad = -(address(view) + offset) % BUFFER_ALIGNMENT
-    return view[pad:pad + size]
+    return view[pad : pad + size]
 
 
 def owned_copy(view: memoryview) -> bytearray | mmap.mmap:
@@ -95,7 +95,7 @@ def joined_bytes(parts: list[bytes | memoryview]) -> bytes:
         position = 0
         for part in parts:
             with memoryview(part) as piece, piece.cast("B") as flat:
-                copy_into(target[position:position + flat.nbytes], flat)
+                copy_into(target[position : position + flat.nbytes], flat)
                 position += flat.nbytes
     return data
 

@@ -109,8 +109,7 @@ def unsupported_reason(value: object) -> str:
         hint = "send value.item() or np.asarray(value)"
     elif isinstance(value, _CALLABLE_TYPES):
         hint = (
-            "only plain functions defined in your own code travel (as source); "
-            "call this one inside the trace instead"
+            "only plain functions defined in your own code travel (as source); call this one inside the trace instead"
         )
     elif isinstance(value, torch.Tensor):
         hint = "send a plain tensor, e.g. value.as_subclass(torch.Tensor)"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -35,30 +35,36 @@ log = logging.getLogger("nnsight_jupyter.server")
 _HTTP_ERRORS = {404: "not found", 405: "method not allowed"}
 
 
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:  # type: ignore[override]
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.http_status, exc.error, exc.detail, headers=exc.headers, **exc.extra)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     status = getattr(exc, "status_code", 500)
     if status == 404:
-        detail = (f"there is no endpoint {request.url.path[:200]!r}; the server offers /health, /models, /jobs, "
-                  "/jobs/{id}, /jobs/{id}/events, /jobs/{id}/result and /jobs/{id}/cancel")
+        detail = (
+            f"there is no endpoint {request.url.path[:200]!r}; the server offers /health, /models, /jobs, "
+            "/jobs/{id}, /jobs/{id}/events, /jobs/{id}/result and /jobs/{id}/cancel"
+        )
     elif status == 405:
         detail = f"{request.method} is not allowed on {request.url.path[:200]!r}"
     else:
         detail = getattr(exc, "detail", None)
-    return error_response(status, _HTTP_ERRORS.get(status, "request failed"), detail,
-                          headers=getattr(exc, "headers", None))
+    return error_response(
+        status, _HTTP_ERRORS.get(status, "request failed"), detail, headers=getattr(exc, "headers", None)
+    )
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     request_id = secrets.token_hex(6)
     log.exception("request %s (%s %s) failed", request_id, request.method, request.url.path[:200])
-    return error_response(500, "internal server error",
-                          f"the server hit an unexpected problem and logged it as request {request_id}; "
-                          "the server keeps running. Tell its operator the request id.",
-                          request_id=request_id)
+    return error_response(
+        500,
+        "internal server error",
+        f"the server hit an unexpected problem and logged it as request {request_id}; "
+        "the server keeps running. Tell its operator the request id.",
+        request_id=request_id,
+    )
 
 
 def create_app(config: ServerConfig) -> Starlette:
@@ -77,7 +83,7 @@ def create_app(config: ServerConfig) -> Starlette:
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(ApiKeyMiddleware, keys=keys)],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},  # type: ignore[dict-item]
         lifespan=lifespan,
     )
     app.state.service = service

@@ -151,7 +151,8 @@ class ApiKeyMiddleware:
         key, problem = _key_from_headers(scope.get("headers") or [])
         if key is None:
             response = error_response(
-                401, "missing API key",
+                401,
+                "missing API key",
                 f"{problem} Send your key as 'Authorization: Bearer <key>' (or 'X-API-Key: <key>'); "
                 "the server's operator creates keys with `nnsight-jupyter serve --add-key NAME`.",
                 headers={"WWW-Authenticate": "Bearer"},
@@ -161,7 +162,8 @@ class ApiKeyMiddleware:
         owner = self.keys.owner(key)
         if owner is None:
             response = error_response(
-                403, "invalid API key",
+                403,
+                "invalid API key",
                 "this server does not know the key that was sent; check for a typo or ask the "
                 "server's operator for a new key (keys can be revoked by removing their line).",
             )

@@ -33,7 +33,8 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 
@@ -54,8 +55,7 @@ class Channel:
         self.max_bytes = max_bytes
         self._send_lock = threading.Lock()
 
-    def send(self, message: dict[str, Any], *,
-             payload: tuple[str, Sequence[bytes | memoryview]] | None = None) -> None:
+    def send(self, message: dict[str, Any], *, payload: tuple[str, Sequence[bytes | memoryview]] | None = None) -> None:
         """Send a map; ``payload=(field, parts)`` sends the parts' bytes to arrive as ``message[field]``."""
         views: list[memoryview] = []
         if payload is not None:
@@ -68,7 +68,7 @@ class Channel:
                 fd = self.connection.fileno()
                 for view in views:
                     while view.nbytes:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
             except (OSError, ValueError) as exc:
                 raise BrokenChannel(f"cannot send to the other side: {exc}") from None
 

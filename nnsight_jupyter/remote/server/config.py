@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["FLAGS", "ModelSpec", "ServerConfig", "parse_model_specs"]
 
@@ -149,10 +149,14 @@ class ServerConfig:
                 "--insecure-no-auth serves without keys"
             )
         positive = {
-            "replicas": self.replicas, "result_ttl_s": self.result_ttl_s,
-            "max_request_bytes": self.max_request_bytes, "max_result_bytes": self.max_result_bytes,
-            "max_job_seconds": self.max_job_seconds, "max_job_memory_bytes": self.max_job_memory_bytes,
-            "max_log_bytes": self.max_log_bytes, "max_queued_jobs": self.max_queued_jobs,
+            "replicas": self.replicas,
+            "result_ttl_s": self.result_ttl_s,
+            "max_request_bytes": self.max_request_bytes,
+            "max_result_bytes": self.max_result_bytes,
+            "max_job_seconds": self.max_job_seconds,
+            "max_job_memory_bytes": self.max_job_memory_bytes,
+            "max_log_bytes": self.max_log_bytes,
+            "max_queued_jobs": self.max_queued_jobs,
             "sweep_interval_s": self.sweep_interval_s,
         }
         for name, value in positive.items():
@@ -161,8 +165,9 @@ class ServerConfig:
         if self.cancel_grace_s < 0:
             raise ValueError(f"cancel_grace_s must be >= 0, got {self.cancel_grace_s!r} (--cancel-grace)")
         if not self.result_write_delay_s >= 0:
-            raise ValueError(f"result_write_delay_s must be >= 0, got {self.result_write_delay_s!r} "
-                             "(--result-write-delay)")
+            raise ValueError(
+                f"result_write_delay_s must be >= 0, got {self.result_write_delay_s!r} (--result-write-delay)"
+            )
         if self.worker_threads is not None and self.worker_threads < 1:
             raise ValueError(f"worker_threads must be >= 1, got {self.worker_threads!r} (--threads)")
         if self.start_method not in ("forkserver", "spawn"):

@@ -50,7 +50,7 @@ def format_event(event: Event, result: bytes | bytearray | mmap.mmap | None = No
     if result is not None:
         fields["result"] = base64.b64encode(result).decode("ascii")
     data = json.dumps(fields, separators=(",", ":"))
-    return f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode("utf-8")
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
 
 
 class Notifier:

@@ -38,14 +38,27 @@ import torch
 __all__ = ["Baseline", "reset_shared_state"]
 
 _HOOK_DICTS = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
 )
 _GLOBAL_HOOKS = (
-    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks",
-    "_global_forward_hooks_always_called", "_global_module_registration_hooks",
-    "_global_parameter_registration_hooks", "_global_buffer_registration_hooks",
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_module_registration_hooks",
+    "_global_parameter_registration_hooks",
+    "_global_buffer_registration_hooks",
 )
 
 
@@ -76,24 +89,36 @@ class Baseline:
     def _take(self) -> dict[str, Any]:
         module: torch.nn.Module = self.model._model
         tensors = {}
-        for kind, items in (("parameter", module.named_parameters(remove_duplicate=False)),
-                            ("buffer", module.named_buffers(remove_duplicate=False))):
+        for kind, items in (
+            ("parameter", module.named_parameters(remove_duplicate=False)),
+            ("buffer", module.named_buffers(remove_duplicate=False)),
+        ):
             for name, t in items:
                 tensors[f"{kind} {name}"] = (
-                    id(t), t.data_ptr(), t.dtype, tuple(t.shape), t._version, t.requires_grad, str(t.device),
+                    id(t),
+                    t.data_ptr(),
+                    t.dtype,
+                    tuple(t.shape),
+                    t._version,
+                    t.requires_grad,
+                    str(t.device),
                     bool(getattr(t, "_backward_hooks", None)),
                 )
         modules = {}
         for name, m in module.named_modules(remove_duplicate=False):
             modules[name or "(root)"] = (
-                id(m), type(m), m.training, tuple(len(getattr(m, h, ()) or ()) for h in _HOOK_DICTS),
+                id(m),
+                type(m),
+                m.training,
+                tuple(len(getattr(m, h, ()) or ()) for h in _HOOK_DICTS),
                 _public_ids(m),
             )
         classes = _involved_classes(self.model, module.modules())
         envoys = {}
         for envoy in self.model.modules():
             envoys[envoy.path or "(root)"] = (
-                id(envoy._module), tuple((k, id(v)) for k, v in envoy._children.items()),
+                id(envoy._module),
+                tuple((k, id(v)) for k, v in envoy._children.items()),
                 tuple(sorted(getattr(envoy, "_aliases", {}).items())),
             )
         return {
@@ -126,7 +151,7 @@ class Baseline:
                 if before.get(key) != after.get(key):
                     problems.append(_label(section, key, before.get(key), after.get(key)))
         before_classes, after_classes = self.snapshot["classes"], now["classes"]
-        for key, (cls, state) in before_classes.items():
+        for cls, state in before_classes.values():
             if _class_state(cls) != state:
                 problems.append(f"class {cls.__module__}.{cls.__qualname__} was changed")
         for key in set(after_classes) - set(before_classes):
@@ -154,10 +179,15 @@ class _Fingerprint:
         self.tensors = list({id(t): t for t in (*root.parameters(), *root.buffers())}.values())
         self.classes = list(_involved_classes(model, self.modules).values())
         self.envoys = list(model.modules())
-        shared = [getattr(root, "config", None), getattr(root, "generation_config", None),
-                  vars(model).get("_tokenizer"), model]
-        self.kept = [vars(o).copy() for o in (*self.modules, *self.classes, *self.envoys, *shared)
-                     if hasattr(o, "__dict__")]
+        shared = [
+            getattr(root, "config", None),
+            getattr(root, "generation_config", None),
+            vars(model).get("_tokenizer"),
+            model,
+        ]
+        self.kept = [
+            vars(o).copy() for o in (*self.modules, *self.classes, *self.envoys, *shared) if hasattr(o, "__dict__")
+        ]
 
     def take(self) -> list[Any] | None:
         """The fingerprint now; None if it cannot be taken (the full comparison then decides)."""
@@ -171,7 +201,9 @@ class _Fingerprint:
         # costs more than everything it would look at.
         dicts = list(map(vars, self.modules))
         out: list[Any] = [
-            id(self.model._model), _global_hook_counts(), _shared_state(self.model),
+            id(self.model._model),
+            _global_hook_counts(),
+            _shared_state(self.model),
             list(map(type, self.modules)),
             list(map(tuple, dicts)),
             list(map(id, chain.from_iterable(map(_call, self.public, dicts)))),
@@ -222,7 +254,8 @@ def _involved_classes(model: Any, modules: Iterable[torch.nn.Module]) -> dict[in
     for module in modules:
         for cls in type(module).__mro__:
             classes.setdefault(id(cls), cls)
-    for cls in (torch.Tensor, torch.nn.Parameter, type(model), *type(model).__mro__):
+    shared: tuple[type, ...] = (torch.Tensor, torch.nn.Parameter, type(model), *type(model).__mro__)
+    for cls in shared:
         classes.setdefault(id(cls), cls)
     return classes
 

@@ -38,13 +38,15 @@ import os
 import secrets
 import sqlite3
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ...errors import ModelUnavailable, ServerRestarted, wire_name
 from ..lifecycle import FINAL_STATES, PENDING_STATES
+
 __all__ = ["FINAL", "Event", "Job", "JobStore", "iso"]
 
 FINAL = frozenset(FINAL_STATES)
@@ -83,8 +85,25 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
-_COLUMNS = ("seq", "id", "model", "owner", "status", "created", "started", "finished", "attempts", "timeout_s",
-            "request_bytes", "error_type", "error_message", "result_bytes", "expires", "expired", "last_event")
+_COLUMNS = (
+    "seq",
+    "id",
+    "model",
+    "owner",
+    "status",
+    "created",
+    "started",
+    "finished",
+    "attempts",
+    "timeout_s",
+    "request_bytes",
+    "error_type",
+    "error_message",
+    "result_bytes",
+    "expires",
+    "expired",
+    "last_event",
+)
 _SELECT = "SELECT " + ", ".join(_COLUMNS) + " FROM jobs"
 
 
@@ -170,8 +189,14 @@ class JobStore:
     streams waiting on that job can wake up.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float],
-                 position_updates: int = 50, on_event: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float],
+        position_updates: int = 50,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock_folder(self.path.parent)
@@ -210,22 +235,28 @@ class JobStore:
                 self.on_event(job_id)
         return value
 
-    def _append(self, db: sqlite3.Connection, touched: list[str], job_id: str, kind: str,
-                data: dict[str, Any], now: float) -> int:
-        row = db.execute("UPDATE jobs SET last_event = last_event + 1 WHERE id = ? RETURNING last_event",
-                         (job_id,)).fetchone()
-        db.execute("INSERT INTO events (job_id, seq, type, data, time) VALUES (?, ?, ?, ?, ?)",
-                   (job_id, row[0], kind, json.dumps(data), now))
+    def _append(
+        self, db: sqlite3.Connection, touched: list[str], job_id: str, kind: str, data: dict[str, Any], now: float
+    ) -> int:
+        row = db.execute(
+            "UPDATE jobs SET last_event = last_event + 1 WHERE id = ? RETURNING last_event", (job_id,)
+        ).fetchone()
+        db.execute(
+            "INSERT INTO events (job_id, seq, type, data, time) VALUES (?, ?, ?, ?, ?)",
+            (job_id, row[0], kind, json.dumps(data), now),
+        )
         touched.append(job_id)
         return row[0]
 
     def _position(self, db: sqlite3.Connection, model: str, seq: int) -> int:
-        (ahead,) = db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued' AND seq < ?",
-                              (model, seq)).fetchone()
+        (ahead,) = db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued' AND seq < ?", (model, seq)
+        ).fetchone()
         return ahead + 1
 
-    def _announce_positions(self, db: sqlite3.Connection, touched: list[str], model: str, now: float,
-                            after_seq: int = 0) -> None:
+    def _announce_positions(
+        self, db: sqlite3.Connection, touched: list[str], model: str, now: float, after_seq: int = 0
+    ) -> None:
         rows = db.execute(
             "SELECT id, seq FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq LIMIT ?",
             (model, self.position_updates),
@@ -273,13 +304,15 @@ class JobStore:
 
     def has_queued(self, model: str) -> bool:
         with self._lock:
-            row = self._db.execute("SELECT 1 FROM jobs WHERE model = ? AND status = 'queued' LIMIT 1",
-                                   (model,)).fetchone()
+            row = self._db.execute(
+                "SELECT 1 FROM jobs WHERE model = ? AND status = 'queued' LIMIT 1", (model,)
+            ).fetchone()
         return row is not None
 
     # ----- changing ---------------------------------------------------------------------------
-    def submit(self, *, model: str, owner: str, request: bytes, timeout_s: float,
-               max_queued: int | None = None) -> tuple[Job, int]:
+    def submit(
+        self, *, model: str, owner: str, request: bytes, timeout_s: float, max_queued: int | None = None
+    ) -> tuple[Job, int]:
         """Queue a job; returns it with its position (1 = next to run).
 
         With ``max_queued``, raises :class:`QueueFull` instead when the model already has that many
@@ -290,8 +323,9 @@ class JobStore:
 
         def work(db: sqlite3.Connection, touched: list[str]) -> int:
             if max_queued is not None:
-                (queued,) = db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued'",
-                                       (model,)).fetchone()
+                (queued,) = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued'", (model,)
+                ).fetchone()
                 if queued >= max_queued:
                     raise QueueFull(queued)
             now = self.clock()
@@ -315,20 +349,29 @@ class JobStore:
         ready, else ``loading``. Returns None when nothing is queued."""
 
         def work(db: sqlite3.Connection, touched: list[str]) -> str | None:
-            row = db.execute("SELECT id, seq FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq LIMIT 1",
-                             (model,)).fetchone()
+            row = db.execute(
+                "SELECT id, seq FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq LIMIT 1", (model,)
+            ).fetchone()
             if row is None:
                 return None
             job_id, seq = row
             now = self.clock()
             status = "running" if ready else "loading"
-            db.execute("UPDATE jobs SET status = ?, attempts = attempts + ?, started = ? WHERE id = ?",
-                       (status, 1 if ready else 0, now if ready else None, job_id))
+            db.execute(
+                "UPDATE jobs SET status = ?, attempts = attempts + ?, started = ? WHERE id = ?",
+                (status, 1 if ready else 0, now if ready else None, job_id),
+            )
             if ready:
                 self._append(db, touched, job_id, "running", {"worker": worker}, now)
             else:
-                self._append(db, touched, job_id, "loading",
-                             {"model": model, "detail": f"waiting for model {model!r} to load"}, now)
+                self._append(
+                    db,
+                    touched,
+                    job_id,
+                    "loading",
+                    {"model": model, "detail": f"waiting for model {model!r} to load"},
+                    now,
+                )
             self._announce_positions(db, touched, model, now)
             return job_id
 
@@ -338,8 +381,11 @@ class JobStore:
     def mark_running(self, job_id: str, *, worker: str) -> bool:
         def work(db: sqlite3.Connection, touched: list[str]) -> bool:
             now = self.clock()
-            changed = db.execute("UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1 "
-                                 "WHERE id = ? AND status = 'loading'", (now, job_id)).rowcount
+            changed = db.execute(
+                "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1 "
+                "WHERE id = ? AND status = 'loading'",
+                (now, job_id),
+            ).rowcount
             if changed:
                 self._append(db, touched, job_id, "running", {"worker": worker}, now)
             return bool(changed)
@@ -358,8 +404,16 @@ class JobStore:
 
         self._transaction(work)
 
-    def finish(self, job_id: str, status: str, *, result_bytes: int | None = None, ttl_s: float | None = None,
-               error: tuple[str, str, str] | None = None, reason: str | None = None) -> bool:
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        result_bytes: int | None = None,
+        ttl_s: float | None = None,
+        error: tuple[str, str, str] | None = None,
+        reason: str | None = None,
+    ) -> bool:
         """Move a pending job to a final state, with its final event; False if it already was final."""
         if status not in FINAL:
             raise ValueError(f"{status!r} is not a final state")
@@ -374,8 +428,7 @@ class JobStore:
             db.execute(
                 "UPDATE jobs SET status = ?, finished = ?, request = NULL, result_bytes = ?, expires = ?, "
                 "error_type = ?, error_message = ? WHERE id = ?",
-                (status, now, result_bytes, expires, error[0] if error else None, error[1] if error else None,
-                 job_id),
+                (status, now, result_bytes, expires, error[0] if error else None, error[1] if error else None, job_id),
             )
             data: dict[str, Any] = {}
             if result_bytes is not None:
@@ -398,8 +451,7 @@ class JobStore:
             if row is None:
                 return False
             now = self.clock()
-            db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, request = NULL WHERE id = ?",
-                       (now, job_id))
+            db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, request = NULL WHERE id = ?", (now, job_id))
             self._append(db, touched, job_id, "cancelled", {"reason": reason}, now)
             self._announce_positions(db, touched, row[0], now, after_seq=row[1])
             return True
@@ -408,8 +460,9 @@ class JobStore:
 
     def queued_ids(self, model: str) -> list[str]:
         with self._lock:
-            rows = self._db.execute("SELECT id FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq",
-                                    (model,)).fetchall()
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq", (model,)
+            ).fetchall()
         return [r[0] for r in rows]
 
     def recover(self, *, served: Iterable[str]) -> list[tuple[str, str]]:
@@ -420,35 +473,68 @@ class JobStore:
         def work(db: sqlite3.Connection, touched: list[str]) -> list[tuple[str, str]]:
             now = self.clock()
             report: list[tuple[str, str]] = []
-            rows = db.execute("SELECT id, model, status, attempts FROM jobs WHERE status IN "
-                              "('queued', 'loading', 'running') ORDER BY seq").fetchall()
+            rows = db.execute(
+                "SELECT id, model, status, attempts FROM jobs WHERE status IN "
+                "('queued', 'loading', 'running') ORDER BY seq"
+            ).fetchall()
             for job_id, model, status, attempts in rows:
                 if model not in served:
-                    message = (f"the server restarted without model {model!r}; it now serves "
-                               f"{sorted(served)}. Submit the job again to a served model.")
-                    db.execute("UPDATE jobs SET status = 'error', finished = ?, request = NULL, error_type = ?, "
-                               "error_message = ? WHERE id = ?", (now, wire_name(ModelUnavailable), message, job_id))
-                    self._append(db, touched, job_id, "error",
-                                 {"error": {"type": wire_name(ModelUnavailable), "message": message, "traceback": ""}}, now)
+                    message = (
+                        f"the server restarted without model {model!r}; it now serves "
+                        f"{sorted(served)}. Submit the job again to a served model."
+                    )
+                    db.execute(
+                        "UPDATE jobs SET status = 'error', finished = ?, request = NULL, error_type = ?, "
+                        "error_message = ? WHERE id = ?",
+                        (now, wire_name(ModelUnavailable), message, job_id),
+                    )
+                    self._append(
+                        db,
+                        touched,
+                        job_id,
+                        "error",
+                        {"error": {"type": wire_name(ModelUnavailable), "message": message, "traceback": ""}},
+                        now,
+                    )
                     report.append((job_id, "failed: model no longer served"))
                 elif status == "queued":
                     report.append((job_id, "still queued"))
                 elif attempts >= 2:
-                    message = ("the server stopped twice while this job was running, so it was not run a third "
-                               "time. If the job is very large, lower its memory or time use and submit it again.")
-                    db.execute("UPDATE jobs SET status = 'error', finished = ?, request = NULL, error_type = ?, "
-                               "error_message = ? WHERE id = ?", (now, wire_name(ServerRestarted), message, job_id))
-                    self._append(db, touched, job_id, "error",
-                                 {"error": {"type": wire_name(ServerRestarted), "message": message, "traceback": ""}}, now)
+                    message = (
+                        "the server stopped twice while this job was running, so it was not run a third "
+                        "time. If the job is very large, lower its memory or time use and submit it again."
+                    )
+                    db.execute(
+                        "UPDATE jobs SET status = 'error', finished = ?, request = NULL, error_type = ?, "
+                        "error_message = ? WHERE id = ?",
+                        (now, wire_name(ServerRestarted), message, job_id),
+                    )
+                    self._append(
+                        db,
+                        touched,
+                        job_id,
+                        "error",
+                        {"error": {"type": wire_name(ServerRestarted), "message": message, "traceback": ""}},
+                        now,
+                    )
                     report.append((job_id, "failed: interrupted twice"))
                 else:
                     db.execute("UPDATE jobs SET status = 'queued', started = NULL WHERE id = ?", (job_id,))
-                    position = self._position(db, model, db.execute("SELECT seq FROM jobs WHERE id = ?",
-                                                                    (job_id,)).fetchone()[0])
-                    self._append(db, touched, job_id, "queued", {
-                        "position": position, "requeued": True,
-                        "reason": f"the server restarted while the job was {status}; it runs again (once)",
-                    }, now)
+                    position = self._position(
+                        db, model, db.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+                    )
+                    self._append(
+                        db,
+                        touched,
+                        job_id,
+                        "queued",
+                        {
+                            "position": position,
+                            "requeued": True,
+                            "reason": f"the server restarted while the job was {status}; it runs again (once)",
+                        },
+                        now,
+                    )
                     report.append((job_id, "requeued"))
             return report
 
@@ -456,8 +542,9 @@ class JobStore:
 
     def due_for_expiry(self, now: float) -> list[str]:
         with self._lock:
-            rows = self._db.execute("SELECT id FROM jobs WHERE expired = 0 AND expires IS NOT NULL AND expires <= ?",
-                                    (now,)).fetchall()
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE expired = 0 AND expires IS NOT NULL AND expires <= ?", (now,)
+            ).fetchall()
         return [r[0] for r in rows]
 
     def mark_expired(self, job_id: str) -> None:

@@ -45,9 +45,10 @@ import signal
 import stat
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .policy import SandboxViolation
 
@@ -56,8 +57,21 @@ __all__ = ["LockdownReport", "apply", "library_roots", "set_cpu_budget", "set_us
 NOBODY = 65534
 
 _ENV_KEEP_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "TORCH_", "PYTORCH_", "NVIDIA_", "CUDA_")
-_ENV_KEEP = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "HF_HUB_OFFLINE",
-                       "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "PYTHONHASHSEED"})
+_ENV_KEEP = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TERM",
+        "TMPDIR",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "PYTHONHASHSEED",
+    }
+)
 
 
 @dataclass
@@ -121,8 +135,15 @@ def set_cpu_budget(seconds: float) -> None:
 
 
 # ----- applying -----------------------------------------------------------------------------
-def apply(*, memory_bytes: int | None, protected: Iterable[Path] = (), network: bool = True,
-          privileges: bool = True, landlock: bool = True, audit: bool = True) -> LockdownReport:
+def apply(
+    *,
+    memory_bytes: int | None,
+    protected: Iterable[Path] = (),
+    network: bool = True,
+    privileges: bool = True,
+    landlock: bool = True,
+    audit: bool = True,
+) -> LockdownReport:
     """Apply every layer that works here; irreversible for this process."""
     report = LockdownReport()
     protected = list(protected)
@@ -223,8 +244,7 @@ def _drop_privileges(roots: list[Path], report: LockdownReport) -> None:
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
     class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
     header = Header(0x20080522, 0)
     data = (Data * 2)()
@@ -249,8 +269,11 @@ _READ_DIR = 1 << 3
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class _PathBeneath(ctypes.Structure):
@@ -323,26 +346,90 @@ _USER = "user"
 _PATH = "path"
 
 _POLICY: dict[str, str] = {
-    "open": _PATH, "os.listdir": _PATH, "os.scandir": _PATH, "glob.glob": _PATH, "glob.glob/2": _PATH,
-    "sys._getframe": _USER, "sys._getframemodulename": _USER, "sys.settrace": _USER, "sys.setprofile": _USER,
-    "object.__getattr__": _USER, "object.__setattr__": _USER, "object.__delattr__": _USER,
-    "code.__new__": _USER, "function.__new__": _USER, "resource.setrlimit": _USER, "resource.prlimit": _USER,
-    "sys.addaudithook": _BLOCK, "sys._current_frames": _BLOCK, "sys._current_exceptions": _BLOCK,
-    "gc.get_objects": _BLOCK, "gc.get_referrers": _BLOCK, "gc.get_referents": _BLOCK,
-    "builtins.input": _BLOCK, "builtins.breakpoint": _BLOCK, "pickle.find_class": _BLOCK,
-    "subprocess.Popen": _BLOCK, "os.system": _BLOCK, "os.exec": _BLOCK, "os.posix_spawn": _BLOCK,
-    "os.spawn": _BLOCK, "os.fork": _BLOCK, "os.forkpty": _BLOCK, "os.kill": _BLOCK, "os.killpg": _BLOCK,
-    "os.startfile": _BLOCK, "os.putenv": _BLOCK, "os.unsetenv": _BLOCK, "os.chdir": _BLOCK,
-    "os.chmod": _BLOCK, "os.chown": _BLOCK, "os.chflags": _BLOCK, "os.link": _BLOCK, "os.symlink": _BLOCK,
-    "os.mkdir": _BLOCK, "os.mkfifo": _BLOCK, "os.mknod": _BLOCK, "os.remove": _BLOCK, "os.rename": _BLOCK,
-    "os.rmdir": _BLOCK, "os.truncate": _BLOCK, "os.utime": _BLOCK, "os.setxattr": _BLOCK,
-    "os.removexattr": _BLOCK, "os.lockf": _BLOCK, "signal.pthread_kill": _BLOCK, "mmap.__new__": _BLOCK,
-    "_thread.start_new_thread": _BLOCK, "webbrowser.open": _BLOCK, "urllib.Request": _BLOCK,
-    "pty.spawn": _BLOCK, "syslog.openlog": _BLOCK, "syslog.syslog": _BLOCK,
+    "open": _PATH,
+    "os.listdir": _PATH,
+    "os.scandir": _PATH,
+    "glob.glob": _PATH,
+    "glob.glob/2": _PATH,
+    "sys._getframe": _USER,
+    "sys._getframemodulename": _USER,
+    "sys.settrace": _USER,
+    "sys.setprofile": _USER,
+    "object.__getattr__": _USER,
+    "object.__setattr__": _USER,
+    "object.__delattr__": _USER,
+    "code.__new__": _USER,
+    "function.__new__": _USER,
+    "resource.setrlimit": _USER,
+    "resource.prlimit": _USER,
+    "sys.addaudithook": _BLOCK,
+    "sys._current_frames": _BLOCK,
+    "sys._current_exceptions": _BLOCK,
+    "gc.get_objects": _BLOCK,
+    "gc.get_referrers": _BLOCK,
+    "gc.get_referents": _BLOCK,
+    "builtins.input": _BLOCK,
+    "builtins.breakpoint": _BLOCK,
+    "pickle.find_class": _BLOCK,
+    "subprocess.Popen": _BLOCK,
+    "os.system": _BLOCK,
+    "os.exec": _BLOCK,
+    "os.posix_spawn": _BLOCK,
+    "os.spawn": _BLOCK,
+    "os.fork": _BLOCK,
+    "os.forkpty": _BLOCK,
+    "os.kill": _BLOCK,
+    "os.killpg": _BLOCK,
+    "os.startfile": _BLOCK,
+    "os.putenv": _BLOCK,
+    "os.unsetenv": _BLOCK,
+    "os.chdir": _BLOCK,
+    "os.chmod": _BLOCK,
+    "os.chown": _BLOCK,
+    "os.chflags": _BLOCK,
+    "os.link": _BLOCK,
+    "os.symlink": _BLOCK,
+    "os.mkdir": _BLOCK,
+    "os.mkfifo": _BLOCK,
+    "os.mknod": _BLOCK,
+    "os.remove": _BLOCK,
+    "os.rename": _BLOCK,
+    "os.rmdir": _BLOCK,
+    "os.truncate": _BLOCK,
+    "os.utime": _BLOCK,
+    "os.setxattr": _BLOCK,
+    "os.removexattr": _BLOCK,
+    "os.lockf": _BLOCK,
+    "signal.pthread_kill": _BLOCK,
+    "mmap.__new__": _BLOCK,
+    "_thread.start_new_thread": _BLOCK,
+    "webbrowser.open": _BLOCK,
+    "urllib.Request": _BLOCK,
+    "pty.spawn": _BLOCK,
+    "syslog.openlog": _BLOCK,
+    "syslog.syslog": _BLOCK,
 }
-_BLOCK_PREFIXES = ("socket.", "ctypes.", "shutil.", "tempfile.", "http.client.", "ftplib.", "smtplib.",
-                   "imaplib.", "poplib.", "nntplib.", "telnetlib.", "sqlite3.", "fcntl.", "msvcrt.", "winreg.",
-                   "_winapi.", "os.posix_spawn", "os.exec", "os.spawn")
+_BLOCK_PREFIXES = (
+    "socket.",
+    "ctypes.",
+    "shutil.",
+    "tempfile.",
+    "http.client.",
+    "ftplib.",
+    "smtplib.",
+    "imaplib.",
+    "poplib.",
+    "nntplib.",
+    "telnetlib.",
+    "sqlite3.",
+    "fcntl.",
+    "msvcrt.",
+    "winreg.",
+    "_winapi.",
+    "os.posix_spawn",
+    "os.exec",
+    "os.spawn",
+)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | getattr(os, "O_EXCL", 0)
 
 _hook_state = threading.local()
@@ -399,7 +486,8 @@ def _check_path(event: str, args: tuple, user: bool) -> None:
         mode = args[1] if len(args) > 1 else None
         flags = args[2] if len(args) > 2 else 0
         if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & _WRITE_FLAGS):
+            isinstance(flags, int) and flags & _WRITE_FLAGS
+        ):
             _refuse(event, f"writing the file {path!r}")
     if path is None:
         path = "."
@@ -419,8 +507,9 @@ def _check_path(event: str, args: tuple, user: bool) -> None:
 def _describe(event: str) -> str:
     if event.startswith("socket.") or event.startswith(("http.", "urllib", "ftplib", "smtplib")):
         return "network access"
-    if event in ("subprocess.Popen", "os.system", "pty.spawn") or event.startswith(("os.exec", "os.spawn",
-                                                                                     "os.posix_spawn")):
+    if event in ("subprocess.Popen", "os.system", "pty.spawn") or event.startswith(
+        ("os.exec", "os.spawn", "os.posix_spawn")
+    ):
         return "starting programs"
     if event in ("os.fork", "os.forkpty", "_thread.start_new_thread"):
         return "starting processes or threads"

@@ -23,8 +23,19 @@ __all__ = [
 
 
 ALLOWED_MODULES: tuple[str, ...] = (
-    "torch", "math", "numpy", "einops", "collections", "itertools", "functools", "operator", "typing",
-    "dataclasses", "statistics", "random", "re",
+    "torch",
+    "math",
+    "numpy",
+    "einops",
+    "collections",
+    "itertools",
+    "functools",
+    "operator",
+    "typing",
+    "dataclasses",
+    "statistics",
+    "random",
+    "re",
 )
 """Top-level modules a trace may import (with their submodules, minus :data:`DENIED_MODULES`)."""
 
@@ -60,17 +71,42 @@ DENIED_MODULES: dict[str, str] = {
 DENIED_NAMES: dict[str, dict[str, str]] = {
     "torch": dict.fromkeys(("save", "load", "from_file", "compile"), "it reads or writes files or compiles code")
     | dict.fromkeys(
-        ("set_default_dtype", "set_default_device", "set_default_tensor_type", "set_num_threads",
-         "set_num_interop_threads", "use_deterministic_algorithms", "set_deterministic_debug_mode",
-         "set_flush_denormal", "set_printoptions", "set_warn_always", "set_float32_matmul_precision"),
+        (
+            "set_default_dtype",
+            "set_default_device",
+            "set_default_tensor_type",
+            "set_num_threads",
+            "set_num_interop_threads",
+            "use_deterministic_algorithms",
+            "set_deterministic_debug_mode",
+            "set_flush_denormal",
+            "set_printoptions",
+            "set_warn_always",
+            "set_float32_matmul_precision",
+        ),
         "it changes settings shared with every later job on this server",
     ),
     "numpy": dict.fromkeys(
-        ("load", "save", "savez", "savez_compressed", "loadtxt", "savetxt", "genfromtxt", "fromfile", "memmap",
-         "fromregex", "DataSource", "tofile"),
+        (
+            "load",
+            "save",
+            "savez",
+            "savez_compressed",
+            "loadtxt",
+            "savetxt",
+            "genfromtxt",
+            "fromfile",
+            "memmap",
+            "fromregex",
+            "DataSource",
+            "tofile",
+        ),
         "it reads or writes files",
-    ) | dict.fromkeys(("set_printoptions", "seterr", "seterrcall", "setbufsize"),
-                      "it changes settings shared with every later job on this server"),
+    )
+    | dict.fromkeys(
+        ("set_printoptions", "seterr", "seterrcall", "setbufsize"),
+        "it changes settings shared with every later job on this server",
+    ),
     "typing": dict.fromkeys(("get_type_hints", "ForwardRef"), "it evaluates strings as code"),
     "functools": dict.fromkeys(("singledispatch", "singledispatchmethod"), "it evaluates annotations as code"),
     "random": dict.fromkeys(("SystemRandom",), "it reads the operating system's entropy source"),
@@ -93,16 +129,24 @@ def attribute_problem(name: object) -> str | None:
         return None
     if name.startswith("_"):
         if is_dunder(name):
-            return (f"the attribute {name!r} is not available in remote traces: dunder attributes reach the "
-                    "interpreter's internals")
-        return (f"the attribute {name!r} is not available in remote traces: names starting with '_' are "
-                "private (the model is reached through its envoys, e.g. model.transformer.h[0].output)")
+            return (
+                f"the attribute {name!r} is not available in remote traces: dunder attributes reach the "
+                "interpreter's internals"
+            )
+        return (
+            f"the attribute {name!r} is not available in remote traces: names starting with '_' are "
+            "private (the model is reached through its envoys, e.g. model.transformer.h[0].output)"
+        )
     if name.startswith(INTROSPECTION_PREFIXES):
-        return (f"the attribute {name!r} is not available in remote traces: frame, generator, traceback "
-                "and code objects are not inspectable on the server")
+        return (
+            f"the attribute {name!r} is not available in remote traces: frame, generator, traceback "
+            "and code objects are not inspectable on the server"
+        )
     if name in ("format", "format_map"):
-        return (f"str.{name} with a computed template is not available in remote traces (a template such "
-                "as '{0.__class__}' reaches attributes); use an f-string, e.g. f\"{x:.3f}\"")
+        return (
+            f"str.{name} with a computed template is not available in remote traces (a template such "
+            "as '{0.__class__}' reaches attributes); use an f-string, e.g. f\"{x:.3f}\""
+        )
     return None
 
 
@@ -117,8 +161,10 @@ def module_problem(dotted: str) -> str | None:
     """Why importing ``dotted`` is refused, or None."""
     top = dotted.partition(".")[0]
     if top not in ALLOWED_MODULES:
-        return (f"module {dotted!r} cannot be imported in remote traces; the server allows {_ALLOWED_TEXT} "
-                "(send data as variables of the trace instead of reading it on the server)")
+        return (
+            f"module {dotted!r} cannot be imported in remote traces; the server allows {_ALLOWED_TEXT} "
+            "(send data as variables of the trace instead of reading it on the server)"
+        )
     if any(part.startswith("_") for part in dotted.split(".")):
         return f"module {dotted!r} is private; import its public package instead"
     for denied, why in DENIED_MODULES.items():

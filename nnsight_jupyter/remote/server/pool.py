@@ -31,21 +31,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...errors import MemoryLimitExceeded, ModelLoadError, ServerError, WorkerDied, wire_name
 from ..protocol import TraceErrorInfo, TraceResult, encode_result
 from .config import ModelSpec, ServerConfig, describe_bytes
 from .jobs import Job, JobStore
 from .process import WorkerProcess
 from .store import ResultStore
-from ...errors import MemoryLimitExceeded, ModelLoadError, ServerError, WorkerDied, wire_name
 
 __all__ = ["WorkerPool"]
 
 log = logging.getLogger("nnsight_jupyter.server")
 
-_PRELOAD = ["torch", "numpy", "transformers", "transformers.modeling_utils", "transformers.generation.utils",
-            "nnsight_jupyter.models.language", "nnsight_jupyter.remote.execute",
-            "nnsight_jupyter.remote.server.worker", "nnsight_jupyter.remote.server.lockdown",
-            "nnsight_jupyter.remote.server.integrity"]
+_PRELOAD = [
+    "torch",
+    "numpy",
+    "transformers",
+    "transformers.modeling_utils",
+    "transformers.generation.utils",
+    "nnsight_jupyter.models.language",
+    "nnsight_jupyter.remote.execute",
+    "nnsight_jupyter.remote.server.worker",
+    "nnsight_jupyter.remote.server.lockdown",
+    "nnsight_jupyter.remote.server.integrity",
+]
 _MAX_LOAD_CRASHES = 3
 _LOG_KEEP_BYTES = 256 * 1024
 
@@ -64,7 +72,7 @@ class _Running:
 class Replica:
     """One worker of one model, and the thread that drives it."""
 
-    def __init__(self, pool: "WorkerPool", spec: ModelSpec, index: int) -> None:
+    def __init__(self, pool: WorkerPool, spec: ModelSpec, index: int) -> None:
         self.pool = pool
         self.spec = spec
         self.label = f"{spec.name}#{index}"
@@ -134,8 +142,9 @@ class Replica:
         if self.state not in ("ready", "loading"):
             return
         ready = self.state == "ready"
-        if not ready and any(r is not self and r.state == "ready" and r.job is None
-                             for r in self.pool.replicas[self.spec.name]):
+        if not ready and any(
+            r is not self and r.state == "ready" and r.job is None for r in self.pool.replicas[self.spec.name]
+        ):
             return
         if not self.pool.jobs.has_queued(self.spec.name):
             return
@@ -225,7 +234,9 @@ class Replica:
             self._finish_cancelled()
         elif running.stop == "timeout" or stopped == "timeout":
             self._finish_error(TimeoutError, self._timeout_message(running.job), store=True)
-        elif not isinstance(data, (bytes, bytearray, mmap.mmap)) or len(data) > self.pool.config.max_result_bytes + 2**20:
+        elif (
+            not isinstance(data, (bytes, bytearray, mmap.mmap)) or len(data) > self.pool.config.max_result_bytes + 2**20
+        ):
             self._finish_error(ServerError, "the worker sent a malformed result; it was replaced", store=True)
             self._replace("it sent a malformed result")
             return
@@ -234,8 +245,13 @@ class Replica:
             if isinstance(error, list) and len(error) == 3 and all(isinstance(e, str) for e in error):
                 err = (error[0], error[1], error[2])
             self.pool.results.put(running.job.id, data, later=self.pool.config.result_write_delay_s)
-            self.pool.jobs.finish(running.job.id, "error" if err else "completed", result_bytes=len(data),
-                                  ttl_s=self.pool.config.result_ttl_s, error=err)
+            self.pool.jobs.finish(
+                running.job.id,
+                "error" if err else "completed",
+                result_bytes=len(data),
+                ttl_s=self.pool.config.result_ttl_s,
+                error=err,
+            )
             self.jobs_done += 1
             self.job = None
             self.running = None
@@ -253,15 +269,18 @@ class Replica:
             if running.stop == "cancelled":
                 self._finish_cancelled()
             else:
-                hint = ("If this repeats, the job may be crashing native code (e.g. an invalid tensor "
-                        "operation).")
+                hint = "If this repeats, the job may be crashing native code (e.g. an invalid tensor operation)."
                 if "SIGSEGV" in description or "SIGBUS" in description:
-                    hint = ("The model's weights are read-only on this server, so writing to them (e.g. "
-                            "`weight.data.zero_()`) ends the worker this way; change activations instead "
-                            "(`module.output = ...`), or the job crashed native code.")
-                self._finish_error(WorkerDied,
-                                   f"the worker process running this job died ({description}); the server replaced "
-                                   f"it. {hint}", store=True)
+                    hint = (
+                        "The model's weights are read-only on this server, so writing to them (e.g. "
+                        "`weight.data.zero_()`) ends the worker this way; change activations instead "
+                        "(`module.output = ...`), or the job crashed native code."
+                    )
+                self._finish_error(
+                    WorkerDied,
+                    f"the worker process running this job died ({description}); the server replaced it. {hint}",
+                    store=True,
+                )
             self._replace(f"it died while running a job ({description})")
             return
         if self.state == "failed":
@@ -270,8 +289,10 @@ class Replica:
             self.load_crashes += 1
             if self.load_crashes >= _MAX_LOAD_CRASHES:
                 self.state = "failed"
-                self.reason = (f"the worker died {self.load_crashes} times while loading {self.spec.spec!r} "
-                               f"({description}); check the server log")
+                self.reason = (
+                    f"the worker died {self.load_crashes} times while loading {self.spec.spec!r} "
+                    f"({description}); check the server log"
+                )
                 if self.job is not None:
                     self._finish_error(ModelLoadError, self.reason, store=True)
                 return
@@ -304,9 +325,15 @@ class Replica:
             if running.stop == "cancelled":
                 self._finish_cancelled()
             else:
-                self._finish_error(TimeoutError, self._timeout_message(running.job) + (
-                    f" It did not stop within {self.pool.config.cancel_grace_s:g} s of being asked, so its worker "
-                    "was replaced."), store=True)
+                self._finish_error(
+                    TimeoutError,
+                    self._timeout_message(running.job)
+                    + (
+                        f" It did not stop within {self.pool.config.cancel_grace_s:g} s of being asked, so its worker "
+                        "was replaced."
+                    ),
+                    store=True,
+                )
             self._replace("a job did not stop when asked")
             return
         if self.rss_limit is not None and self.worker is not None and now >= running.next_memory_check:
@@ -318,14 +345,18 @@ class Replica:
                     MemoryLimitExceeded,
                     f"the job used {describe_bytes(rss)} in its worker, over the limit of the loaded model plus "
                     f"{limit} per job (server setting --max-job-memory-mb); use smaller tensors or batches. "
-                    "Its worker was replaced.", store=True)
+                    "Its worker was replaced.",
+                    store=True,
+                )
                 self._replace("a job went over the memory limit")
 
     # ----- finishing -----------------------------------------------------------------------------------
     def _timeout_message(self, job: Job) -> str:
         limit = self.pool.config.max_job_seconds
-        return (f"the job ran longer than its time limit of {job.timeout_s:g} s (this server allows at most "
-                f"{limit:g} s per job, --max-job-seconds; the request's `timeout` option can lower it)")
+        return (
+            f"the job ran longer than its time limit of {job.timeout_s:g} s (this server allows at most "
+            f"{limit:g} s per job, --max-job-seconds; the request's `timeout` option can lower it)"
+        )
 
     def _finish_error(self, kind: type[BaseException], message: str, *, store: bool) -> None:
         type_name = wire_name(kind)
@@ -342,8 +373,9 @@ class Replica:
             data = encode_result(TraceResult(logs=logs, error=TraceErrorInfo(type_name, message, "")))
             self.pool.results.put(job.id, data)
             size = len(data)
-        self.pool.jobs.finish(job.id, "error", result_bytes=size, ttl_s=self.pool.config.result_ttl_s,
-                              error=(type_name, message, ""))
+        self.pool.jobs.finish(
+            job.id, "error", result_bytes=size, ttl_s=self.pool.config.result_ttl_s, error=(type_name, message, "")
+        )
 
     def _finish_cancelled(self, reason: str = "cancelled by the client") -> None:
         job = self.job
@@ -432,8 +464,13 @@ class WorkerPool:
             for job_id in self.jobs.queued_ids(model):
                 data = encode_result(TraceResult(error=TraceErrorInfo(wire_name(ModelLoadError), reason, "")))
                 self.results.put(job_id, data)
-                self.jobs.finish(job_id, "error", result_bytes=len(data), ttl_s=self.config.result_ttl_s,
-                                 error=(wire_name(ModelLoadError), reason, ""))
+                self.jobs.finish(
+                    job_id,
+                    "error",
+                    result_bytes=len(data),
+                    ttl_s=self.config.result_ttl_s,
+                    error=(wire_name(ModelLoadError), reason, ""),
+                )
 
     def model_state(self, model: str) -> tuple[str, str | None]:
         """``(state, reason)``: ready if any replica can run jobs, loading if one is on its way, else failed."""
@@ -452,13 +489,15 @@ class WorkerPool:
         for spec in self.config.models:
             state, reason = self.model_state(spec.name)
             pending = counts.get(spec.name, {})
-            out.append({
-                "name": spec.name,
-                "spec": spec.spec,
-                "state": state,
-                "reason": reason,
-                "queued": pending.get("queued", 0),
-                "running": pending.get("running", 0) + pending.get("loading", 0),
-                "replicas": [r.describe() for r in self.replicas[spec.name]],
-            })
+            out.append(
+                {
+                    "name": spec.name,
+                    "spec": spec.spec,
+                    "state": state,
+                    "reason": reason,
+                    "queued": pending.get("queued", 0),
+                    "running": pending.get("running", 0) + pending.get("loading", 0),
+                    "replicas": [r.describe() for r in self.replicas[spec.name]],
+                }
+            )
         return out

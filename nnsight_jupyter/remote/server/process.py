@@ -23,14 +23,16 @@ __all__ = ["WorkerProcess"]
 class WorkerProcess:
     """One worker process and the thread that reads its pipe into the replica's inbox."""
 
-    def __init__(self, replica: "Replica") -> None:
+    def __init__(self, replica: Replica) -> None:
         pool = replica.pool
         context = pool.context
         parent, child = context.Pipe(duplex=True)
         self.replica = replica
-        self.process = context.Process(
-            target=_worker_main, args=(child, replica.spec.name, replica.spec.spec, pool.worker_settings(replica.spec)),
-            name=f"nnsight-jupyter worker {replica.label}", daemon=True,
+        self.process = context.Process(  # type: ignore[attr-defined]
+            target=_worker_main,
+            args=(child, replica.spec.name, replica.spec.spec, pool.worker_settings(replica.spec)),
+            name=f"nnsight-jupyter worker {replica.label}",
+            daemon=True,
         )
         self.process.start()
         child.close()

@@ -18,8 +18,9 @@ __all__ = ["ApiError", "error_response"]
 class ApiError(Exception):
     """Raised by a route to answer with a JSON error; caught by the app's exception handler."""
 
-    def __init__(self, http_status: int, error: str, detail: Any = None, *, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self, http_status: int, error: str, detail: Any = None, *, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(f"{http_status} {error}: {detail}")
         self.http_status = http_status
         self.error = error
@@ -28,8 +29,9 @@ class ApiError(Exception):
         self.extra = extra
 
 
-def error_response(http_status: int, error: str, detail: Any = None, *, headers: dict[str, str] | None = None,
-                   **extra: Any) -> JSONResponse:
+def error_response(
+    http_status: int, error: str, detail: Any = None, *, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     body: dict[str, Any] = {"error": error, "detail": detail}
     body.update(extra)
     return JSONResponse(body, status_code=http_status, headers=headers)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -52,8 +53,7 @@ from .store import DELAY_MIN_BYTES, iter_file
 
 __all__ = ["ROUTES"]
 
-_BODY_TYPES = ("application/x-msgpack", "application/msgpack", "application/vnd.msgpack",
-               "application/octet-stream")
+_BODY_TYPES = ("application/x-msgpack", "application/msgpack", "application/vnd.msgpack", "application/octet-stream")
 KEEPALIVE_S = 10.0
 
 
@@ -81,8 +81,11 @@ async def submit(request: Request) -> JSONResponse:
     config = service.config
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type and content_type not in _BODY_TYPES:
-        raise ApiError(415, "unsupported content type",
-                       f"send the encode_request(...) bytes as application/x-msgpack, not {content_type[:100]!r}")
+        raise ApiError(
+            415,
+            "unsupported content type",
+            f"send the encode_request(...) bytes as application/x-msgpack, not {content_type[:100]!r}",
+        )
     body = await _read_body(request, config.max_request_bytes)
     try:
         if len(body) <= INLINE_DECODE_BYTES:
@@ -90,40 +93,61 @@ async def submit(request: Request) -> JSONResponse:
         else:
             trace_request = await run_in_threadpool(decode_request, body, max_size=config.max_request_bytes)
     except ProtocolVersionError as exc:
-        raise ApiError(409, "protocol version mismatch", str(exc), client_protocol=exc.remote_protocol,
-                       client_package=str(exc.remote_package)[:100], server_protocol=PROTOCOL_VERSION,
-                       server_package=__version__) from None
+        raise ApiError(
+            409,
+            "protocol version mismatch",
+            str(exc),
+            client_protocol=exc.remote_protocol,
+            client_package=str(exc.remote_package)[:100],
+            server_protocol=PROTOCOL_VERSION,
+            server_package=__version__,
+        ) from None
     except ProtocolError as exc:
         raise ApiError(400, "malformed request", str(exc)[:4000]) from None
     model = trace_request.model_id
     if config.model(model) is None:
         served = [m.name for m in config.models]
-        raise ApiError(404, "unknown model",
-                       f"this server does not serve {model[:200]!r}; it serves {', '.join(served)}. Load the model "
-                       "under one of these names, or ask the operator to add it (serve --models).",
-                       models=served)
+        raise ApiError(
+            404,
+            "unknown model",
+            f"this server does not serve {model[:200]!r}; it serves {', '.join(served)}. Load the model "
+            "under one of these names, or ask the operator to add it (serve --models).",
+            models=served,
+        )
     state, reason = service.pool.model_state(model)
     if state == "failed":
         raise ApiError(503, "model unavailable", f"model {model!r} failed to load on this server: {reason}")
     timeout = _timeout(trace_request.options.get("timeout"), config.max_job_seconds)
     try:
-        job, position = await run_in_threadpool(service.jobs.submit, model=model, owner=_owner(request),
-                                                request=body, timeout_s=timeout, max_queued=config.max_queued_jobs)
+        job, position = await run_in_threadpool(
+            service.jobs.submit,
+            model=model,
+            owner=_owner(request),
+            request=body,
+            timeout_s=timeout,
+            max_queued=config.max_queued_jobs,
+        )
     except QueueFull as full:
-        raise ApiError(429, "queue full",
-                       f"model {model!r} already has {full.queued} queued jobs, this server's limit "
-                       "(--max-queued-jobs); wait for some to finish and submit again",
-                       headers={"Retry-After": "10"}) from None
+        raise ApiError(
+            429,
+            "queue full",
+            f"model {model!r} already has {full.queued} queued jobs, this server's limit "
+            "(--max-queued-jobs); wait for some to finish and submit again",
+            headers={"Retry-After": "10"},
+        ) from None
     service.pool.wake(model)
     return JSONResponse(
         {"job_id": job.id, "status": "queued", "position": position, "model": model, "timeout_s": timeout},
-        status_code=202, headers={"Location": f"/jobs/{job.id}"},
+        status_code=202,
+        headers={"Location": f"/jobs/{job.id}"},
     )
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    too_large = (f"this server accepts requests up to {describe_bytes(limit)} (--max-request-mb); send fewer or "
-                 "smaller variables, or ask the operator to raise the limit")
+    too_large = (
+        f"this server accepts requests up to {describe_bytes(limit)} (--max-request-mb); send fewer or "
+        "smaller variables, or ask the operator to raise the limit"
+    )
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -138,8 +162,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
-                raise ApiError(413, "request too large", f"the request is over {limit} bytes; " + too_large,
-                               limit=limit)
+                raise ApiError(
+                    413, "request too large", f"the request is over {limit} bytes; " + too_large, limit=limit
+                )
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(400, "incomplete request", "the connection closed before the whole body arrived") from None
@@ -150,17 +175,22 @@ def _timeout(value: Any, maximum: float) -> float:
     if value is None:
         return maximum
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
-        raise ApiError(400, "malformed request",
-                       f"options['timeout'] must be a positive number of seconds, not {str(value)[:40]!r}")
+        raise ApiError(
+            400,
+            "malformed request",
+            f"options['timeout'] must be a positive number of seconds, not {str(value)[:40]!r}",
+        )
     return float(min(value, maximum))
 
 
 # ----- reading jobs ------------------------------------------------------------------------------
 async def _job(request: Request) -> Job:
     job_id = request.path_params["job_id"]
-    unknown = ApiError(404, "unknown job",
-                       f"there is no job {job_id[:80]!r} for this API key (jobs are visible only to the key that "
-                       "submitted them)")
+    unknown = ApiError(
+        404,
+        "unknown job",
+        f"there is no job {job_id[:80]!r} for this API key (jobs are visible only to the key that submitted them)",
+    )
     if not is_job_id(job_id):
         raise unknown
     job = await run_in_threadpool(_service(request).jobs.get, job_id)
@@ -203,8 +233,9 @@ async def job_events(request: Request) -> StreamingResponse:
                 except asyncio.TimeoutError:
                     yield KEEPALIVE
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 INLINE_DECODE_BYTES = 64 << 10
@@ -230,8 +261,9 @@ def _after(request: Request) -> int:
     except ValueError:
         value = -1
     if value < 0:
-        raise ApiError(400, "malformed request",
-                       f"after={raw[:40]!r}: pass the last event number seen (an integer >= 0)")
+        raise ApiError(
+            400, "malformed request", f"after={raw[:40]!r}: pass the last event number seen (an integer >= 0)"
+        )
     return value
 
 
@@ -240,33 +272,53 @@ async def job_result(request: Request) -> Response:
     config = service.config
     job = await _job(request)
     if not job.final:
-        raise ApiError(409, "job not finished",
-                       f"job {job.id} is {job.status}; its result exists once it completes. Wait with "
-                       f"GET /jobs/{job.id}/events, or poll GET /jobs/{job.id}.", status=job.status)
+        raise ApiError(
+            409,
+            "job not finished",
+            f"job {job.id} is {job.status}; its result exists once it completes. Wait with "
+            f"GET /jobs/{job.id}/events, or poll GET /jobs/{job.id}.",
+            status=job.status,
+        )
     if job.status == "cancelled":
-        raise ApiError(409, "job cancelled", f"job {job.id} was cancelled before it finished, so it has no result",
-                       status=job.status)
+        raise ApiError(
+            409,
+            "job cancelled",
+            f"job {job.id} was cancelled before it finished, so it has no result",
+            status=job.status,
+        )
     if job.result_bytes is None:
-        data = encode_result(TraceResult(error=TraceErrorInfo(job.error_type or wire_name(ServerError),
-                                                              job.error_message or "the job failed", "")))
+        data = encode_result(
+            TraceResult(
+                error=TraceErrorInfo(
+                    job.error_type or wire_name(ServerError), job.error_message or "the job failed", ""
+                )
+            )
+        )
         return Response(data, media_type="application/x-msgpack")
-    gone = ApiError(410, "result expired",
-                    f"results are kept for {config.result_ttl_s:g} s after a job finishes (server setting "
-                    f"--result-ttl); job {job.id}'s result expired at {iso(job.expires)}. Run the trace again.")
+    gone = ApiError(
+        410,
+        "result expired",
+        f"results are kept for {config.result_ttl_s:g} s after a job finishes (server setting "
+        f"--result-ttl); job {job.id}'s result expired at {iso(job.expires)}. Run the trace again.",
+    )
     if job.expired or (job.expires is not None and job.expires <= config.clock()):
         raise gone
     headers = {"Content-Length": str(job.result_bytes)}
-    data = service.results.recent(job.id)
-    if data is not None:
-        return StreamingResponse(_memory_chunks(data), media_type="application/x-msgpack", headers=headers)
+    held = service.results.recent(job.id)
+    if held is not None:
+        return StreamingResponse(_memory_chunks(held), media_type="application/x-msgpack", headers=headers)
     handle = await run_in_threadpool(service.results.open, job.id)
     if handle is None:
-        raise ApiError(410, "result lost",
-                       f"job {job.id}'s result is not on this server: it stopped abruptly right after the job "
-                       f"finished, before the result reached disk (results of {describe_bytes(DELAY_MIN_BYTES)} or "
-                       f"more are written {config.result_write_delay_s:g} s after a job ends). Run the trace again.")
-    return StreamingResponse(iterate_in_threadpool(iter_file(handle)), media_type="application/x-msgpack",
-                             headers=headers)
+        raise ApiError(
+            410,
+            "result lost",
+            f"job {job.id}'s result is not on this server: it stopped abruptly right after the job "
+            f"finished, before the result reached disk (results of {describe_bytes(DELAY_MIN_BYTES)} or "
+            f"more are written {config.result_write_delay_s:g} s after a job ends). Run the trace again.",
+        )
+    return StreamingResponse(
+        iterate_in_threadpool(iter_file(handle)), media_type="application/x-msgpack", headers=headers
+    )
 
 
 MEMORY_CHUNK = 256 << 10
@@ -279,7 +331,7 @@ async def _memory_chunks(data: bytes | bytearray | mmap.mmap) -> AsyncIterator[m
     """Slices of a result held in memory (no copies, no threads)."""
     view = memoryview(data)
     for start in range(0, len(view), MEMORY_CHUNK):
-        yield view[start:start + MEMORY_CHUNK]
+        yield view[start : start + MEMORY_CHUNK]
 
 
 # ----- cancelling -----------------------------------------------------------------------------------
@@ -287,8 +339,12 @@ async def cancel(request: Request) -> JSONResponse:
     service = _service(request)
     job = await _job(request)
     if job.final:
-        raise ApiError(409, "job already finished", f"job {job.id} is already {job.status}; there is nothing to cancel",
-                       status=job.status)
+        raise ApiError(
+            409,
+            "job already finished",
+            f"job {job.id} is already {job.status}; there is nothing to cancel",
+            status=job.status,
+        )
     if await run_in_threadpool(service.jobs.cancel_if_queued, job.id, "cancelled by the client while queued"):
         return JSONResponse({"job_id": job.id, "status": "cancelled"})
     with service.notifier.subscribe(job.id) as changed:

@@ -44,7 +44,8 @@ import builtins as _builtins
 import importlib
 import operator
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .policy import (
     ALLOWED_MODULES,
@@ -101,18 +102,98 @@ _REFUSED_BUILTINS = {
 }
 
 _SAFE_BUILTINS = (
-    "abs", "all", "any", "ascii", "bin", "bool", "bytearray", "bytes", "callable", "chr", "classmethod",
-    "complex", "dict", "dir", "divmod", "enumerate", "filter", "float", "format", "frozenset", "hash", "hex",
-    "id", "int", "isinstance", "issubclass", "iter", "len", "list", "map", "max", "min", "next", "object",
-    "oct", "ord", "pow", "print", "property", "range", "repr", "reversed", "round", "set", "slice", "sorted",
-    "staticmethod", "str", "sum", "super", "tuple", "type", "zip", "None", "Ellipsis", "NotImplemented",
-    "False", "True",
-    "ArithmeticError", "AssertionError", "AttributeError", "BufferError", "EOFError", "Exception",
-    "FloatingPointError", "ImportError", "IndexError", "KeyError", "LookupError", "MemoryError",
-    "ModuleNotFoundError", "NameError", "NotImplementedError", "OSError", "OverflowError", "PermissionError",
-    "RecursionError", "ReferenceError", "RuntimeError", "StopAsyncIteration", "StopIteration",
-    "TimeoutError", "TypeError", "UnboundLocalError", "UnicodeError", "ValueError", "ZeroDivisionError",
-    "Warning", "UserWarning", "DeprecationWarning", "RuntimeWarning", "FutureWarning",
+    "abs",
+    "all",
+    "any",
+    "ascii",
+    "bin",
+    "bool",
+    "bytearray",
+    "bytes",
+    "callable",
+    "chr",
+    "classmethod",
+    "complex",
+    "dict",
+    "dir",
+    "divmod",
+    "enumerate",
+    "filter",
+    "float",
+    "format",
+    "frozenset",
+    "hash",
+    "hex",
+    "id",
+    "int",
+    "isinstance",
+    "issubclass",
+    "iter",
+    "len",
+    "list",
+    "map",
+    "max",
+    "min",
+    "next",
+    "object",
+    "oct",
+    "ord",
+    "pow",
+    "print",
+    "property",
+    "range",
+    "repr",
+    "reversed",
+    "round",
+    "set",
+    "slice",
+    "sorted",
+    "staticmethod",
+    "str",
+    "sum",
+    "super",
+    "tuple",
+    "type",
+    "zip",
+    "None",
+    "Ellipsis",
+    "NotImplemented",
+    "False",
+    "True",
+    "ArithmeticError",
+    "AssertionError",
+    "AttributeError",
+    "BufferError",
+    "EOFError",
+    "Exception",
+    "FloatingPointError",
+    "ImportError",
+    "IndexError",
+    "KeyError",
+    "LookupError",
+    "MemoryError",
+    "ModuleNotFoundError",
+    "NameError",
+    "NotImplementedError",
+    "OSError",
+    "OverflowError",
+    "PermissionError",
+    "RecursionError",
+    "ReferenceError",
+    "RuntimeError",
+    "StopAsyncIteration",
+    "StopIteration",
+    "TimeoutError",
+    "TypeError",
+    "UnboundLocalError",
+    "UnicodeError",
+    "ValueError",
+    "ZeroDivisionError",
+    "Warning",
+    "UserWarning",
+    "DeprecationWarning",
+    "RuntimeWarning",
+    "FutureWarning",
 )
 
 
@@ -269,8 +350,13 @@ def make_builtins() -> dict[str, Any]:
     for name, why in _REFUSED_BUILTINS.items():
         table[name] = _refuse(name, why)
     table.update(
-        getattr=safe_getattr, hasattr=safe_hasattr, setattr=safe_setattr, delattr=safe_delattr,
-        __import__=restricted_import, __build_class__=_builtins.__build_class__, __name__="__remote_trace__",
+        getattr=safe_getattr,
+        hasattr=safe_hasattr,
+        setattr=safe_setattr,
+        delattr=safe_delattr,
+        __import__=restricted_import,
+        __build_class__=_builtins.__build_class__,
+        __name__="__remote_trace__",
     )
     return table
 
@@ -284,8 +370,17 @@ def preimport() -> list[str]:
         except ImportError:
             continue
         present.append(name)
-    for extra in ("torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "torch.special",
-                  "torch.autograd", "collections.abc", "numpy.linalg", "numpy.random"):
+    for extra in (
+        "torch.nn",
+        "torch.nn.functional",
+        "torch.linalg",
+        "torch.fft",
+        "torch.special",
+        "torch.autograd",
+        "collections.abc",
+        "numpy.linalg",
+        "numpy.random",
+    ):
         try:
             importlib.import_module(extra)
         except ImportError:

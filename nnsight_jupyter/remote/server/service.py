@@ -56,8 +56,9 @@ class Service:
     def open(self) -> None:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self._jobs = JobStore(config.database, clock=config.clock, position_updates=config.position_updates,
-                              on_event=self.notifier.notify)
+        self._jobs = JobStore(
+            config.database, clock=config.clock, position_updates=config.position_updates, on_event=self.notifier.notify
+        )
         self._results = ResultStore(config.results_dir)
         for job_id, what in self._jobs.recover(served=[m.name for m in config.models]):
             log.info("job %s after restart: %s", job_id, what)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import string
-from typing import Iterable
+from collections.abc import Iterable
 
 from .policy import SandboxViolation, attribute_problem, is_dunder, module_problem, name_problem
 
@@ -104,8 +104,7 @@ def _node_problem(node: ast.AST, methods: set[int]) -> str | None:
 
 def _binding_problem(name: str | None) -> str | None:
     if name is not None and is_dunder(name):
-        return (f"the name {name!r} is not available in remote traces: dunder names reach the interpreter's "
-                "internals")
+        return f"the name {name!r} is not available in remote traces: dunder names reach the interpreter's internals"
     return None
 
 
@@ -125,8 +124,10 @@ def _annotation_problem(annotations: list[ast.expr | None]) -> str | None:
             continue
         for inner in ast.walk(annotation):
             if isinstance(inner, ast.Constant) and isinstance(inner.value, str):
-                return ("string annotations are not available in remote traces (typing helpers evaluate them "
-                        "as code); write the type itself, e.g. `x: int`")
+                return (
+                    "string annotations are not available in remote traces (typing helpers evaluate them "
+                    "as code); write the type itself, e.g. `x: int`"
+                )
     return None
 
 

@@ -29,8 +29,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from ..lifecycle import is_job_id
 
@@ -44,8 +45,9 @@ DELAY_MIN_BYTES = 1 << 20
 class ResultStore:
     """``<folder>/<job id>.msgpack`` files, the latest of them also in memory."""
 
-    def __init__(self, folder: str | os.PathLike[str], *, memory_bytes: int = 256 << 20,
-                 delay_min_bytes: int = DELAY_MIN_BYTES) -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str], *, memory_bytes: int = 256 << 20, delay_min_bytes: int = DELAY_MIN_BYTES
+    ) -> None:
         self.folder = Path(folder)
         self.delay_min_bytes = delay_min_bytes
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ...errors import JobStopped, ModelModifiedError, ProtocolError, ResultTooLarge, wire_name
+from ...errors import JobStopped, ModelModifiedError, ResultTooLarge, wire_name
 from .channel import BrokenChannel, Channel
 
 __all__ = ["StopJob", "load_model", "main"]
@@ -64,8 +64,10 @@ def load_model(spec: str, *, factory: bool) -> Any:
         if isinstance(model, torch.nn.Module):
             model = NNsight(model)
         if not isinstance(model, NNsight):
-            raise TypeError(f"{spec!r} returned {type(model).__name__}; a model factory must return an "
-                            "NNsight model or a torch.nn.Module")
+            raise TypeError(
+                f"{spec!r} returned {type(model).__name__}; a model factory must return an "
+                "NNsight model or a torch.nn.Module"
+            )
         return model
     from ...models.language import LanguageModel
 
@@ -80,22 +82,27 @@ def _warm_up(model: Any, name: str) -> None:
     job made. A trace without input still gets that far for any model; a ``LanguageModel`` also
     runs a real forward pass and one generation step.
     """
+    import torch
+
     from ...models.language import LanguageModel
     from ..execute import run_request
     from ..protocol import TraceRequest
-
-    import torch
 
     torch.ones(64, 64) @ torch.ones(64, 64)
     run_request(model, TraceRequest(model_id=name, source="pass", options={"kind": "trace"}))
     if not isinstance(model, LanguageModel):
         return
-    for options in ({"kind": "trace", "inputs": ["Hello"]},
-                    {"kind": "generate", "inputs": ["Hello"], "kwargs": {"max_new_tokens": 1}}):
+    for options in (
+        {"kind": "trace", "inputs": ["Hello"]},
+        {"kind": "generate", "inputs": ["Hello"], "kwargs": {"max_new_tokens": 1}},
+    ):
         result = run_request(model, TraceRequest(model_id=name, source="pass", options=options))
         if result.error is not None:
-            print(f"nnsight-jupyter worker {name}: warm-up {options['kind']} failed: "
-                  f"{result.error.type_name}: {result.error.message}", file=sys.stderr)
+            print(
+                f"nnsight-jupyter worker {name}: warm-up {options['kind']} failed: "
+                f"{result.error.type_name}: {result.error.message}",
+                file=sys.stderr,
+            )
 
 
 def _quiet_progress_bars() -> None:
@@ -137,8 +144,10 @@ def main(connection: Any, name: str, spec: str, settings: dict[str, Any]) -> Non
         worker.start_threads()
         report = lockdown.LockdownReport(skipped=["all process-level layers (--no-os-sandbox)"])
         if settings["os_sandbox"]:
-            report = lockdown.apply(memory_bytes=settings["max_job_memory_bytes"] + 512 * 2**20,
-                                    protected=[Path(p) for p in settings["protected"]])
+            report = lockdown.apply(
+                memory_bytes=settings["max_job_memory_bytes"] + 512 * 2**20,
+                protected=[Path(p) for p in settings["protected"]],
+            )
         if protected:
             report.active.append(protected)
     except BaseException as exc:
@@ -257,8 +266,9 @@ class _Worker:
             result = TraceResult(error=TraceErrorInfo(wire_name(JobStopped), stopped or "stopped", ""))
         elif result.error is not None and _is_out_of_memory(result.error):
             detail = f" ({result.error.message})" if result.error.message else ""
-            result.error = TraceErrorInfo(wire_name(MemoryError), _memory_message(self.settings) + detail,
-                                          result.error.traceback)
+            result.error = TraceErrorInfo(
+                wire_name(MemoryError), _memory_message(self.settings) + detail, result.error.traceback
+            )
         try:
             integrity.reset_shared_state(self.baseline)
             problems = self.baseline.check()
@@ -267,20 +277,28 @@ class _Worker:
         restart = None
         if problems:
             restart = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            result = TraceResult(error=TraceErrorInfo(
-                wire_name(ModelModifiedError),
-                f"the trace changed the served model or state shared with later jobs: {restart}. A shared server "
-                "does not keep such changes; change activations inside the trace instead (e.g. "
-                "`model.layer.output = ...`). The server replaced this worker, so no other job saw the change.",
-                "",
-            ))
+            result = TraceResult(
+                error=TraceErrorInfo(
+                    wire_name(ModelModifiedError),
+                    f"the trace changed the served model or state shared with later jobs: {restart}. A shared server "
+                    "does not keep such changes; change activations inside the trace instead (e.g. "
+                    "`model.layer.output = ...`). The server replaced this worker, so no other job saw the change.",
+                    "",
+                )
+            )
         result.logs = sink.lines()
         parts, error = self._encode(result)
         del result
-        return {"ev": "done", "job_id": job_id, "result_parts": parts, "stopped": stopped, "restart": restart,
-                "error": None if error is None else [error.type_name, error.message, error.traceback]}
+        return {
+            "ev": "done",
+            "job_id": job_id,
+            "result_parts": parts,
+            "stopped": stopped,
+            "restart": restart,
+            "error": None if error is None else [error.type_name, error.message, error.traceback],
+        }
 
-    def _execute(self, message: dict[str, Any], sink: "_LogSink") -> Any:
+    def _execute(self, message: dict[str, Any], sink: _LogSink) -> Any:
         from ..execute import run_request
         from ..protocol import ProtocolError, TraceErrorInfo, TraceResult, decode_request
         from . import lockdown, sandbox
@@ -295,8 +313,14 @@ class _Worker:
             lockdown.set_cpu_budget(timeout * max(1, os.cpu_count() or 1) + 10)
         self.in_trace = True
         try:
-            return run_request(self.model, request, builtins=sandbox.make_builtins(), validate=sandbox.validate,
-                               on_log=sink.add, importer=sandbox.restricted_import)
+            return run_request(
+                self.model,
+                request,
+                builtins=sandbox.make_builtins(),
+                validate=sandbox.validate,
+                on_log=sink.add,
+                importer=sandbox.restricted_import,
+            )
         finally:
             self.in_trace = False
 
@@ -309,23 +333,35 @@ class _Worker:
         try:
             parts = encode_result_parts(result)
         except ProtocolError as exc:
-            result = TraceResult(logs=result.logs, error=TraceErrorInfo(
-                wire_name(ProtocolError), f"the trace's saved values cannot be sent back: {exc}", ""))
+            result = TraceResult(
+                logs=result.logs,
+                error=TraceErrorInfo(
+                    wire_name(ProtocolError), f"the trace's saved values cannot be sent back: {exc}", ""
+                ),
+            )
             parts = [encode_result(result)]
         except MemoryError:
-            result = TraceResult(logs=result.logs, error=TraceErrorInfo(
-                wire_name(MemoryError), "the result did not fit in the job's memory while being encoded; save fewer or "
-                "smaller values", ""))
+            result = TraceResult(
+                logs=result.logs,
+                error=TraceErrorInfo(
+                    wire_name(MemoryError),
+                    "the result did not fit in the job's memory while being encoded; save fewer or smaller values",
+                    "",
+                ),
+            )
             parts = [encode_result(result)]
         size = sum(memoryview(part).nbytes for part in parts)
         if size > limit:
-            result = TraceResult(logs=result.logs, error=TraceErrorInfo(
-                wire_name(ResultTooLarge),
-                f"the result is {describe_bytes(size)}, over this server's limit of {describe_bytes(limit)}; "
-                "save fewer or smaller values (slice tensors before .save()), or ask the operator to raise "
-                "--max-result-mb",
-                "",
-            ))
+            result = TraceResult(
+                logs=result.logs,
+                error=TraceErrorInfo(
+                    wire_name(ResultTooLarge),
+                    f"the result is {describe_bytes(size)}, over this server's limit of {describe_bytes(limit)}; "
+                    "save fewer or smaller values (slice tensors before .save()), or ask the operator to raise "
+                    "--max-result-mb",
+                    "",
+                ),
+            )
             parts = [encode_result(result)]
         return parts, result.error
 
@@ -335,14 +371,17 @@ def _is_out_of_memory(error: Any) -> bool:
         return True
     message = error.message.lower()
     return error.type_name in ("RuntimeError", "OutOfMemoryError") and (
-        "can't allocate memory" in message or "out of memory" in message)
+        "can't allocate memory" in message or "out of memory" in message
+    )
 
 
 def _memory_message(settings: dict[str, Any]) -> str:
     from .config import describe_bytes
 
-    return (f"the job ran out of memory: each job may use about {describe_bytes(settings['max_job_memory_bytes'])} "
-            "beyond the loaded model (server setting --max-job-memory-mb); use smaller tensors or batches")
+    return (
+        f"the job ran out of memory: each job may use about {describe_bytes(settings['max_job_memory_bytes'])} "
+        "beyond the loaded model (server setting --max-job-memory-mb); use smaller tensors or batches"
+    )
 
 
 class _LogSink:
@@ -363,8 +402,9 @@ class _LogSink:
         size = len(line.encode("utf-8", "replace")) + 1
         if self.used + size > self.limit:
             self.dropped = 1
-            note = (f"[nnsight-jupyter: output truncated; a job may print {self.limit} bytes "
-                    "(server setting --max-log-kb)]")
+            note = (
+                f"[nnsight-jupyter: output truncated; a job may print {self.limit} bytes (server setting --max-log-kb)]"
+            )
             self.kept.append(note)
             self.worker.post({"ev": "log", "job_id": self.job_id, "line": note})
             return
