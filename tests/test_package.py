@@ -175,3 +175,21 @@ def test_nothing_outside_the_engine_touches_a_tracers_private_attributes():
             if isinstance(node, ast.Attribute) and node.attr in private:
                 owner = ast.unparse(node.value)
                 assert "tracer" not in owner.lower(), f"{path.relative_to(PACKAGE)}:{node.lineno}: {owner}.{node.attr}"
+
+
+def test_the_readme_layout_names_every_part_of_the_package():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    for path in sorted(PACKAGE.iterdir()):
+        if path.name.startswith("_") or path.name == "py.typed" or path.suffix not in ("", ".py"):
+            continue
+        assert f"nnsight_jupyter/{path.name}{'/' if path.is_dir() else ''}" in layout, path.name
+    for folder in ("tracing", "remote"):
+        for path in sorted((PACKAGE / folder).glob("*.py")):
+            if path.name == "__init__.py" or path.stem in ("cache", "scan", "tracer", "batching", "saving",
+                                                             "interleave", "envoy"):
+                continue
+            assert path.stem in layout, f"{folder}/{path.name}"
+    for path in sorted((PACKAGE / "remote" / "codec").glob("*.py")):
+        if path.name != "__init__.py":
+            assert path.stem in layout, f"remote/codec/{path.name}"

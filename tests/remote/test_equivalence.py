@@ -15,7 +15,7 @@ from nnsight_jupyter import NNsight
 
 from .identical import assert_identical
 from nnsight_jupyter.errors import NotSavedError, OutOfOrderError
-from nnsight_jupyter.remote.capture import RemoteTraceError
+from nnsight_jupyter.errors import RemoteTraceError
 
 
 @pytest.fixture(scope="module")
