@@ -25,14 +25,16 @@ import linecache
 import traceback
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..models.base import NNsight
 from ..tracing.saving import save
 from ..tracing.source import USER_CODES, compile_source
 from ..tracing.tracer import run_block, user_traceback
 from .protocol import TraceErrorInfo, TraceRequest, TraceResult
 from .values import from_wire, result_to_wire
+
+if TYPE_CHECKING:
+    from ..models.base import NNsight
 
 
 def run_request(

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import settings
+from ..settings import ENV_API_KEY_FILE, ENV_SERVER_DIR, api_key_file, server_dir
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -46,8 +46,8 @@ def build_parser(prog: str = "nnsight-jupyter serve") -> argparse.ArgumentParser
     parser.add_argument(
         "--api-key-file",
         type=Path,
-        default=settings.api_key_file(),
-        help=f"file of hashed API keys (default ${settings.ENV_API_KEY_FILE})",
+        default=api_key_file(),
+        help=f"file of hashed API keys (default ${ENV_API_KEY_FILE})",
     )
     parser.add_argument(
         "--add-key", metavar="NAME", help="create an API key for NAME in --api-key-file, print it once, and exit"
@@ -59,8 +59,7 @@ def build_parser(prog: str = "nnsight-jupyter serve") -> argparse.ArgumentParser
         "--data-dir",
         type=Path,
         default=None,
-        help=f"folder for the job queue and results (default ${settings.ENV_SERVER_DIR} or "
-        "server/ in the cache folder)",
+        help=f"folder for the job queue and results (default ${ENV_SERVER_DIR} or server/ in the cache folder)",
     )
     parser.add_argument(
         "--replicas", type=int, default=d["replicas"], help="worker processes per model (default %(default)s)"
@@ -148,7 +147,7 @@ def config_from_args(args: argparse.Namespace):
         )
     return ServerConfig(
         models=parse_model_specs(args.models),
-        data_dir=args.data_dir or settings.server_dir(),
+        data_dir=args.data_dir or server_dir(),
         api_key_file=None if args.insecure_no_auth else args.api_key_file,
         auth=not args.insecure_no_auth,
         replicas=args.replicas,

@@ -48,3 +48,30 @@ def test_a_plain_envoy_navigates_mounts_and_calls_without_nnsight():
     x = torch.randn(1, 4)
     assert torch.equal(envoy[0](x), net[0](x))
     assert envoy.resolve("2") is envoy[2]
+
+
+def test_remote_runs_take_the_configured_time_limit_when_the_trace_gives_none():
+    from nnsight_jupyter.remote import CONFIG, LocalSimulation
+
+    net = _net()
+    model = NNsight(net, remote_id="net")
+    x = torch.randn(2, 4)
+    seen = []
+
+    class Runner(LocalSimulation):
+        def run(self, request, *, timeout=None):
+            seen.append((timeout, request.options.get("timeout")))
+            return super().run(request, timeout=timeout)
+
+    runner = Runner(model)
+    previous = CONFIG.timeout
+    CONFIG.timeout = 7.0
+    try:
+        with model.trace(x, remote=runner):
+            first = model[0].output.save()
+        with model.trace(x, remote=runner, timeout=3):
+            second = model[0].output.save()
+    finally:
+        CONFIG.timeout = previous
+    assert seen == [(7.0, 7.0), (3, 3.0)]
+    assert torch.equal(first, net[0](x)) and torch.equal(second, net[0](x))
