@@ -155,7 +155,7 @@ class Tracer:
         self._generate = generate
         self._generate_kwargs = generate_kwargs or {}
 
-    def call(self, block: Block, namespace: dict, *, module_level: bool = False) -> TraceCall:
+    def trace_call(self, block: Block, namespace: dict, *, module_level: bool = False) -> TraceCall:
         """What this tracer's backend receives to run `block` reading `namespace`."""
         return TraceCall(
             self,
@@ -172,7 +172,7 @@ class Tracer:
 
     def run(self, block: Block, namespace: dict, *, module_level: bool = False) -> dict[str, Any]:
         """Run `block` through this tracer's backend; returns the names it bound (with `as` name: the tracer)."""
-        bound = self.backend.execute(self.call(block, namespace, module_level=module_level))
+        bound = self.backend.execute(self.trace_call(block, namespace, module_level=module_level))
         if block.as_name:
             bound[block.as_name] = self
         return bound

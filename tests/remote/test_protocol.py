@@ -744,10 +744,53 @@ def test_module_exports() -> None:
 
 # ----- copying large buffers --------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [16 * 2**20, 16 * 2**20 + 4097, 40 * 2**20 - 3])
-def test_a_large_copy_is_exact(size):
+def test_a_large_copy_split_across_threads_is_exact(size, monkeypatch):
+    monkeypatch.setattr(memory, "_SPLIT_COPY_MIN_BYTES", 16 * 2**20)
     source = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
-    copied = memory.owned_copy(source)
-    assert isinstance(copied, mmap.mmap) and memoryview(copied) == source
+    target = memoryview(bytearray(size))
+    memory.copy_into(target, source)
+    assert target == source
+
+
+def test_a_large_copy_uses_helper_threads_where_it_may(monkeypatch):
+    monkeypatch.setattr(memory, "_SPLIT_COPY_MIN_BYTES", 16 * 2**20)
+    seen = []
+    real = memory.np.copyto
+
+    def spy(dst, src):
+        seen.append(threading.current_thread().name)
+        real(dst, src)
+
+    monkeypatch.setattr(memory, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(memory.np, "copyto", spy)
+    size = 32 * 2**20
+    source = memoryview(bytes(range(256)) * (size // 256))
+    target = memoryview(bytearray(size))
+    memory.copy_into(target, source)
+    assert target == source
+    assert len(seen) == 4 and sum(name.startswith("nnsj-copy") for name in seen) == 3
+
+
+def test_where_threads_are_refused_a_large_copy_is_done_in_one(monkeypatch):
+    class RefusingPool:
+        def submit(self, *args, **kwargs):
+            raise PermissionError("starting threads is not allowed here")
+
+    monkeypatch.setattr(memory, "_SPLIT_COPY_MIN_BYTES", 16 * 2**20)
+    monkeypatch.setattr(memory, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(memory, "_copy_threads", RefusingPool())
+    size = 24 * 2**20 + 5
+    source = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
+    target = memoryview(bytearray(size))
+    memory.copy_into(target, source)
+    assert target == source
+    monkeypatch.setattr(memory, "_copy_threads", None)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("no threads")
+
+    monkeypatch.setattr("concurrent.futures.ThreadPoolExecutor.submit", refuse)
+    assert memory._copy_pool() is None and memory._copy_threads is False
 
 
 # ----- joining a message's parts ------------------------------------------------------------------------
