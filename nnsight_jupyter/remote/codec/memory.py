@@ -177,9 +177,9 @@ def _copy_pool() -> Any:
     if _copy_threads is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="nnsj-copy")
+        pool: Any = ThreadPoolExecutor(max_workers=3, thread_name_prefix="nnsj-copy")
         try:
-            pool.submit(int).result()  # starting a thread can be refused (sandboxed workers)
+            pool.submit(int).result()  # starting a thread can be refused
         except (OSError, RuntimeError):
             pool.shutdown(wait=False)
             pool = False
