@@ -744,8 +744,7 @@ def test_module_exports() -> None:
 
 # ----- copying large buffers --------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [16 * 2**20, 16 * 2**20 + 4097, 40 * 2**20 - 3])
-def test_a_large_copy_split_across_threads_is_exact(size, monkeypatch):
-    monkeypatch.setattr(memory, "_SPLIT_COPY_MIN_BYTES", 16 * 2**20)
+def test_a_large_copy_split_across_threads_is_exact(size):
     source = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
     target = memoryview(bytearray(size))
     memory.copy_into(target, source)
@@ -753,7 +752,6 @@ def test_a_large_copy_split_across_threads_is_exact(size, monkeypatch):
 
 
 def test_a_large_copy_uses_helper_threads_where_it_may(monkeypatch):
-    monkeypatch.setattr(memory, "_SPLIT_COPY_MIN_BYTES", 16 * 2**20)
     seen = []
     real = memory.np.copyto
 
@@ -776,7 +774,6 @@ def test_where_threads_are_refused_a_large_copy_is_done_in_one(monkeypatch):
         def submit(self, *args, **kwargs):
             raise PermissionError("starting threads is not allowed here")
 
-    monkeypatch.setattr(memory, "_SPLIT_COPY_MIN_BYTES", 16 * 2**20)
     monkeypatch.setattr(memory, "_usable_cpus", lambda: 4)
     monkeypatch.setattr(memory, "_copy_threads", RefusingPool())
     size = 24 * 2**20 + 5
