@@ -16,9 +16,10 @@ The cost is the eager kernel's speed and memory for that one pass (`heads x n x 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -31,8 +32,7 @@ from .tokens import decode_each, prompt_ids
 __all__ = ["AttentionPatterns", "attention_patterns", "eager_attention"]
 
 _READ = compile_source(
-    "for reader in readers:\n"
-    "    reader.take(reader.attn.output)\n",
+    "for reader in readers:\n    reader.take(reader.attn.output)\n",
     "<attention patterns>",
 )
 
@@ -86,14 +86,18 @@ class AttentionPatterns:
         prev = self.previous_token_scores()
         flat = int(prev.reshape(-1).argmax()) if prev.numel() else 0
         best = f"layer {self.layers[flat // heads]} head {flat % heads} ({float(prev.reshape(-1)[flat]):.2f})"
-        return (f"AttentionPatterns: {layers} layers x {heads} heads x {n} x {n} positions\n"
-                f"  strongest previous-token head: {best}")
+        return (
+            f"AttentionPatterns: {layers} layers x {heads} heads x {n} x {n} positions\n"
+            f"  strongest previous-token head: {best}"
+        )
 
     def _repr_html_(self) -> str:
         rows, cols = self.labels("layer"), self.labels("head")
         out = ""
-        tables = (("previous-token score (mean attention to the token before)", self.previous_token_scores()),
-                  ("first-token score (mean attention to position 0)", self.first_token_scores()))
+        tables = (
+            ("previous-token score (mean attention to the token before)", self.previous_token_scores()),
+            ("first-token score (mean attention to position 0)", self.first_token_scores()),
+        )
         for title, scores in tables:
             cells = [[(f"{v:.2f}", sequential(v, 0.0, 1.0)) for v in row] for row in scores.tolist()]
             out += grid_table(rows, cols, cells, corner="layer \\ head", title=title)
@@ -104,7 +108,7 @@ class AttentionPatterns:
         return {"layers": list(self.layers), "prompt_ids": list(self.prompt_ids), "patterns": self.patterns}
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any], model: Any) -> "AttentionPatterns":
+    def from_wire(cls, data: dict[str, Any], model: Any) -> AttentionPatterns:
         result = cls(**data)
         result.token_text = dict(zip(result.prompt_ids, decode_each(model, result.prompt_ids)))
         return result
@@ -140,8 +144,10 @@ def eager_attention(module: torch.nn.Module) -> Iterator[None]:
             if sub is not None and hasattr(sub, "_attn_implementation"):
                 pending.append(sub)
     if not configs:
-        raise ValueError(f"{type(module).__name__} has no transformers config with an attention implementation, so "
-                         "its attention weights cannot be read this way.")
+        raise ValueError(
+            f"{type(module).__name__} has no transformers config with an attention implementation, so "
+            "its attention weights cannot be read this way."
+        )
     before = [(config, config.__dict__.get("_attn_implementation_internal", _MISSING)) for config in configs.values()]
     try:
         for config, _ in before:
@@ -155,8 +161,9 @@ def eager_attention(module: torch.nn.Module) -> Iterator[None]:
                 config.__dict__["_attn_implementation_internal"] = value
 
 
-def attention_patterns(model: Any, prompt: Any, *, layers: Any = None, remote: Any = False,
-                       timeout: float | None = None) -> AttentionPatterns:
+def attention_patterns(
+    model: Any, prompt: Any, *, layers: Any = None, remote: Any = False, timeout: float | None = None
+) -> AttentionPatterns:
     """Attention probabilities `[layer, head, query, key]` of one prompt, even for a model running SDPA.
 
     Args:
@@ -178,7 +185,8 @@ def attention_patterns(model: Any, prompt: Any, *, layers: Any = None, remote: A
     tracer = model.trace(ids.unsqueeze(0).to(layout.device), **kwargs)  # after loading the weights (and config)
     with torch.no_grad(), eager_attention(model._model):
         run_block(tracer, _READ, {"readers": readers}, module_level=False)
-    result = AttentionPatterns(layers=chosen, prompt_ids=ids.tolist(),
-                               patterns=torch.stack([r.weights for r in readers]))
+    result = AttentionPatterns(
+        layers=chosen, prompt_ids=ids.tolist(), patterns=torch.stack([r.weights for r in readers])
+    )
     result.token_text = dict(zip(result.prompt_ids, decode_each(model, result.prompt_ids)))
     return result

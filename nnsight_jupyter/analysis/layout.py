@@ -106,7 +106,7 @@ class Layout:
             dispatch()
             self.module = self.model._model
         try:
-            return self.module.get_input_embeddings().weight.device
+            return self.module.get_input_embeddings().weight.device  # type: ignore[operator]
         except (AttributeError, NotImplementedError):
             return next((p.device for p in self.module.parameters()), torch.device("cpu"))
 

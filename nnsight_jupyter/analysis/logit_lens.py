@@ -32,8 +32,7 @@ from .tokens import decode_each, prompt_ids, token_id
 __all__ = ["LogitLensResult", "logit_lens"]
 
 _LENS = compile_source(
-    "for reader in readers:\n"
-    "    reader.take(reader.layer.output)\n",
+    "for reader in readers:\n    reader.take(reader.layer.output)\n",
     "<logit lens>",
 )
 
@@ -84,30 +83,51 @@ class LogitLensResult:
             raise ValueError(f"Layer {layer} was not read; this lens has layers {self.layers}.") from None
 
     def __repr__(self) -> str:
-        last = [f"{self.layers[i]}: {self.token_text.get(int(self.top_ids[i, -1, 0]), '?')!r} "
-                f"{float(self.top_probs[i, -1, 0]):.2f}" for i in range(len(self.layers))]
-        lines = [f"LogitLensResult: {len(self.layers)} layers x {len(self.prompt_ids)} positions, "
-                 f"top {self.top_ids.shape[-1]}",
-                 "  last position, top token by layer: " + ("..., " if len(last) > 6 else "") + ", ".join(last[-6:])]
+        last = [
+            f"{self.layers[i]}: {self.token_text.get(int(self.top_ids[i, -1, 0]), '?')!r} "
+            f"{float(self.top_probs[i, -1, 0]):.2f}"
+            for i in range(len(self.layers))
+        ]
+        lines = [
+            f"LogitLensResult: {len(self.layers)} layers x {len(self.prompt_ids)} positions, "
+            f"top {self.top_ids.shape[-1]}",
+            "  last position, top token by layer: " + ("..., " if len(last) > 6 else "") + ", ".join(last[-6:]),
+        ]
         if self.target is not None and self.target_ranks is not None:
             text = self.token_text.get(self.target, str(self.target))
             first = (self.target_ranks[:, -1] == 1).nonzero()
             where = f"layer {self.layers[int(first[0])]}" if first.numel() else "no layer"
-            lines.append(f"  target {text!r}: probability at the last layer {float(self.target_probs[-1, -1]):.3g}; "
-                         f"first top-ranked at the last position in {where}")
+            lines.append(
+                f"  target {text!r}: probability at the last layer {float(self.target_probs[-1, -1]):.3g}; "
+                f"first top-ranked at the last position in {where}"
+            )
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         rows, cols = self.labels("layer"), self.labels("position")
         text = [[self.token_text.get(int(i), str(int(i))) for i in row] for row in self.top_ids[..., 0].tolist()]
         probs = self.top_probs[..., 0].tolist()
-        hover = [["\n".join(f"{self.token_text.get(int(i), str(int(i)))!r} {p:.3f}"
-                            for i, p in zip(self.top_ids[r, c].tolist(), self.top_probs[r, c].tolist()))
-                  for c in range(len(cols))] for r in range(len(rows))]
-        cells = [[(repr(t)[1:-1], sequential(p, 0.0, 1.0)) for t, p in zip(trow, prow)]
-                 for trow, prow in zip(text, probs)]
-        out = grid_table(rows, cols, cells, corner="layer \\ position", titles=hover,
-                         title="logit lens: top token per layer and position (colour: its probability)")
+        hover = [
+            [
+                "\n".join(
+                    f"{self.token_text.get(int(i), str(int(i)))!r} {p:.3f}"
+                    for i, p in zip(self.top_ids[r, c].tolist(), self.top_probs[r, c].tolist())
+                )
+                for c in range(len(cols))
+            ]
+            for r in range(len(rows))
+        ]
+        cells = [
+            [(repr(t)[1:-1], sequential(p, 0.0, 1.0)) for t, p in zip(trow, prow)] for trow, prow in zip(text, probs)
+        ]
+        out = grid_table(
+            rows,
+            cols,
+            cells,
+            corner="layer \\ position",
+            titles=hover,
+            title="logit lens: top token per layer and position (colour: its probability)",
+        )
         if self.target is not None and self.target_probs is not None:
             name = self.token_text.get(self.target, str(self.target))
             tp = self.target_probs.tolist()
@@ -116,12 +136,18 @@ class LogitLensResult:
         return out
 
     def to_wire(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "prompt_ids": list(self.prompt_ids), "top_ids": self.top_ids,
-                "top_probs": self.top_probs, "target": self.target, "target_probs": self.target_probs,
-                "target_ranks": self.target_ranks}
+        return {
+            "layers": list(self.layers),
+            "prompt_ids": list(self.prompt_ids),
+            "top_ids": self.top_ids,
+            "top_probs": self.top_probs,
+            "target": self.target,
+            "target_probs": self.target_probs,
+            "target_ranks": self.target_ranks,
+        }
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any], model: Any) -> "LogitLensResult":
+    def from_wire(cls, data: dict[str, Any], model: Any) -> LogitLensResult:
         result = cls(**data)
         result.token_text = _token_text(model, result)
         return result
@@ -149,8 +175,16 @@ class _Reader:
             self.target_stats = (p.cpu(), ((probs > p.unsqueeze(-1)).sum(-1) + 1).cpu())
 
 
-def logit_lens(model: Any, prompt: Any, *, top_k: int = 5, target: int | str | None = None, layers: Any = None,
-               remote: Any = False, timeout: float | None = None) -> LogitLensResult:
+def logit_lens(
+    model: Any,
+    prompt: Any,
+    *,
+    top_k: int = 5,
+    target: int | str | None = None,
+    layers: Any = None,
+    remote: Any = False,
+    timeout: float | None = None,
+) -> LogitLensResult:
     """Each chosen layer's output through the model's final norm and unembedding, in one trace.
 
     Args:
@@ -175,11 +209,14 @@ def logit_lens(model: Any, prompt: Any, *, top_k: int = 5, target: int | str | N
     readers = [_Reader(layout.layer(i), layout, top_k, target_id) for i in chosen]
     kwargs = {"use_cache": False} if layout.accepts("use_cache") else {}
     with torch.no_grad():
-        run_block(model.trace(ids.unsqueeze(0).to(layout.device), **kwargs), _LENS, {"readers": readers},
-                  module_level=False)
+        run_block(
+            model.trace(ids.unsqueeze(0).to(layout.device), **kwargs), _LENS, {"readers": readers}, module_level=False
+        )
     result = LogitLensResult(
-        layers=chosen, prompt_ids=ids.tolist(),
-        top_ids=torch.stack([r.top[0] for r in readers]), top_probs=torch.stack([r.top[1] for r in readers]),
+        layers=chosen,
+        prompt_ids=ids.tolist(),
+        top_ids=torch.stack([r.top[0] for r in readers]),
+        top_probs=torch.stack([r.top[1] for r in readers]),
         target=target_id,
         target_probs=torch.stack([r.target_stats[0] for r in readers]) if target_id is not None else None,
         target_ranks=torch.stack([r.target_stats[1] for r in readers]) if target_id is not None else None,
@@ -189,6 +226,9 @@ def logit_lens(model: Any, prompt: Any, *, top_k: int = 5, target: int | str | N
 
 
 def _token_text(model: Any, result: LogitLensResult) -> dict[int, str]:
-    ids = sorted(set(result.prompt_ids) | set(result.top_ids.reshape(-1).tolist())
-                 | ({result.target} if result.target is not None else set()))
+    ids = sorted(
+        set(result.prompt_ids)
+        | set(result.top_ids.reshape(-1).tolist())
+        | ({result.target} if result.target is not None else set())
+    )
     return dict(zip(ids, decode_each(model, ids)))

@@ -16,8 +16,9 @@ unlike a function they travel to a server as data:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class Metric:
     kind: str
     tokens: tuple[Any, ...]
 
-    def bind(self, model: Any) -> "Metric":
+    def bind(self, model: Any) -> Metric:
         """The same metric with every token as an id, read with the model's tokenizer."""
         return Metric(self.kind, tuple(token_id(model, t, "metric token") for t in self.tokens))
 
@@ -57,7 +58,7 @@ class Metric:
         return {"kind": self.kind, "tokens": list(self.tokens)}
 
     @classmethod
-    def from_wire(cls, data: Any) -> "Metric":
+    def from_wire(cls, data: Any) -> Metric:
         if not isinstance(data, dict) or data.get("kind") not in ("logit_diff", "token_prob"):
             raise ValueError(f"Not a metric description: {data!r}.")
         tokens = tuple(int(t) for t in data.get("tokens") or ())
@@ -87,7 +88,7 @@ def evaluate(metric: Callable[[torch.Tensor], Any], logits: torch.Tensor) -> tor
         if value.numel() == runs and (value.dim() == 1 or runs == 1):
             return value.reshape(runs).float()
         if value.numel() == 1:
-            return torch.stack([_single(metric, logits[i: i + 1]) for i in range(runs)])
+            return torch.stack([_single(metric, logits[i : i + 1]) for i in range(runs)])
     raise ValueError(
         f"The metric returned shape {tuple(value.shape)} for {runs} runs' logits (shape {tuple(logits.shape)}). "
         "Return one number per run, e.g. `lambda logits: logits[:, a] - logits[:, b]`, or one number for a "

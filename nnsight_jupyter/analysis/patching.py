@@ -41,8 +41,9 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -191,26 +192,38 @@ class PatchingResult:
             rows, cols = self.labels(dims[0]), self.labels(dims[1])
         finite = values[torch.isfinite(values)]
         span = float((finite - self.corrupted_baseline).abs().max()) if finite.numel() else 0.0
-        cells = [[(number(float(v)), diverging(float(v), self.corrupted_baseline, span)) for v in row]
-                 for row in values.tolist()]
-        note = (f"clean {self.clean_baseline:.4g} · corrupted {self.corrupted_baseline:.4g} (white) · "
-                f"{int(self.computed.sum())}/{self.computed.numel()} cells"
-                + (" · interrupted" if self.interrupted else ""))
+        cells = [
+            [(number(float(v)), diverging(float(v), self.corrupted_baseline, span)) for v in row]
+            for row in values.tolist()
+        ]
+        note = (
+            f"clean {self.clean_baseline:.4g} · corrupted {self.corrupted_baseline:.4g} (white) · "
+            f"{int(self.computed.sum())}/{self.computed.numel()} cells" + (" · interrupted" if self.interrupted else "")
+        )
         return grid_table(rows, cols, cells, corner=" \\ ".join(dims), title=title, note=note)
 
     # ----- across the wire -------------------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
         return {
-            "values": self.values, "dims": list(self.dims), "coords": {k: list(v) for k, v in self.coords.items()},
-            "site": self.site, "metric": self.metric, "clean_baseline": self.clean_baseline,
-            "corrupted_baseline": self.corrupted_baseline, "clean_ids": list(self.clean_ids),
-            "corrupted_ids": list(self.corrupted_ids), "top_ids": self.top_ids, "top_probs": self.top_probs,
-            "baseline_top_ids": self.baseline_top_ids, "baseline_top_probs": self.baseline_top_probs,
-            "computed": self.computed, "interrupted": self.interrupted,
+            "values": self.values,
+            "dims": list(self.dims),
+            "coords": {k: list(v) for k, v in self.coords.items()},
+            "site": self.site,
+            "metric": self.metric,
+            "clean_baseline": self.clean_baseline,
+            "corrupted_baseline": self.corrupted_baseline,
+            "clean_ids": list(self.clean_ids),
+            "corrupted_ids": list(self.corrupted_ids),
+            "top_ids": self.top_ids,
+            "top_probs": self.top_probs,
+            "baseline_top_ids": self.baseline_top_ids,
+            "baseline_top_probs": self.baseline_top_probs,
+            "computed": self.computed,
+            "interrupted": self.interrupted,
         }
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any], model: Any) -> "PatchingResult":
+    def from_wire(cls, data: dict[str, Any], model: Any) -> PatchingResult:
         fields = dict(data)
         fields["dims"] = tuple(fields["dims"])
         result = cls(**fields)
@@ -220,12 +233,26 @@ class PatchingResult:
 
 # ----- the sweep -----------------------------------------------------------------------------------
 
-def patching_sweep(model: Any, clean: Any, corrupted: Any, metric: Callable[[torch.Tensor], Any], *,
-                   over: Sequence[str] = ("layer", "position"), site: str = "resid", layers: Any = None,
-                   positions: Any = None, heads: Any = None, memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
-                   batch_size: int | None = None, top_k: int = 5, progress: bool = True,
-                   on_update: Callable[[PatchingResult, list[tuple[int, ...]]], None] | None = None,
-                   remote: Any = False, timeout: float | None = None) -> PatchingResult:
+
+def patching_sweep(
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    metric: Callable[[torch.Tensor], Any],
+    *,
+    over: Sequence[str] = ("layer", "position"),
+    site: str = "resid",
+    layers: Any = None,
+    positions: Any = None,
+    heads: Any = None,
+    memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
+    batch_size: int | None = None,
+    top_k: int = 5,
+    progress: bool = True,
+    on_update: Callable[[PatchingResult, list[tuple[int, ...]]], None] | None = None,
+    remote: Any = False,
+    timeout: float | None = None,
+) -> PatchingResult:
     """Patch the clean run's activation into the corrupted run at every cell; return the metric per cell.
 
     Args:
@@ -253,12 +280,28 @@ def patching_sweep(model: Any, clean: Any, corrupted: Any, metric: Callable[[tor
         from .remote import run_patching_sweep
 
         return run_patching_sweep(
-            model, clean, corrupted, metric, over=over, site=site, layers=layers, positions=positions, heads=heads,
-            memory_budget=memory_budget, batch_size=batch_size, top_k=top_k, progress=progress,
-            on_update=on_update, remote=remote, timeout=timeout)
+            model,
+            clean,
+            corrupted,
+            metric,
+            over=over,
+            site=site,
+            layers=layers,
+            positions=positions,
+            heads=heads,
+            memory_budget=memory_budget,
+            batch_size=batch_size,
+            top_k=top_k,
+            progress=progress,
+            on_update=on_update,
+            remote=remote,
+            timeout=timeout,
+        )
     if not callable(metric):
-        raise TypeError(f"metric must be a function of the logits (or logit_diff(...) / token_prob(...)), not "
-                        f"{type(metric).__name__}.")
+        raise TypeError(
+            f"metric must be a function of the logits (or logit_diff(...) / token_prob(...)), not "
+            f"{type(metric).__name__}."
+        )
     layout = layout_of(model)
     clean_ids = prompt_ids(model, clean, "clean prompt")
     corrupted_ids = prompt_ids(model, corrupted, "corrupted prompt")
@@ -293,8 +336,7 @@ def patching_sweep(model: Any, clean: Any, corrupted: Any, metric: Callable[[tor
     except KeyboardInterrupt:
         result.interrupted = True
         done = int(result.computed.sum())
-        print(f"patching_sweep interrupted: {done} of {grid.size} cells computed; the others are NaN.",
-              file=sys.stderr)
+        print(f"patching_sweep interrupted: {done} of {grid.size} cells computed; the others are NaN.", file=sys.stderr)
     finally:
         bar.close()
     result.token_text = _token_text(model, result)
@@ -317,7 +359,7 @@ class _Grid:
         return math.prod(self.shape)
 
     @property
-    def cells(self) -> list["_Cell"]:
+    def cells(self) -> list[_Cell]:
         """Layer-major, whatever the order of `dims`, so that a chunk spans few layers."""
         axes = [a for a in AXES if a in self.coords]
         position = {d: i for i, d in enumerate(self.dims)}
@@ -328,8 +370,14 @@ class _Grid:
             for a, (i, _) in named.items():
                 if a in position:
                     index[position[a]] = i
-            out.append(_Cell(named["layer"][1], named["position"][1] if "position" in self.dims else None,
-                             named["head"][1] if "head" in self.dims else None, tuple(index)))
+            out.append(
+                _Cell(
+                    named["layer"][1],
+                    named["position"][1] if "position" in self.dims else None,
+                    named["head"][1] if "head" in self.dims else None,
+                    tuple(index),
+                )
+            )
         return out
 
 
@@ -355,8 +403,16 @@ class _Reader:
 class _Patch:
     """One site's edit in a chunk's pass: widen to one row per cell, then write clean values into some rows."""
 
-    def __init__(self, envoy: Any, kind: str, *, width: int | None = None, rows: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        envoy: Any,
+        kind: str,
+        *,
+        width: int | None = None,
+        rows: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        clean: torch.Tensor | None = None,
+    ) -> None:
         self.envoy, self.kind = envoy, kind
         self.width, self.rows, self.mask, self.clean = width, rows, mask, clean
 
@@ -375,8 +431,15 @@ class _Patch:
 
 
 class _Sweep:
-    def __init__(self, layout: Layout, site: str, grid: _Grid, clean_ids: torch.Tensor, corrupted_ids: torch.Tensor,
-                 metric: Callable[[torch.Tensor], Any]) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        site: str,
+        grid: _Grid,
+        clean_ids: torch.Tensor,
+        corrupted_ids: torch.Tensor,
+        metric: Callable[[torch.Tensor], Any],
+    ) -> None:
         self.layout, self.site, self.grid, self.metric = layout, site, grid, metric
         self.clean_ids, self.corrupted_ids = clean_ids, corrupted_ids
         self.clean: dict[int, torch.Tensor] = {}
@@ -417,11 +480,20 @@ class _Sweep:
         shape = self.grid.shape
         k = top[0].shape[-1]
         return PatchingResult(
-            values=torch.full(shape, math.nan), dims=self.grid.dims, coords=self.grid.coords, site=self.site,
-            metric="", clean_baseline=float(baselines[0]), corrupted_baseline=float(baselines[1]),
-            clean_ids=self.clean_ids.tolist(), corrupted_ids=self.corrupted_ids.tolist(),
-            top_ids=torch.zeros(*shape, k, dtype=torch.long), top_probs=torch.full((*shape, k), math.nan),
-            baseline_top_ids=top[0], baseline_top_probs=top[1], computed=torch.zeros(shape, dtype=torch.bool),
+            values=torch.full(shape, math.nan),
+            dims=self.grid.dims,
+            coords=self.grid.coords,
+            site=self.site,
+            metric="",
+            clean_baseline=float(baselines[0]),
+            corrupted_baseline=float(baselines[1]),
+            clean_ids=self.clean_ids.tolist(),
+            corrupted_ids=self.corrupted_ids.tolist(),
+            top_ids=torch.zeros(*shape, k, dtype=torch.long),
+            top_probs=torch.full((*shape, k), math.nan),
+            baseline_top_ids=top[0],
+            baseline_top_probs=top[1],
+            computed=torch.zeros(shape, dtype=torch.bool),
         )
 
     def run_chunk(self, chunk: list[_Cell], result: PatchingResult, top_k: int) -> list[tuple[int, ...]]:
@@ -480,7 +552,7 @@ def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _chunks(cells: list[_Cell], rows: int) -> list[list[_Cell]]:
-    return [cells[i: i + rows] for i in range(0, len(cells), rows)]
+    return [cells[i : i + rows] for i in range(0, len(cells), rows)]
 
 
 def _rows_per_pass(layout: Layout, n_tokens: int, budget: int) -> int:
@@ -533,7 +605,7 @@ def _bytes(value: int | str) -> int:
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         number_part = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(number_part):] or "b"
+        unit = text[len(number_part) :] or "b"
         try:
             amount = float(number_part)
         except ValueError:
@@ -551,18 +623,23 @@ def _check_over(over: Any, site: str) -> tuple[str, ...]:
     over = tuple(over)
     unknown = [a for a in over if a not in AXES]
     if unknown or not over:
-        raise ValueError(f"over={over!r}: choose axes among {', '.join(AXES)} (each at most once), e.g. "
-                         "over=('layer', 'position').")
+        raise ValueError(
+            f"over={over!r}: choose axes among {', '.join(AXES)} (each at most once), e.g. over=('layer', 'position')."
+        )
     if len(set(over)) != len(over):
         raise ValueError(f"over={over!r} names an axis twice.")
     if "layer" not in over:
-        raise ValueError(f"over={over!r} has no 'layer' axis; a sweep patches one layer per cell, so include it "
-                         "(restrict it with layers=[...]).")
+        raise ValueError(
+            f"over={over!r} has no 'layer' axis; a sweep patches one layer per cell, so include it "
+            "(restrict it with layers=[...])."
+        )
     if "head" in over and site != "head":
         raise ValueError(f"over has 'head' but site={site!r}; heads are patched with site='head'.")
     if site == "head" and "head" not in over:
-        raise ValueError("site='head' patches one head per cell: add 'head' to over (or patch the whole attention "
-                         "output with site='attn').")
+        raise ValueError(
+            "site='head' patches one head per cell: add 'head' to over (or patch the whole attention "
+            "output with site='attn')."
+        )
     return over
 
 

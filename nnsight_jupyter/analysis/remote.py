@@ -33,7 +33,8 @@ from __future__ import annotations
 import ast
 import builtins
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -48,6 +49,7 @@ ANALYSIS_PROGRESS = "[nnsight-jupyter analysis]"
 
 # ----- server side ---------------------------------------------------------------------------------
 
+
 def _sweep_on_server(model: Any, arguments: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     from .metrics import Metric
     from .patching import patching_sweep
@@ -61,8 +63,9 @@ def _sweep_on_server(model: Any, arguments: dict[str, Any], log: Callable[[str],
         total[0] += len(cells)
         log(f"{ANALYSIS_PROGRESS} patching_sweep {total[0]}/{result.computed.numel()}")
 
-    result = patching_sweep(model, arguments.pop("clean"), arguments.pop("corrupted"), metric, progress=False,
-                            on_update=report, **arguments)
+    result = patching_sweep(
+        model, arguments.pop("clean"), arguments.pop("corrupted"), metric, progress=False, on_update=report, **arguments
+    )
     return result.to_wire()
 
 
@@ -79,9 +82,24 @@ def _attention_on_server(model: Any, arguments: dict[str, Any], log: Callable[[s
 
 
 ANALYSES: dict[str, tuple[Callable[..., dict[str, Any]], frozenset[str]]] = {
-    "patching_sweep": (_sweep_on_server, frozenset({
-        "clean", "corrupted", "metric", "over", "site", "layers", "positions", "heads", "memory_budget",
-        "batch_size", "top_k"})),
+    "patching_sweep": (
+        _sweep_on_server,
+        frozenset(
+            {
+                "clean",
+                "corrupted",
+                "metric",
+                "over",
+                "site",
+                "layers",
+                "positions",
+                "heads",
+                "memory_budget",
+                "batch_size",
+                "top_k",
+            }
+        ),
+    ),
     "logit_lens": (_lens_on_server, frozenset({"prompt", "top_k", "target", "layers"})),
     "attention_patterns": (_attention_on_server, frozenset({"prompt", "layers"})),
 }
@@ -92,8 +110,10 @@ def run_named(model: Any, name: Any, arguments: Any, log: Callable[[str], None])
     """Run the analysis `name` on the server's `model`; its result as plain values for the wire."""
     entry = ANALYSES.get(name) if isinstance(name, str) else None
     if entry is None:
-        raise ValueError(f"This server has no analysis named {name!r}; it runs {', '.join(sorted(ANALYSES))}. "
-                         "Client and server may be different versions of nnsight-jupyter.")
+        raise ValueError(
+            f"This server has no analysis named {name!r}; it runs {', '.join(sorted(ANALYSES))}. "
+            "Client and server may be different versions of nnsight-jupyter."
+        )
     function, accepted = entry
     if not isinstance(arguments, dict) or not all(isinstance(k, str) for k in arguments):
         raise TypeError("An analysis request's arguments must be a dict of names to values.")
@@ -105,9 +125,19 @@ def run_named(model: Any, name: Any, arguments: Any, log: Callable[[str], None])
 
 # ----- client side ---------------------------------------------------------------------------------
 
-def run_patching_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, progress: bool,
-                       on_update: Callable[..., None] | None, remote: Any, timeout: float | None,
-                       **options: Any) -> Any:
+
+def run_patching_sweep(
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    metric: Any,
+    *,
+    progress: bool,
+    on_update: Callable[..., None] | None,
+    remote: Any,
+    timeout: float | None,
+    **options: Any,
+) -> Any:
     from .metrics import Metric
     from .patching import PatchingResult, _bytes, _progress_bar
     from .tokens import prompt_ids
@@ -118,12 +148,17 @@ def run_patching_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, p
     elif isinstance(metric, types.FunctionType):
         environment = _environment(metric, model)
     else:
-        raise TypeError("A remote sweep's metric must be logit_diff(...), token_prob(...) or a function defined with "
-                        f"def or lambda (it travels as source), not {type(metric).__name__}.")
+        raise TypeError(
+            "A remote sweep's metric must be logit_diff(...), token_prob(...) or a function defined with "
+            f"def or lambda (it travels as source), not {type(metric).__name__}."
+        )
     options["memory_budget"] = _bytes(options["memory_budget"])
-    arguments = {"clean": prompt_ids(model, clean, "clean prompt"),
-                 "corrupted": prompt_ids(model, corrupted, "corrupted prompt"), "metric": metric,
-                 **{k: _plain(v) for k, v in options.items()}}
+    arguments = {
+        "clean": prompt_ids(model, clean, "clean prompt"),
+        "corrupted": prompt_ids(model, corrupted, "corrupted prompt"),
+        "metric": metric,
+        **{k: _plain(v) for k, v in options.items()},
+    }
     bar: Any = None
     shown = 0
 
@@ -136,8 +171,9 @@ def run_patching_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, p
         shown = int(done)
 
     try:
-        data = _run(model, "patching_sweep", arguments, environment, remote=remote, timeout=timeout,
-                    on_progress=on_progress)
+        data = _run(
+            model, "patching_sweep", arguments, environment, remote=remote, timeout=timeout, on_progress=on_progress
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -170,8 +206,16 @@ def run_attention_patterns(model: Any, prompt: Any, *, remote: Any, timeout: flo
     return AttentionPatterns.from_wire(data, model)
 
 
-def _run(model: Any, name: str, arguments: dict[str, Any], environment: dict[str, Any], *, remote: Any,
-         timeout: float | None, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def _run(
+    model: Any,
+    name: str,
+    arguments: dict[str, Any],
+    environment: dict[str, Any],
+    *,
+    remote: Any,
+    timeout: float | None,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     from ..remote.capture import apply_result
     from ..remote.protocol import TraceRequest
     from ..remote.values import to_wire
@@ -187,15 +231,16 @@ def _run(model: Any, name: str, arguments: dict[str, Any], environment: dict[str
     options: dict[str, Any] = {"kind": "analysis", "analysis": name, "filename": f"<{name}>", "modules": {}}
     for key, value in environment.items():
         if key in modules:
-            options["modules"][key[len("module:"):]] = value
+            options["modules"][key[len("module:") :]] = value
         elif value is model:
             options.setdefault("model_names", []).append(key)
         else:
             variables[key] = value
     if timeout is not None:
         options["timeout"] = float(timeout)
-    request = TraceRequest(model_id=str(model_id), source="", options=options,
-                           variables=to_wire(variables, name="arguments", root=model))
+    request = TraceRequest(
+        model_id=str(model_id), source="", options=options, variables=to_wire(variables, name="arguments", root=model)
+    )
     result = _submit(model, request, remote, timeout, on_progress or (lambda line: None))
     result.logs = [line for line in result.logs if not line.startswith(ANALYSIS_PROGRESS)]
     return apply_result(result, model)["result"]
@@ -203,8 +248,8 @@ def _run(model: Any, name: str, arguments: dict[str, Any], environment: dict[str
 
 def _submit(model: Any, request: Any, remote: Any, timeout: float | None, on_progress: Callable[[str], None]) -> Any:
     """Run the request on the backend `remote=` names, turning progress lines into `on_progress` calls."""
+    from ..remote.backends import LocalSimulation
     from ..remote.client import RemoteClient, _inline_result, _StatusDisplay, default_backend
-    from ..remote.session import LocalSimulation
 
     if remote == "local":
         backend: Any = LocalSimulation(model)
@@ -235,13 +280,13 @@ def _submit(model: Any, request: Any, remote: Any, timeout: float | None, on_pro
         if display is not None:
             display.close()
     if final.get("type") == "cancelled":
-        from ..remote.client import RemoteServerError
+        from ..errors import RemoteServerError
 
         raise RemoteServerError(409, "job cancelled", final.get("reason") or f"job {handle.job_id} was cancelled")
     result = _inline_result(final) or backend.result(handle.job_id)
     shown = [line for line in result.logs if not line.startswith(ANALYSIS_PROGRESS)]
     if shown[: len(printed)] == printed:
-        result.logs = shown[len(printed):]
+        result.logs = shown[len(printed) :]
     return result
 
 
@@ -252,7 +297,8 @@ def _environment(function: types.FunctionType, model: Any) -> dict[str, Any]:
     "module:<name>"); the model as a reference to the server's model; anything else as data,
     refused here with the name when it cannot travel.
     """
-    from ..remote._codec_types import Unsupported, function_to_wire
+    from ..remote.codec.functions import function_to_wire
+    from ..remote.codec.wire import Unsupported
 
     try:
         source = function_to_wire(function).source
@@ -272,8 +318,9 @@ def _environment(function: types.FunctionType, model: Any) -> dict[str, Any]:
         if name in builtins.__dict__ and value is builtins.__dict__[name]:
             continue
         if name == "arguments":
-            raise ValueError("A remote metric cannot read a global named `arguments` (the request uses that name); "
-                             "rename it.")
+            raise ValueError(
+                "A remote metric cannot read a global named `arguments` (the request uses that name); rename it."
+            )
         if isinstance(value, types.ModuleType):
             out[f"module:{name}"] = value.__name__
         elif value is model or isinstance(value, Envoy):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["diverging", "grid_table", "sequential"]
 
-_STYLE = ("border-collapse:collapse;font:11px/1.3 ui-monospace,SFMono-Regular,Menlo,monospace;"
-          "margin:4px 0")
+_STYLE = "border-collapse:collapse;font:11px/1.3 ui-monospace,SFMono-Regular,Menlo,monospace;margin:4px 0"
 _CELL = "padding:2px 5px;text-align:right;border:1px solid rgba(128,128,128,.25)"
 _HEAD = "padding:2px 5px;text-align:left;font-weight:600;white-space:pre"
 
@@ -36,9 +35,16 @@ def sequential(value: float, low: float, high: float) -> str:
     return f"rgba(33,102,172,{t * 0.85:.3f})"
 
 
-def grid_table(row_labels: Sequence[str], col_labels: Sequence[str], cells: Sequence[Sequence[tuple[str, str]]],
-               *, corner: str = "", title: str = "", note: str = "",
-               titles: Sequence[Sequence[str]] | None = None) -> str:
+def grid_table(
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    cells: Sequence[Sequence[tuple[str, str]]],
+    *,
+    corner: str = "",
+    title: str = "",
+    note: str = "",
+    titles: Sequence[Sequence[str]] | None = None,
+) -> str:
     """A table with `cells[i][j] = (text, css colour)`; `titles[i][j]` is a cell's hover text."""
     esc = html.escape
     out = []

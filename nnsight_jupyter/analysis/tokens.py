@@ -9,7 +9,8 @@ own text, leading space included; without a tokenizer a label is the id.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

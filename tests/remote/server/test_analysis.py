@@ -14,7 +14,7 @@ import torch
 from nnsight_jupyter.analysis import attention_patterns, logit_diff, logit_lens, patching_sweep
 from nnsight_jupyter.analysis.logit_lens import LogitLensResult
 from nnsight_jupyter.analysis.remote import _run
-from nnsight_jupyter.remote.capture import RemoteTraceError
+from nnsight_jupyter.errors import RemoteTraceError
 from nnsight_jupyter.remote.client import RemoteClient
 
 from .conftest import threads_like_workers
