@@ -14,7 +14,7 @@ import torch
 from nnsight_jupyter.analysis import attention_patterns, logit_diff, logit_lens, patching_sweep
 from nnsight_jupyter.analysis.logit_lens import LogitLensResult
 from nnsight_jupyter.analysis.remote import _run
-from nnsight_jupyter.errors import RemoteTraceError
+from nnsight_jupyter.errors import SandboxViolation
 from nnsight_jupyter.remote.client import RemoteClient
 
 from .conftest import threads_like_workers
@@ -124,13 +124,13 @@ def test_user_metrics_meet_the_sandbox(model, client):
     def reads_a_file(logits):
         return logits[:, 0] + len(open("/etc/passwd").read())
 
-    with pytest.raises(RemoteTraceError, match=r"open\(\) is not available in remote traces"):
+    with pytest.raises(SandboxViolation, match=r"open\(\) is not available in remote traces"):
         patching_sweep(model, CLEAN, CORRUPTED, reads_a_file, over="layer", progress=False, remote=client)
 
     def walks_classes(logits):
         return logits.__class__.__mro__[0]
 
-    with pytest.raises(RemoteTraceError, match="__class__"):
+    with pytest.raises(SandboxViolation, match="__class__"):
         patching_sweep(model, CLEAN, CORRUPTED, walks_classes, over="layer", progress=False, remote=client)
     with pytest.raises(ValueError, match="no analysis named 'export_weights'"):
         _run(model, "export_weights", {}, {}, remote=client, timeout=30)
