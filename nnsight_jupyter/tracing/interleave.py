@@ -271,6 +271,7 @@ class Interleaver:
         "grad_snapshot",
         "root_depth",
         "pass_idx",
+        "reads",
     )
 
     def __init__(self, root: Any, block: Any = None) -> None:
@@ -295,6 +296,7 @@ class Interleaver:
         self.grad_snapshot: list | None = None
         self.root_depth = 0
         self.pass_idx = -1
+        self.reads: list[tuple[str, Any]] = []  # (path, value handed out), for the trace record
 
     def _queues(self, key: Any) -> tuple[dict, Any]:
         """The waiting dict and slot for a request key."""
@@ -351,7 +353,9 @@ class Interleaver:
         """Answer a request for the location being served now; returns the mediator's next message."""
         m.last = self.here
         if req.op == "get":
-            return m.greenlet.switch(self.here_value if m.rows is None else narrow(self.here_value, m.rows))
+            value = self.here_value if m.rows is None else narrow(self.here_value, m.rows)
+            self.reads.append((self.here[0], value))
+            return m.greenlet.switch(value)
         self.here_value = splice(self.here_value, m.rows, req.value)
         return m.greenlet.switch(None)
 
@@ -557,6 +561,7 @@ class Interleaver:
         self.here_value = None
         self.result = _MISSING
         self.grad_snapshot = None
+        self.reads = []
 
     def kill(self) -> None:
         """End every unfinished mediator (after an error), running its `finally` blocks."""

@@ -36,6 +36,7 @@ from .interleave import (
     StopTrace,
     current_mediator,
 )
+from .record import record_trace
 from .runtime import install_trace_hooks
 from .saving import NotSaved, holds_unsaved_tensor, save
 from .source import SAVE_NAME, USER_CODES, Block, block_for_frame
@@ -134,6 +135,7 @@ class Tracer:
     _frozen = False
     _frame: FrameType | None = None
     _untraced: tuple[Any, Any, bool] | None = None  # tracing to put back once the body is skipped
+    _bound: dict[str, Any] | None = None  # the names the finished body bound
 
     def __init__(
         self,
@@ -175,6 +177,7 @@ class Tracer:
         bound = self.backend.execute(self.trace_call(block, namespace, module_level=module_level))
         if block.as_name:
             bound[block.as_name] = self
+        self._bound = bound
         return bound
 
     # ----- the with statement -------------------------------------------------------------------
@@ -246,6 +249,17 @@ class Tracer:
     def stop(self) -> None:
         """End the forward pass right after the module being served now; later modules do not run."""
         raise StopTrace()
+
+    @property
+    def saved(self) -> dict[str, Any]:
+        """After the trace: the values it saved, by the names the body bound them to."""
+        if self._bound is None:
+            raise TraceError("tracer.saved is filled when the trace has run; read it after the `with` block.")
+        return {
+            name: value
+            for name, value in self._bound.items()
+            if value is not self and not isinstance(value, NotSaved) and name != SAVE_NAME
+        }
 
     @property
     def result(self) -> Any:
@@ -375,6 +389,7 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
         tracer._interleaver = None
     saved = il.saved
     per_mediator = [_finalised(m, saved) for m in il.mediators]
+    record_trace(model, kwargs, saved, il.reads, il.mediators, per_mediator)
     il.release()
     if len(per_mediator) == 1:
         bound = per_mediator[0]
