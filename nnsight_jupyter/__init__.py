@@ -4,6 +4,7 @@ from nnsight_jupyter import NNsight
 model = NNsight(net)
 with model.trace(x):
     hidden = model.layers[2].output.save()
+show(hidden)  # in a notebook: statistics, histogram and a sliceable heatmap
 """
 
 from . import errors
@@ -11,9 +12,21 @@ from ._version import __version__
 from .models.base import NNsight
 from .models.language import LanguageModel
 from .models.registry import models
+from .show import show
 from .tracing import Cache, Envoy, ScanResult, save
 
-__all__ = ["Cache", "Envoy", "LanguageModel", "NNsight", "ScanResult", "__version__", "errors", "models", "save"]
+__all__ = [
+    "Cache",
+    "Envoy",
+    "LanguageModel",
+    "NNsight",
+    "ScanResult",
+    "__version__",
+    "errors",
+    "models",
+    "save",
+    "show",
+]
 
 
 def load_ipython_extension(shell):  # noqa: ANN001 - IPython's extension hook

@@ -14,6 +14,7 @@ Messages name the problem and the fix, and point at the user's own code where on
     ├── ArchitectureError           the architecture table names a module the model does not have
     ├── ModelUnavailableOffline     a Hub model is needed, the Hub cannot be reached, and it is not cached
     ├── MagicUsageError             a `%%trace` or `%nnsight` line that cannot be understood
+    ├── ViewsNotBuiltError          the notebook views' front-end bundle is missing from this install
     ├── ProtocolError               a value cannot cross the wire, or bytes are not a valid message
     │   └── ProtocolVersionError    client and server speak different protocol versions
     └── RemoteError                 a remote run did not give its values back
@@ -97,6 +98,10 @@ class ModelUnavailableOffline(NNsightError, OSError):
 
 class MagicUsageError(NNsightError, ValueError):
     """A `%%trace` or `%nnsight` line that cannot be understood."""
+
+
+class ViewsNotBuiltError(NNsightError, FileNotFoundError):
+    """The notebook views' front-end bundle (`widgets/static/views.js`) is missing from this install."""
 
 
 class ProtocolError(NNsightError, ValueError):

@@ -40,7 +40,7 @@ _TRACE_USAGE = (
 
 _NNSIGHT_HELP = """%nnsight commands:
   %nnsight models              models available here (registry aliases, and whether each works offline)
-  %nnsight tree MODEL          the module tree of MODEL
+  %nnsight tree MODEL [INPUT]  the module tree of MODEL (with every module's shapes for a sample INPUT)
   %nnsight status              the remote backend configured for --remote
   %nnsight config KEY=VALUE    set the remote backend for this kernel: host=URL, api_key=KEY, timeout=S
   %nnsight help                this text
@@ -143,8 +143,9 @@ class TraceMagics(Magics):
         if args.show:
             from IPython.display import display
 
-            for name, value in results.items():
-                display(_summary(name, value))
+            from .widgets import SavedValues
+
+            display(SavedValues(results, title=f"saved by %%trace {line.strip()}"))
 
     def _tracer(self, model: NNsight, inputs: tuple, args: argparse.Namespace) -> Tracer:
         options: dict[str, Any] = {"remote": True, "timeout": args.timeout} if args.remote else {}
@@ -176,10 +177,16 @@ class TraceMagics(Magics):
 
             return available()
         if command == "tree":
-            if len(words) != 2:
-                raise MagicUsageError("Usage: %nnsight tree MODEL")
+            if len(words) < 2:
+                raise MagicUsageError('Usage: %nnsight tree MODEL ["sample prompt" or variable]')
             model = self.model_for(words[1])
-            print(model)
+            _, tokens = _parse_trace_line(line.split(None, 1)[1])
+            prompts = self._prompt_values(tokens[1:])
+            from IPython.display import display
+
+            from .widgets import ModuleTree
+
+            display(ModuleTree(model, *prompts[:1]))
             return None
         if command == "status":
             from .settings import CONFIG
@@ -215,35 +222,6 @@ class TraceMagics(Magics):
                     raise MagicUsageError(str(exc)) from None
             return None
         raise MagicUsageError(f"Unknown %nnsight command {command!r}.\n{_NNSIGHT_HELP}")
-
-
-def _summary(name: str, value: Any) -> Any:
-    import torch
-    from IPython.display import HTML
-
-    def describe(v: Any) -> str:
-        if isinstance(v, torch.Tensor):
-            f = v.detach().float()
-            stats = (
-                f"mean {f.mean():.4g}, std {f.std():.4g}, min {f.min():.4g}, max {f.max():.4g}"
-                if f.numel() > 1
-                else f"value {f.item():.4g}"
-            )
-            return f"tensor {list(v.shape)} {str(v.dtype).replace('torch.', '')}: {stats}"
-        if isinstance(v, (list, tuple)):
-            return (
-                f"{type(v).__name__} of {len(v)}: ["
-                + "; ".join(describe(x) for x in v[:4])
-                + ("; ..." if len(v) > 4 else "")
-                + "]"
-            )
-        return repr(v)[:200]
-
-    return HTML(f"<pre><b>{name}</b>: {_escape(describe(value))}</pre>")
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 _PATH_RE = re.compile(r"([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*|\[\s*-?\d+\s*\]|\[\s*['\"][^'\"]+['\"]\s*\])*)\.(\w*)$")

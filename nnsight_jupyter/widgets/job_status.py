@@ -9,16 +9,13 @@ content appears as static HTML from `_repr_mimebundle_`.
 from __future__ import annotations
 
 import html
-import pathlib
 import time
 from typing import Any
 
-import anywidget
 import traitlets
 
 from ..remote.lifecycle import FINAL_STATES
-
-_HERE = pathlib.Path(__file__).parent
+from .view import View
 
 _SHOWN_LINES = 5
 _COLOURS = {
@@ -32,12 +29,10 @@ _COLOURS = {
 }
 
 
-class JobStatus(anywidget.AnyWidget):
+class JobStatus(View):
     """One remote job: `JobStatus(job_id, model)`, then `update(event)` for each server event."""
 
-    _esm = _HERE / "job_status.js"
-    _css = _HERE / "job_status.css"
-
+    _view = traitlets.Unicode("job_status").tag(sync=True)
     job_id = traitlets.Unicode("").tag(sync=True)
     model = traitlets.Unicode("").tag(sync=True)
     state = traitlets.Unicode("submitted").tag(sync=True)
@@ -119,10 +114,8 @@ class JobStatus(anywidget.AnyWidget):
         parts.append("</div>")
         return "".join(parts)
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        bundle = super()._repr_mimebundle_(**kwargs)
-        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        data = dict(data or {})
-        data["text/plain"] = self.summary()
-        data["text/html"] = self.to_html()
-        return data, metadata
+    def _html(self) -> str:
+        return self.to_html()
+
+    def _text(self) -> str:
+        return self.summary()

@@ -135,16 +135,23 @@ def test_show_displays_a_summary(shell, gpt2, capsys):
     shown = []
     shell.display_pub.publish = lambda data, **kw: shown.append(data)
     shell.run_cell("%%trace raw x --show\nh = model.transformer.h[0].output.save()\n").raise_error()
-    html = "".join(d.get("text/html", "") for d in shown)
-    assert "<b>h</b>" in html and "tensor [1, 5, 32] float32" in html
+    views = [d for d in shown if "application/vnd.jupyter.widget-view+json" in d]
+    assert len(views) == 1
+    table = views[0]["text/plain"]
+    h = shell.user_ns["h"]
+    assert table.startswith(f"h: [1, 5, 32] float32  mean {h.mean().item():.4g}".replace("e-0", "e-"))
+    assert "<b>h</b>" in views[0]["text/html"]
 
 
 def test_nnsight_line_magic(shell, gpt2, capsys):
     shell.user_ns.update(raw=gpt2)
     shell.run_cell("%nnsight help").raise_error()
     assert "%nnsight tree MODEL" in capsys.readouterr().out
+    shown = []
+    shell.display_pub.publish = lambda data, **kw: shown.append(data)
     shell.run_cell("%nnsight tree raw").raise_error()
-    assert "GPT2LMHeadModel" in capsys.readouterr().out
+    tree = shown[-1]["text/plain"]
+    assert tree.startswith("model: GPT2LMHeadModel") and "h.0–1: 2 × GPT2Block" in tree
     from nnsight_jupyter.remote.config import CONFIG
 
     shell.run_cell("%nnsight config host=http://127.0.0.1:9 api_key=abc").raise_error()

@@ -1,0 +1,47 @@
+/** Number formatting shared by every view: short for headers, exact enough for hover. */
+
+/** `digits` significant digits, without trailing zeros; exponent form for very large or small values. */
+export function formatNumber(value: number, digits = 4): string {
+  if (Number.isNaN(value)) return "NaN";
+  if (value === Infinity) return "inf";
+  if (value === -Infinity) return "-inf";
+  if (value === 0) return "0";
+  const abs = Math.abs(value);
+  if (abs >= 1e-4 && abs < 10 ** digits) {
+    const text = value.toPrecision(digits);
+    return text.includes(".") ? text.replace(/\.?0+$/, "") : text;
+  }
+  const [mantissa, exponent] = value.toExponential(digits - 1).split("e");
+  const m = mantissa.includes(".") ? mantissa.replace(/\.?0+$/, "") : mantissa;
+  return `${m}e${exponent}`;
+}
+
+/** A float32 value as written in full (7 significant digits), for hover read-outs. */
+export function formatExact(value: number, integer = false): string {
+  if (integer && Number.isFinite(value)) return String(Math.round(value));
+  return formatNumber(value, 7);
+}
+
+/** 1234567 -> "1.23M", 950 -> "950". */
+export function formatCount(value: number): string {
+  if (value < 1000) return String(value);
+  const units = ["K", "M", "B", "T"];
+  let v = value;
+  let unit = "";
+  for (const u of units) {
+    if (v < 1000) break;
+    v /= 1000;
+    unit = u;
+  }
+  return `${v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2)}${unit}`;
+}
+
+/** 12345 -> "12,345". */
+export function formatInt(value: number): string {
+  return Math.round(value).toLocaleString("en-US");
+}
+
+/** A token as shown on an axis: newlines and tabs made visible, nothing else changed. */
+export function tokenText(token: string): string {
+  return token.replace(/\n/g, "↵").replace(/\t/g, "→");
+}
