@@ -256,12 +256,33 @@ class TreeData:
                 a = int(self.parents[a])
         out: list[tuple[int, int, str, str, int, str]] = []
         hidden = 0
-        stack: list[tuple[int, int]] = [(0, 0)]
+        # (node, depth) or (run of sibling nodes, depth) for a folded run under a parent with other children
+        stack: list[tuple[Any, int]] = [(0, 0)]
         while stack:
-            node, depth = stack.pop()
+            item, depth = stack.pop()
             if len(out) >= limit:
-                hidden += 1
+                hidden += len(item) if isinstance(item, list) else 1
                 continue
+            if isinstance(item, list):
+                first, last = item[0], item[-1]
+                inside = sum(marked_below.get(k, 0) for k in item)
+                out.append(
+                    (
+                        depth,
+                        first,
+                        f"{self.names[first]}–{self.names[last]}",
+                        f"{len(item)} × {self.classes[self.class_ids[first]]}",
+                        int(sum(self.params[k] for k in item)),
+                        f"{inside} marked" if inside else "",
+                    )
+                )
+                if children[first]:  # the first member stands for all (a leaf needs no second row)
+                    stack.append((first, depth + 1))
+                    hidden += len(item) - 1
+                else:
+                    hidden += len(item)
+                continue
+            node = item
             kids = children[node]
             if len(kids) > 1 and all(self.folds[k] == kids[0] for k in kids):
                 label = f"{self.names[node] or self.root_name}.{self.names[kids[0]]}–{self.names[kids[-1]]}"
@@ -276,8 +297,11 @@ class TreeData:
                         f"{inside} marked" if inside else self.marks.get(node, ""),
                     )
                 )
-                stack.append((kids[0], depth + 1))
-                hidden += len(kids) - 1
+                if children[kids[0]]:
+                    stack.append((kids[0], depth + 1))
+                    hidden += len(kids) - 1
+                else:
+                    hidden += len(kids)
                 continue
             out.append(
                 (
@@ -289,13 +313,26 @@ class TreeData:
                     self.marks.get(node, ""),
                 )
             )
-            stack.extend((k, depth + 1) for k in reversed(kids))
+            groups: list[Any] = []
+            for k in kids:
+                if (
+                    self.folds[k] >= 0
+                    and groups
+                    and isinstance(groups[-1], list)
+                    and self.folds[groups[-1][0]] == self.folds[k]
+                ):
+                    groups[-1].append(k)
+                elif self.folds[k] == k:
+                    groups.append([k])
+                else:
+                    groups.append(k)
+            stack.extend((g, depth + 1) for g in reversed(groups))
         return out, hidden
 
     def text(self, limit: int = 60) -> str:
         rows, hidden = self.rows(limit)
         lines = [
-            f"{'  ' * d}{label}: {cls} ({static.fmt(p, 3) if p else 0} params){' [' + b + ']' if b else ''}"
+            f"{'  ' * d}{label}: {cls} ({static.count(p)} params){' [' + b + ']' if b else ''}"
             for d, _, label, cls, p, b in rows
         ]
         if hidden:
@@ -319,7 +356,7 @@ class TreeData:
                 )
             out.append(
                 f"<div style='padding-left: {depth * 14}px; white-space: nowrap;' title='{esc(self.access[node])}'>"
-                f"{esc(label)} <span style='{static.MUTED}'>{esc(cls)} · {static.fmt(params, 3) if params else 0}"
+                f"{esc(label)} <span style='{static.MUTED}'>{esc(cls)} · {static.count(params)}"
                 f"</span>{badge}</div>"
             )
         if hidden:

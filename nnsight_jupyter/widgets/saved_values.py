@@ -53,6 +53,8 @@ class SavedRow:
         self.name = name
         self.value = value
         self.tensor, self.note = as_tensor(value)
+        # Looked up now: by the time the row is opened, another trace may have replaced the record.
+        self.tokens = token_labels(value) if isinstance(value, torch.Tensor) else None
         self.preview: np.ndarray | None = None
         if self.tensor is not None and self.tensor.device.type != "meta" and self.tensor.numel():
             self.summary: buffers.Summary | None = buffers.summarise(self.tensor)
@@ -136,8 +138,7 @@ class SavedValues(View):
             raise ValueError(f"{row.name} is not a tensor")
         data = self._opened.get(row.name)
         if data is None:
-            tokens = token_labels(row.value) if isinstance(row.value, torch.Tensor) else None
-            data = self._opened[row.name] = TensorData(row.tensor, name=row.name, tokens=tokens, note=row.note)
+            data = self._opened[row.name] = TensorData(row.tensor, name=row.name, tokens=row.tokens, note=row.note)
         state, paths, out = _remove_buffers(data.state())
         return {"state": state, "buffer_paths": paths}, out
 
@@ -185,7 +186,7 @@ class SavedValues(View):
             body.append(
                 "<tr>"
                 + "".join(
-                    f"<td style='padding: 3px 10px 3px 4px; {static.MONO} "
+                    f"<td style='text-align: left; padding: 3px 10px 3px 4px; {static.MONO} "
                     f"border-top: 1px solid var(--jp-border-color2, #e0e0e0);'>{c}</td>"
                     for c in cells
                 )

@@ -156,6 +156,20 @@ def fmt(value: float, digits: int = 4) -> str:
     return f"{mantissa}e{int(exponent):+d}"
 
 
+def count(value: float) -> str:
+    """1234567 -> "1.23M", 950 -> "950" (the front-end's formatCount)."""
+    if value < 1000:
+        return str(int(value))
+    units = "KMBT"
+    k = 0
+    value /= 1000
+    while value >= 1000 and k < len(units) - 1:
+        value /= 1000
+        k += 1
+    unit = units[k]
+    return f"{value:.0f}{unit}" if value >= 100 else f"{value:.1f}{unit}" if value >= 10 else f"{value:.2f}{unit}"
+
+
 def histogram_svg(
     counts: Iterable[float], lo: float, hi: float, scale: Scale, width: int = 180, height: int = 40
 ) -> str:

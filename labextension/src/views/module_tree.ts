@@ -90,9 +90,9 @@ export function renderModuleTree(el: HTMLElement, source: DataSource): () => voi
 
   const expanded = new Set<string>();
   const key = (row: Row) => (row.fold ? `f${row.node}` : `n${row.node}`);
-  // Open by default: the root and its descendants down to depth 2, never a folded run.
+  // Open by default: the root and the modules below it down to depth 1, never a folded run.
   const openByDefault = (node: number) => {
-    if (depthOf[node] > 1) return;
+    if (depthOf[node] > 1 || wholeFold(node)) return;
     expanded.add(`n${node}`);
     if (!wholeFold(node)) childRows(node, 0).forEach((r) => !r.fold && openByDefault(r.node));
   };
@@ -141,7 +141,8 @@ export function renderModuleTree(el: HTMLElement, source: DataSource): () => voi
     "aria-label": "search modules", spellcheck: "false",
   });
   const count = h("span", { class: "nnsj-muted nnsj-count" });
-  const details = h("div", { class: "nnsj-details", "aria-live": "polite" });
+  const details = h("div", { class: "nnsj-details", "aria-live": "polite" },
+    h("span", { class: "nnsj-muted", text: "click a module to copy its path and a line that saves its output" }));
   const totalParams = params[0];
   const summary = h("span", { class: "nnsj-muted", text: `${formatInt(n)} modules, ${formatCount(totalParams)} parameters` });
   root.append(h("div", { class: "nnsj-toolbar" }, search, count, summary), details);
@@ -233,7 +234,7 @@ export function renderModuleTree(el: HTMLElement, source: DataSource): () => voi
       h("span", { class: "nnsj-muted", text: deviceIds[node] >= 0 ? devices[deviceIds[node]] : "" }),
       shapesOut ? h("span", {
         class: "nnsj-shapes", "data-field": "shapes",
-        text: shapesOut[node] ? `${shapesIn?.[node] ?? ""} → ${shapesOut[node]}` : "",
+        text: shapeText(fold && !row.fold ? children[node][0] : node),
       }) : null,
     ];
     el.replaceChildren(...cells.filter((c): c is HTMLElement => c !== null));
@@ -242,9 +243,17 @@ export function renderModuleTree(el: HTMLElement, source: DataSource): () => voi
       event.stopPropagation();
       toggle(row);
     };
-    el.onclick = () => (row.fold ? toggle(row) : select(node));
-    el.ondblclick = () => !row.fold && toggle(row);
+    // A run of layers opens on click; a module whose children are such a run (`layers`) also opens,
+    // and is selected like any module.
+    el.onclick = () => {
+      if (!row.fold) select(node);
+      if (row.fold || (whole && !matches)) toggle(row);
+    };
+    el.ondblclick = () => !row.fold && !whole && toggle(row);
   };
+
+  const shapeText = (node: number): string =>
+    shapesOut && shapesOut[node] ? `${shapesIn?.[node] ?? ""} → ${shapesOut[node]}` : "";
 
   const isInside = (m: number, first: number, last: number): boolean => {
     let a = m;

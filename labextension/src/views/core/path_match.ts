@@ -5,7 +5,6 @@
  * component boundary: `layers.*.mlp` matches `model.layers.3.mlp` but not `model.layers.3.mlp.up`.
  * `*` stays within one component, `**` crosses dots. Any other query is a case-insensitive
  * substring of the path, the access expression (`model.layers[3].mlp`) or the class name.
- * `nnsight_jupyter/widgets/module_tree.py` implements the same rule for the static fallback.
  */
 
 export type Matcher = (path: string, access: string, className: string) => boolean;

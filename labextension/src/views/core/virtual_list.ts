@@ -22,6 +22,8 @@ export class VirtualList {
   private spacer: HTMLDivElement;
   private pool: HTMLDivElement[] = [];
   private schedule: () => void;
+  /** Bumped whenever the rows' data changes; a row already showing its index at this version is kept. */
+  private version = 0;
 
   constructor(private options: VirtualListOptions) {
     this.spacer = h("div", { class: "nnsj-vlist-spacer" });
@@ -33,6 +35,7 @@ export class VirtualList {
 
   setCount(count: number): void {
     this.options.count = count;
+    this.version++;
     const full = count * this.options.rowHeight;
     this.spacer.style.height = `${full}px`;
     this.root.style.height = `${Math.min(full, this.options.height) + 2}px`;
@@ -42,6 +45,7 @@ export class VirtualList {
 
   /** Render the visible rows again (after the data behind them changed). */
   refresh(): void {
+    this.version++;
     this.draw();
   }
 
@@ -66,18 +70,18 @@ export class VirtualList {
       this.pool.push(row);
       this.root.append(row);
     }
-    this.pool.forEach((row, k) => {
-      const index = first + k;
-      if (k >= needed) {
-        row.style.display = "none";
-        row.removeAttribute("data-index");
-        return;
-      }
-      row.style.display = "";
+    for (const extra of this.pool.splice(needed)) extra.remove();
+    // Row `index` always lives in pool[index % size], so rows still in view after a scroll are kept.
+    const size = this.pool.length;
+    for (let index = first; index < last; index++) {
+      const row = this.pool[index % size];
+      const key = `${index}:${this.version}`;
+      if (row.dataset.key === key) continue;
+      row.dataset.key = key;
       row.style.top = `${index * rowHeight}px`;
       row.dataset.index = String(index);
       this.options.render(index, row);
-    });
+    }
     this.root.dataset.first = String(first);
   }
 }
