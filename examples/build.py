@@ -31,29 +31,6 @@ def code(text: str) -> tuple[str, str]:
     return ("code", textwrap.dedent(text).strip("\n"))
 
 
-# A small HTML heatmap, shared by the notebooks that show a table of numbers (no matplotlib).
-HEATMAP = code('''
-    from IPython.display import HTML, display
-
-    def heatmap(rows, cols, values, fmt="{:.2f}"):
-        """Show `values[i][j]` as an HTML table shaded from white (min) to blue (max), and as text."""
-        flat = [v for row in values for v in row]
-        lo, hi = min(flat), max(flat)
-        def shade(v):
-            t = 0.0 if hi == lo else (v - lo) / (hi - lo)
-            return f"background: rgba(30, 100, 220, {0.1 + 0.8 * t:.2f})"
-        head = "".join(f"<th>{c}</th>" for c in cols)
-        body = "".join(
-            f"<tr><th>{r}</th>" + "".join(f'<td style="{shade(v)}">{fmt.format(v)}</td>' for v in row) + "</tr>"
-            for r, row in zip(rows, values)
-        )
-        display(HTML(f"<table><tr><th></th>{head}</tr>{body}</table>"))
-        width = max(len(str(c)) for c in cols) + 1
-        print(" " * 10 + "".join(f"{str(c):>{max(width, 7)}}" for c in cols))
-        for r, row in zip(rows, values):
-            print(f"{str(r):>10}" + "".join(f"{fmt.format(v):>{max(width, 7)}}" for v in row))
-''')
-
 NOTEBOOKS: dict[str, list[tuple[str, str]]] = {}
 
 NOTEBOOKS["01_quickstart"] = [
@@ -62,13 +39,17 @@ NOTEBOOKS["01_quickstart"] = [
 
         Load the bundled SmolLM2-135M-Instruct, look at its module tree, run a first trace and read
         the model's next-token prediction straight from the `lm_head` output.
+
+        `show(...)` draws a view in the notebook: here the module tree (30 identical decoder layers
+        folded into one row; click a module to copy its path), then a saved tensor. In JupyterLab
+        the views are interactive; a saved or exported notebook keeps a static picture of each.
     '''),
     code('''
         import torch
-        from nnsight_jupyter import LanguageModel
+        from nnsight_jupyter import LanguageModel, show
 
         model = LanguageModel("smollm2")   # bundled weights, no download
-        print(model)
+        show(model)
     '''),
     md('''
         ## A first trace
@@ -87,6 +68,13 @@ NOTEBOOKS["01_quickstart"] = [
         print("logits:", tuple(logits.shape))
     '''),
     md('''
+        The residual stream after layer 5, position by hidden unit, with the prompt's tokens on its
+        rows (the trace knows them). Hover a cell for its value; the histogram covers every value.
+    '''),
+    code('''
+        show(hidden, name="hidden")
+    '''),
+    md('''
         ## Logits to the top-5 next tokens
     '''),
     code('''
@@ -99,13 +87,14 @@ NOTEBOOKS["01_quickstart"] = [
         ## The same trace as a `%%trace` cell
 
         With the extension loaded, a `%%trace MODEL "prompt"` cell *is* the trace body: `model` and
-        `tracer` are defined in it, and saved values land in the notebook.
+        `tracer` are defined in it, and saved values land in the notebook. `--show` adds a table of
+        what the cell saved; click a row to open its tensor.
     '''),
     code('''
         %load_ext nnsight_jupyter
     '''),
     code('''
-        %%trace model "The capital of France is"
+        %%trace model "The capital of France is" --show
         logits_magic = model.lm_head.output[0, -1].save()
     '''),
     code('''
@@ -134,14 +123,15 @@ NOTEBOOKS["02_activations"] = [
         A plain `for` loop over `model.layers` inside the trace; `save([])` keeps the list.
     '''),
     code('''
+        from nnsight_jupyter import show
+
         with torch.no_grad(), model.trace(prompt):
             norms = save([])
             for layer in model.layers:
                 norms.append(layer.output[0, -1].norm().item())
 
-        peak = max(norms)
-        for i, n in enumerate(norms):
-            print(f"layer {i:2d} {n:8.1f} " + "#" * int(40 * n / peak))
+        print("largest norm at layer", max(range(len(norms)), key=norms.__getitem__))
+        show(norms, name="norm", labels={0: [f"layer {i}" for i in range(len(norms))]})
     '''),
     md('''
         ## The `%%trace` form of the same read
@@ -160,20 +150,20 @@ NOTEBOOKS["02_activations"] = [
         ## Attention pattern of one layer
 
         With `attn_implementation="eager"` the attention module returns `(output, weights)`;
-        `weights` has shape `[batch, heads, query, key]`. Here: layer 3, averaged over heads.
-        Rows are query positions; most of the weight goes to the first token (an "attention sink"),
-        the rest to recent tokens.
+        `weights` has shape `[batch, heads, query, key]`. Here: layer 3, one head at a time (the
+        slider picks the head). Rows are query positions, columns key positions, both labelled with
+        the prompt's tokens; most of the weight goes to the first token (an "attention sink"), the
+        rest to recent tokens.
     '''),
-    HEATMAP,
     code('''
         eager = LanguageModel("smollm2", attn_implementation="eager")
         with torch.no_grad(), eager.trace(prompt):
             weights = eager.layers[3].attn.output[1].save()
 
-        tokens = [eager.tokenizer.decode(t) for t in eager.tokenizer(prompt)["input_ids"]]
         print("weights:", tuple(weights.shape))
-        pattern = weights[0].mean(0)        # [query, key], each row sums to 1
-        heatmap([repr(t) for t in tokens], [repr(t) for t in tokens], pattern.tolist())
+        print("share of attention on the first token, mean over heads and queries:",
+              round(weights[0, :, :, 0].mean().item(), 3))
+        show(weights, name="weights")
     '''),
     md('''
         ## Top next tokens
@@ -343,7 +333,7 @@ NOTEBOOKS["05_gradients"] = [
     '''),
     code('''
         import torch
-        from nnsight_jupyter import LanguageModel, save
+        from nnsight_jupyter import LanguageModel, save, show
 
         model = LanguageModel("smollm2")
         prompt = "The capital of France is"
@@ -379,9 +369,8 @@ NOTEBOOKS["05_gradients"] = [
             model.lm_head.output[0, -1, paris].backward()
             grad_norms = save([x.grad[0].norm().item() for x in hs])
 
-        peak = max(grad_norms)
-        for i, g in enumerate(grad_norms):
-            print(f"layer {i:2d} {g:8.3f} " + "#" * int(40 * g / peak))
+        print("largest gradient norm at layer", max(range(len(grad_norms)), key=grad_norms.__getitem__))
+        show(grad_norms, name="grad norm", labels={0: [f"layer {i}" for i in range(len(grad_norms))]})
     '''),
     md('''
         ## The `%%trace` form
@@ -551,7 +540,10 @@ def make_notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
 
 def execute(nb: nbformat.NotebookNode, cwd: Path = HERE, timeout: int = CELL_TIMEOUT) -> nbformat.NotebookNode:
     """Run `nb` in place with a fresh `python3` kernel; raises CellExecutionError on the first error."""
-    NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(cwd)}}).execute()
+    # No widget state in the files: the views' static pictures show on GitHub, and running the notebook
+    # makes them live again.
+    NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(cwd)}},
+                   store_widget_state=False).execute()
     return nb
 
 

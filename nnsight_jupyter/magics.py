@@ -46,7 +46,8 @@ _NNSIGHT_HELP = """%nnsight commands:
   %nnsight help                this text
 
 %%trace MODEL [PROMPT ...] [--max-new-tokens N] [--remote] [--timeout S] [--show]
-  runs the cell as the body of a trace; `model` and `tracer` are defined in it."""
+  runs the cell as the body of a trace; `model` and `tracer` are defined in it.
+  --show displays a table of what the cell saved (click a row to open its tensor)."""
 
 
 def _parse_trace_line(line: str) -> tuple[argparse.Namespace, list[str]]:

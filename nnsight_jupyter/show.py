@@ -2,6 +2,7 @@
 
     from nnsight_jupyter import show
     show(hidden)                         # TensorView: statistics, histogram, sliceable heatmap
+    show(norms, labels={0: layer_names}) # name the entries of any dim
     show(model)                          # ModuleTree; show(model, "a prompt") adds every module's shapes
     show(model.layers[3])                # the tree below one module
     show(tracer)                         # SavedValues: what the trace saved, each row opens its tensor
@@ -27,9 +28,9 @@ def view_for(value: Any, *args: Any, name: str = "", **kwargs: Any) -> Any:
     if isinstance(value, torch.Tensor):
         from .widgets import TensorView
 
-        if args or kwargs:
-            raise TypeError("show(tensor) takes no other arguments than name=...")
-        return TensorView(value, name=name)
+        if args or set(kwargs) - {"labels", "tokens"}:
+            raise TypeError("show(tensor) takes name=, labels={dim: [...]} and tokens=False, nothing else")
+        return TensorView(value, name=name, **kwargs)
     if isinstance(value, (Envoy, torch.nn.Module)):
         from .widgets import ModuleTree
 
@@ -48,7 +49,7 @@ def view_for(value: Any, *args: Any, name: str = "", **kwargs: Any) -> Any:
 
         tensor, _ = as_tensor(value)
         if tensor is not None:
-            return TensorView(tensor, name=name)
+            return TensorView(tensor, name=name, **kwargs)
         return SavedValues({str(i): v for i, v in enumerate(value)}, title=name)
     raise TypeError(
         f"show() has no view for a {type(value).__name__}. It shows tensors, models and their modules "

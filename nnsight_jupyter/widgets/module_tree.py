@@ -390,8 +390,15 @@ class ModuleTree(View):
     shapes_out = traitlets.List(traitlets.Unicode(), allow_none=True, default_value=None).tag(sync=True)
     marked = traitlets.List(traitlets.Int()).tag(sync=True)
     mark_kinds = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    note = traitlets.Unicode("").tag(sync=True)
 
     def __init__(self, model: Any, *inputs: Any, **kwargs: Any) -> None:
+        root = model._root if isinstance(model, Envoy) else None
+        note = (
+            "weights not loaded yet (device meta): they load on the first trace, or now with model.dispatch()"
+            if root is not None and getattr(root, "dispatched", True) is False and not (inputs or kwargs)
+            else ""
+        )
         if inputs or kwargs:
             envoy = as_envoy(model)
             self._data = TreeData(envoy, scan=envoy._root.scan(*inputs, **kwargs))
@@ -399,7 +406,7 @@ class ModuleTree(View):
             self._data = TreeData(model)
         else:
             as_envoy(model)
-        super().__init__(**self._data.state())
+        super().__init__(note=note, **self._data.state())
 
     def _html(self) -> str:
         return self._data.html()

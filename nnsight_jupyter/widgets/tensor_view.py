@@ -63,7 +63,13 @@ class TensorData:
     """One tensor as a TensorView shows it: the view's state, and its answers to tile requests."""
 
     def __init__(
-        self, tensor: torch.Tensor, *, name: str = "", tokens: dict[str, Any] | None = None, note: str = ""
+        self,
+        tensor: torch.Tensor,
+        *,
+        name: str = "",
+        tokens: dict[str, Any] | None = None,
+        labels: dict[int, Any] | None = None,
+        note: str = "",
     ) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(
@@ -82,9 +88,11 @@ class TensorData:
         else:
             self.summary = buffers.summarise(tensor)
         self.hist = buffers.histogram(tensor, self.summary) if self.summary else None
+        self.percentiles = buffers.percentile_range(tensor) if self.summary and self.summary.count else None
         self.dtype = buffers.display_dtype(tensor, self.summary) if self.summary else "float32"
         self.tile_shape = TILE_FLOAT64 if self.dtype == "float64" else TILE
         self.tokens = tokens
+        self.labels = _check_labels(self.shape, labels)
         ndim = len(self.shape)
         self.rows_axis = ndim - 2 if ndim >= 2 else -1
         self.cols_axis = ndim - 1 if ndim >= 1 else 0
@@ -108,8 +116,10 @@ class TensorData:
             "window": None,
             "window_data": None,
             "tokens": self.tokens,
+            "labels": {str(axis): names for axis, names in self.labels.items()},
             "integer": not self.tensor.is_floating_point(),
             "note": self.note,
+            "percentiles": self.percentiles,
         }
         if self.hist is not None:
             state["hist"] = self.hist.header(self.summary.count)
@@ -242,6 +252,8 @@ class TensorData:
         return "".join(parts)
 
     def _row_tokens(self) -> list[str] | None:
+        if self.rows_axis in self.labels:
+            return self.labels[self.rows_axis]
         t = self.tokens
         if not t or self.rows_axis not in t["axes"] or t["batch_axis"] in (self.rows_axis, self.cols_axis):
             return None
@@ -249,11 +261,26 @@ class TensorData:
         return [s.replace("\n", "↵") for s in t["rows"][min(batch, len(t["rows"]) - 1)]]
 
 
+def _check_labels(shape: tuple[int, ...], labels: dict[int, Any] | None) -> dict[int, list[str]]:
+    """Axis labels as {dim: one string per index}, checked against the shape."""
+    out: dict[int, list[str]] = {}
+    for axis, names in (labels or {}).items():
+        dim = int(axis) + (len(shape) if int(axis) < 0 else 0)
+        if not 0 <= dim < len(shape):
+            raise ValueError(f"labels for dim {axis}: the tensor has {len(shape)} dims")
+        names = [str(n) for n in names]
+        if len(names) != shape[dim]:
+            raise ValueError(f"labels for dim {axis} has {len(names)} entries; that dim has size {shape[dim]}")
+        out[dim] = names
+    return out
+
+
 class TensorView(View):
     """A tensor's statistics, histogram and a sliceable heatmap: `TensorView(tensor, name="h")`.
 
     Token labels appear on sequence axes when a language model's latest trace saved the tensor
-    (pass `tokens=False` to leave them out).
+    (pass `tokens=False` to leave them out); `labels={dim: [...]}` names the entries of any dim
+    (layers, heads, your own tokens), one string per index.
     """
 
     _view = traitlets.Unicode("tensor").tag(sync=True)
@@ -271,11 +298,15 @@ class TensorView(View):
     window = traitlets.Dict(allow_none=True).tag(sync=True)
     window_data = traitlets.Any(None, allow_none=True).tag(sync=True)
     tokens = traitlets.Dict(allow_none=True).tag(sync=True)
+    labels = traitlets.Dict().tag(sync=True)
     integer = traitlets.Bool(False).tag(sync=True)
+    percentiles = traitlets.List(traitlets.Float(), allow_none=True, default_value=None).tag(sync=True)
     note = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, tensor: torch.Tensor, *, name: str = "", tokens: bool = True) -> None:
-        data = TensorData(tensor, name=name, tokens=token_labels(tensor) if tokens else None)
+    def __init__(
+        self, tensor: torch.Tensor, *, name: str = "", tokens: bool = True, labels: dict[int, Any] | None = None
+    ) -> None:
+        data = TensorData(tensor, name=name, tokens=token_labels(tensor) if tokens else None, labels=labels)
         self._data = data
         super().__init__(**data.state())
 

@@ -31,6 +31,9 @@ x4[0, 0, 0, 1] = float("inf")
 show(x4, name="x4")
 ''',
     '''
+show(torch.arange(12.0).sqrt(), name="norms", labels={0: [f"layer {i}" for i in range(12)]})
+''',
+    '''
 base = torch.sin(torch.arange(2048) * 0.01)[:, None] * torch.cos(torch.arange(2048) * 0.01)[None, :]
 big = base.expand(64, -1, -1) + torch.arange(64, dtype=torch.float32).view(64, 1, 1)
 assert big.numel() * big.element_size() == 2**30
@@ -134,14 +137,30 @@ def test_sliders_fetch_the_chosen_slice(notebook):
     scale = Scale(float(finite.min()), float(finite.max()))
     assert pixel(heatmap, 1, 3) == scale.rgb(float(x4[1, 2, 1, 3]))
     assert pixel(heatmap, 3, 4) == (224, 64, 251)  # NaN's own colour
+    ordered = np.sort(finite.double().numpy())
+    p01, p99 = ordered[int(np.floor(0.01 * (len(ordered) - 1)))], ordered[int(np.ceil(0.99 * (len(ordered) - 1)))]
+    view.locator('select[data-role="colour"]').select_option("percentiles")
+    robust = Scale(float(p01), float(p99))
+    page.wait_for_function("([root, hi]) => root.querySelector('.nnsj-colourbar').dataset.hi === hi",
+                           arg=[view.element_handle(), repr(robust.hi)])
+    assert pixel(heatmap, 1, 3) == robust.rgb(float(x4[1, 2, 1, 3]))
     screenshot(view, "tensor_view_slices")
+
+
+def test_named_entries_label_a_1d_tensor(notebook):
+    view = view_in(notebook, 3)
+    labels = view.locator(".nnsj-hm-cols .nnsj-hm-label").evaluate_all("(ls) => ls.map((l) => l.title)")
+    assert labels == [f"layer {i}" for i in range(12)]
+    text = hover(notebook.page, view.locator(".nnsj-heatmap"), 0, 7)
+    assert text == f"norms[7] = {math.sqrt(7):.7g}  (layer 7)"
+    screenshot(view, "tensor_view_labels")
 
 
 def test_a_1gb_tensor_shows_and_its_slider_answers(notebook):
     page = notebook.page
-    out = notebook.output(3)
+    out = notebook.output(4)
     shown_s = float(out.locator(".jp-OutputArea-output").filter(has_text="shown in").inner_text().split()[2])
-    view = view_in(notebook, 3)
+    view = view_in(notebook, 4)
     heatmap = view.locator(".nnsj-heatmap")
     slider = view.locator('input.nnsj-slider[data-axis="0"]')
     times = []

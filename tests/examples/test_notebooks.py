@@ -54,12 +54,16 @@ def check_01_quickstart(out: str) -> None:
     assert re.search(r"' Paris'\s+0\.[5-9]", out), out          # top-1 with most of the mass
     assert "same logits as the with-block: True" in out
     assert "top token: ' Paris'" in out
+    assert out.startswith("model: LlamaForCausalLM") and "layers.0–29: 30 × LlamaDecoderLayer" in out  # show(model)
+    assert "hidden: Tensor[1, 5, 576] torch.float32 cpu" in out      # show(hidden)
+    assert "logits_magic: [49152] float32" in out                    # the --show table
 
 
 def check_02_activations(out: str) -> None:
-    assert out.count("layer ") >= 30                               # one norm bar per layer
+    assert "norm: Tensor[30] torch.float32 cpu" in out              # one norm per layer, as a view
     assert "same norms: True" in out
     assert "weights: (1, 9, 5, 5)" in out                           # [batch, heads, query, key]
+    assert "weights: Tensor[1, 9, 5, 5] torch.float32 cpu" in out   # show(weights)
     assert re.search(r"' Paris'\s+0\.[5-9]", out)
 
 
@@ -82,7 +86,7 @@ def check_04_cross_prompt(out: str) -> None:
 
 def check_05_gradients(out: str) -> None:
     assert "grad shape: (1, 5, 576)" in out
-    assert "layer 29" in out
+    assert "grad norm: Tensor[30] torch.float32 cpu" in out
     assert "same gradient: True" in out
 
 

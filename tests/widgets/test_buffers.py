@@ -119,3 +119,16 @@ def test_finite_range_skips_nan_and_inf():
     t = torch.tensor([[1.0, float("nan")], [float("inf"), -2.0]])
     assert buffers.finite_range(t) == [-2.0, 1.0]
     assert buffers.finite_range(torch.full((2, 2), float("nan"))) is None
+
+
+def test_percentile_range_is_the_quantiles_of_the_finite_values():
+    torch.manual_seed(0)
+    t = torch.randn(1000, dtype=torch.float64)
+    t[0] = 1e6  # one massive outlier
+    t[1] = float("nan")
+    lo, hi = buffers.percentile_range(t)
+    ordered = np.sort(t[torch.isfinite(t)].numpy())
+    for value, q in [(lo, 0.01), (hi, 0.99)]:
+        k = q * (len(ordered) - 1)  # between two order statistics, as numpy's quantile puts it
+        assert ordered[int(np.floor(k))] <= value <= ordered[int(np.ceil(k))]
+    assert hi < 5

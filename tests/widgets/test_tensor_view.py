@@ -169,3 +169,12 @@ def test_scalars_meta_tensors_and_complex_values():
     assert meta.stats is None and "no values" in meta.note
     with pytest.raises(TypeError, match="tensor.real"):
         TensorView(torch.zeros(2, dtype=torch.complex64))
+
+
+def test_labels_name_the_entries_of_a_dim():
+    view = TensorView(torch.zeros(2, 3), labels={-1: ["a", "b", "c"]})
+    assert view.labels == {"1": ["a", "b", "c"]}
+    with pytest.raises(ValueError, match="labels for dim 0 has 3 entries; that dim has size 2"):
+        TensorView(torch.zeros(2, 3), labels={0: ["a", "b", "c"]})
+    with pytest.raises(ValueError, match="the tensor has 2 dims"):
+        TensorView(torch.zeros(2, 3), labels={2: []})

@@ -145,7 +145,9 @@ export function renderModuleTree(el: HTMLElement, source: DataSource): () => voi
     h("span", { class: "nnsj-muted", text: "click a module to copy its path and a line that saves its output" }));
   const totalParams = params[0];
   const summary = h("span", { class: "nnsj-muted", text: `${formatInt(n)} modules, ${formatCount(totalParams)} parameters` });
-  root.append(h("div", { class: "nnsj-toolbar" }, search, count, summary), details);
+  const note = source.get<string>("note");
+  root.append(h("div", { class: "nnsj-toolbar" }, search, count, summary,
+    note ? h("span", { class: "nnsj-note", text: note }) : null), details);
   const head = h("div", { class: "nnsj-tree-row nnsj-tree-head" + (shapesOut ? " nnsj-with-shapes" : "") },
     h("span", { text: "module" }), h("span", { text: "class" }), h("span", { class: "nnsj-num", text: "params" }),
     h("span", { text: "dtype" }), h("span", { text: "device" }),

@@ -4,7 +4,7 @@
  *
  * State (from `nnsight_jupyter/widgets/tensor_view.py`): `shape`, `dtype`, `device`, `stats`,
  * `hist` + `hist_counts`, the displayed `rows_axis` / `cols_axis` and `index`, the `tile` size,
- * the first tile (`window` + `window_data`), and `tokens` when the tensor came from a language-model
+ * the first tile (`window` + `window_data`), `labels` ({dim: names}) and `tokens` when the tensor came from a language-model
  * trace. Other tiles are asked for with `{kind: "tiles", index, rows_axis, cols_axis, tiles: [[row, col], ...]}`
  * and arrive as one buffer each.
  */
@@ -56,12 +56,17 @@ export function renderTensorView(el: HTMLElement, source: DataSource): () => voi
   el.append(root);
 
   const dark = () => isDark(root);
-  // Colours follow the whole tensor's range (slices compare), or the shown slice's range.
-  let colourBy: "tensor" | "slice" = "tensor";
+  // Colours follow the whole tensor's range (slices compare), the shown slice's range, or the
+  // tensor's 1st-99th percentiles (a few huge outliers then take the end colours instead of
+  // washing everything else out).
+  let colourBy: "tensor" | "slice" | "percentiles" = "tensor";
   let sliceRange: [number, number] | null = source.get<Window | null>("window")?.range ?? null;
+  const percentiles = source.get<[number, number] | null>("percentiles");
   const makeScale = (): Scale => {
-    const [lo, hi] = colourBy === "slice" && sliceRange ? sliceRange : [stats?.min ?? 0, stats?.max ?? 0];
-    return scaleFor(lo, hi, dark());
+    let range: [number, number] = [stats?.min ?? 0, stats?.max ?? 0];
+    if (colourBy === "slice" && sliceRange) range = sliceRange;
+    if (colourBy === "percentiles" && percentiles) range = percentiles;
+    return scaleFor(range[0], range[1], dark());
   };
   let scale: Scale = makeScale();
 
@@ -125,7 +130,10 @@ export function renderTensorView(el: HTMLElement, source: DataSource): () => voi
     if (tokens.batch_axis === colsAxis) return col;
     return index[tokens.batch_axis];
   };
+  const labels = source.get<Record<string, string[]>>("labels") ?? {};
   const axisLabel = (axis: number) => (other: number): string | null => {
+    if (axis < 0) return "";  // the one row of a 1-D tensor needs no label
+    if (labels[String(axis)]) return labels[String(axis)][other] ?? "";
     if (axis < 0 || !tokens || !tokens.axes.includes(axis)) return null;
     if (tokens.batch_axis !== null && (tokens.batch_axis === rowsAxis || tokens.batch_axis === colsAxis)) return null;
     const row = tokenRow(tokens.batch_axis === null ? 0 : index[tokens.batch_axis]);
@@ -140,6 +148,8 @@ export function renderTensorView(el: HTMLElement, source: DataSource): () => voi
   const describe = (row: number, col: number, value: number | undefined): string => {
     const at = position(row, col);
     let text = `${name || "x"}[${at.join(", ")}] = ${value === undefined ? "…" : formatExact(value, integer)}`;
+    const named = at.map((i, axis) => labels[String(axis)]?.[i]).filter((t) => t !== undefined);
+    if (named.length) text += `  (${named.join(", ")})`;
     if (tokens) {
       const batch = batchFor(row, col);
       const words = tokenRow(batch);
@@ -231,10 +241,11 @@ export function renderTensorView(el: HTMLElement, source: DataSource): () => voi
         }));
     }
     const colour = h("select", { class: "nnsj-colour-by", "aria-label": "colour range", "data-role": "colour" },
-      h("option", { value: "tensor", text: "whole tensor" }), h("option", { value: "slice", text: "this slice" }));
+      h("option", { value: "tensor", text: "whole tensor" }), h("option", { value: "slice", text: "this slice" }),
+      percentiles ? h("option", { value: "percentiles", text: "1st–99th percentile" }) : null);
     colour.value = colourBy;
     colour.addEventListener("change", () => {
-      colourBy = colour.value === "slice" ? "slice" : "tensor";
+      colourBy = colour.value as typeof colourBy;
       recolour();
     });
     controls.append(h("label", { class: "nnsj-control" }, "colours ", colour));
