@@ -87,8 +87,11 @@ class TensorData:
             self.note = note or "a meta tensor: it has a shape but no values (load the model's weights first)"
         else:
             self.summary = buffers.summarise(tensor)
-        self.hist = buffers.histogram(tensor, self.summary) if self.summary else None
-        self.percentiles = buffers.percentile_range(tensor) if self.summary and self.summary.count else None
+        picked = buffers.sample(tensor) if self.summary and tensor.numel() > buffers.SAMPLE else None
+        self.hist = buffers.histogram(tensor, self.summary, picked) if self.summary else None
+        self.percentiles = (
+            buffers.percentile_range(tensor, picked=picked) if self.summary and self.summary.count else None
+        )
         self.dtype = buffers.display_dtype(tensor, self.summary) if self.summary else "float32"
         self.tile_shape = TILE_FLOAT64 if self.dtype == "float64" else TILE
         self.tokens = tokens
