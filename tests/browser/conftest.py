@@ -1,8 +1,9 @@
 """A real JupyterLab and Debian's Chromium, driven by Playwright, for the views' browser tests.
 
 One JupyterLab server serves the whole session (a free port, no token, the kernel from this
-virtualenv); each test module builds a notebook with nbformat, opens it, runs every cell in the
-page and checks what the views drew against tensors computed here with plain torch. Screenshots
+virtualenv; it also serves Notebook 7's pages); each test module builds a notebook with nbformat,
+opens it, runs every cell in the page and checks what the views drew against tensors computed
+here with plain torch. Screenshots
 and exported pages are kept in `tests/browser/artifacts/`; with NNSIGHT_JUPYTER_README_IMAGES=1
 the screenshots the README shows are also written to `docs/images/`.
 
@@ -138,7 +139,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         "--ServerApp.port_retries=0", "--IdentityProvider.token=", "--ServerApp.password=",
         "--ServerApp.disable_check_xsrf=True", "--ServerApp.allow_root=True", f"--ServerApp.root_dir={folder}",
         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={base / 'settings'}",
+        "--LabApp.expose_app_in_browser=True", "--JupyterNotebookApp.expose_app_in_browser=True",
+        f"--LabApp.user_settings_dir={base / 'settings'}",
         f"--LabApp.workspaces_dir={base / 'workspaces'}",
     ]
     with open(log, "wb") as out:
@@ -186,9 +188,10 @@ def browser() -> Iterator[Any]:
 class NotebookPage:
     """One notebook open in its own browser page, its cells run in the page's kernel."""
 
-    def __init__(self, lab: Lab, browser: Any, name: str) -> None:
+    def __init__(self, lab: Lab, browser: Any, name: str, *, notebook7: bool = False) -> None:
         self.lab = lab
         self.name = name
+        self.notebook7 = notebook7
         self.context = browser.new_context(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
         self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=lab.url)
         self.page = self.context.new_page()
@@ -199,7 +202,10 @@ class NotebookPage:
     def open(self) -> "NotebookPage":
         # Each page gets a workspace of its own, so it does not reopen the notebooks other tests had open.
         workspace = f"{Path(self.name).stem}-{id(self)}"
-        self.page.goto(f"{self.lab.url}/lab/workspaces/{workspace}/tree/{self.name}")
+        if self.notebook7:  # Notebook 7's single-document page, served by the same server
+            self.page.goto(f"{self.lab.url}/notebooks/{self.name}")
+        else:
+            self.page.goto(f"{self.lab.url}/lab/workspaces/{workspace}/tree/{self.name}")
         self.page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
                                     "&& window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
         self.page.wait_for_function("""() => {
@@ -262,9 +268,9 @@ def open_notebook(lab: Lab, browser: Any) -> Iterator[Any]:
     """`open_notebook(name, cells)`: write, open and run a notebook; its page closes with the module."""
     pages: list[NotebookPage] = []
 
-    def open_(name: str, cells: list[str]) -> NotebookPage:
+    def open_(name: str, cells: list[str], *, notebook7: bool = False) -> NotebookPage:
         lab.write_notebook(name, cells)
-        page = NotebookPage(lab, browser, name).open()
+        page = NotebookPage(lab, browser, name, notebook7=notebook7).open()
         pages.append(page)
         page.run_all()
         return page

@@ -111,4 +111,4 @@ def test_job_status_follows_the_jobs_events(notebook):
     assert view.locator(".nnsj-job-state").inner_text() == "completed"
     assert "job-42" in view.inner_text() and "smollm2" in view.inner_text()
     assert view.locator("pre").inner_text() == "(2 earlier lines)\n" + "\n".join(f"step {i}" for i in range(2, 7))
-    screenshot(view, "job_status")
+    screenshot(view, "job_status", readme=True)
