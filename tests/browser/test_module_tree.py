@@ -209,3 +209,17 @@ def test_a_thousand_layers_fold_into_one_row_and_unfold(notebook):
     root.locator(".nnsj-twisty").click()
     result = scroll_through(view)
     assert result["count"] == 1001 and result["last"] == "999" and result["rendered"] < 100
+
+
+def test_dark_theme(notebook):
+    from .views import colours
+
+    view = tree(notebook, 1)
+    notebook.set_theme(dark=True)
+    try:
+        background, text = colours(view)
+        assert background < 60 and text > 150
+        assert colours(row(view, "model.layers").locator(".nnsj-class"))[1] > 150
+        screenshot(view, "module_tree_dark")
+    finally:
+        notebook.set_theme(dark=False)

@@ -112,3 +112,19 @@ def test_job_status_follows_the_jobs_events(notebook):
     assert "job-42" in view.inner_text() and "smollm2" in view.inner_text()
     assert view.locator("pre").inner_text() == "(2 earlier lines)\n" + "\n".join(f"step {i}" for i in range(2, 7))
     screenshot(view, "job_status", readme=True)
+
+
+def test_dark_theme(notebook):
+    from .views import colours
+
+    view = table(notebook, 1)
+    job = notebook.output(3).locator('.nnsj-view[data-view="job_status"]')
+    notebook.set_theme(dark=True)
+    try:
+        for element in (view, job):
+            background, text = colours(element)
+            assert background < 60 and text > 150
+        screenshot(view, "saved_values_dark")
+        screenshot(job, "job_status_dark")
+    finally:
+        notebook.set_theme(dark=False)

@@ -95,3 +95,15 @@ def wait_drawn(page: Any, view: Any, index: list[int]) -> None:
         status = view.locator(".nnsj-status").inner_text()
         raise AssertionError(f"the view did not draw slice {index}: it shows {view.get_attribute('data-index')!r}, "
                              f"status {status!r}") from error
+
+
+def luminance(css_colour: str) -> float:
+    """Mean of the R, G, B of a computed CSS colour like 'rgb(17, 17, 17)'."""
+    parts = css_colour[css_colour.index("(") + 1:css_colour.index(")")].split(",")[:3]
+    return sum(float(p) for p in parts) / 3
+
+
+def colours(locator: Any) -> tuple[float, float]:
+    """(background, text) luminance of an element as drawn."""
+    return tuple(luminance(c) for c in locator.evaluate(
+        "(el) => [getComputedStyle(el).backgroundColor, getComputedStyle(el).color]"))

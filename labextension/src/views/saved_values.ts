@@ -12,7 +12,7 @@ import { asDataView, typed } from "./core/binary";
 import { scaleFor } from "./core/colour";
 import { h } from "./core/dom";
 import { miniHeatmap, sparkline } from "./core/preview";
-import { isDark } from "./core/theme";
+import { isDark, onThemeChange } from "./core/theme";
 import { DataSource, putBuffers, StateSource } from "./source";
 import { renderTensorView } from "./tensor_view";
 
@@ -47,20 +47,26 @@ export function renderSavedValues(el: HTMLElement, source: DataSource): () => vo
   root.append(table);
   const cleanups = new Map<string, () => void>();
 
+  const drawPreview = (row: SavedRow, cell: HTMLElement) => {
+    cell.replaceChildren();
+    if (!row.preview) return;
+    const [pr, pc] = row.preview;
+    const values = previews.subarray(row.offset, row.offset + pr * pc);
+    if (pr === 1) {
+      cell.append(sparkline(values));
+      return;
+    }
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (const v of values) if (Number.isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    cell.append(miniHeatmap(values, pr, pc, scaleFor(lo, hi, isDark(root))));
+  };
+  const previewCells: [SavedRow, HTMLElement][] = [];
+
   rows.forEach((row) => {
     const preview = h("td", { class: "nnsj-preview" });
-    if (row.preview) {
-      const [pr, pc] = row.preview;
-      const values = previews.subarray(row.offset, row.offset + pr * pc);
-      if (pr === 1) {
-        preview.append(sparkline(values));
-      } else {
-        let lo = Infinity;
-        let hi = -Infinity;
-        for (const v of values) if (Number.isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
-        preview.append(miniHeatmap(values, pr, pc, scaleFor(lo, hi, isDark(root))));
-      }
-    }
+    drawPreview(row, preview);
+    previewCells.push([row, preview]);
     const tr = h("tr", { class: row.openable ? "nnsj-row nnsj-openable" : "nnsj-row", "data-name": row.name },
       h("td", null, row.openable ? h("span", { class: "nnsj-twisty", text: "▸" }) : null,
         h("b", { class: "nnsj-name", text: row.name })),
@@ -104,7 +110,9 @@ export function renderSavedValues(el: HTMLElement, source: DataSource): () => vo
         });
     });
   });
+  const stopTheme = onThemeChange(root, () => previewCells.forEach(([row, cell]) => drawPreview(row, cell)));
   return () => {
+    stopTheme();
     cleanups.forEach((f) => f());
     root.remove();
   };
