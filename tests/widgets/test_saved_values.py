@@ -77,3 +77,27 @@ def test_show_picks_the_view_and_explains_what_it_cannot_show(monkeypatch):
     assert len(shown) == len(kinds) and all(isinstance(v, k) for v, k in zip(shown, kinds))
     with pytest.raises(TypeError, match="show\\(\\) has no view for a str. It shows tensors, models"):
         show("hello")
+
+
+def test_static_fallback_lists_every_value_with_its_picture():
+    import base64
+    import re
+
+    from nnsight_jupyter.widgets.static import Scale
+
+    from .conftest import decode_png
+
+    torch.manual_seed(1)
+    h = torch.randn(3, 4)
+    table = SavedValues({"h": h, "n": 7}, title="saved")
+    data, _ = table._repr_mimebundle_()
+    page = data["text/html"]
+    assert page.index("<b>h</b>") < page.index("<b>n</b>") and "[3, 4]" in page
+    assert f"mean {h.mean().item():.4g}".replace("e-0", "e-") in page
+    png = base64.b64decode(re.search(r"src='data:image/png;base64,([^']+)'", page).group(1))
+    pixels = decode_png(png)
+    scale = Scale(float(h.min()), float(h.max()))
+    assert pixels.shape == (3, 4, 3)
+    for r, c in [(0, 0), (2, 3)]:
+        assert max(abs(int(a) - int(b)) for a, b in zip(pixels[r, c], scale.rgb(float(h[r, c])))) <= 3
+    assert data["text/plain"].splitlines() == [f"h: [3, 4] float32  {table._rows[0].summary_text()}", "n: int  7"]
