@@ -85,10 +85,12 @@ export class Heatmap {
     this.colBox = h("div", { class: "nnsj-hm-cols" });
     this.cursor = h("div", { class: "nnsj-hm-cursor" });
     this.tooltip = h("div", { class: "nnsj-hm-tooltip", role: "tooltip" });
-    this.stage = h("div", { class: "nnsj-hm-stage" }, this.canvas, this.rowBox, this.colBox, this.cursor, this.tooltip);
+    this.stage = h("div", { class: "nnsj-hm-stage" }, this.canvas, this.rowBox, this.colBox, this.cursor);
     this.spacer = h("div", { class: "nnsj-hm-spacer" });
     this.scroll = h("div", { class: "nnsj-hm-scroll", tabindex: 0 }, this.stage, this.spacer);
-    this.root = h("div", { class: "nnsj-heatmap" }, this.scroll);
+    // The tooltip belongs to the root, not the clipped scrolling area, so a narrow heatmap's
+    // read-out is not cut off.
+    this.root = h("div", { class: "nnsj-heatmap" }, this.scroll, this.tooltip);
     this.schedule = perFrame(() => this.draw());
     this.scroll.addEventListener("scroll", this.schedule, { passive: true });
     this.stage.addEventListener("mousemove", (e) => this.onMove(e));
@@ -384,10 +386,11 @@ export class Heatmap {
     }
     this.setHover({ row, col });
     const tip = this.tooltip;
-    const px = event.clientX - box.left;
-    const py = event.clientY - box.top;
-    tip.style.left = `${Math.min(px + 14, box.width - tip.offsetWidth - 4)}px`;
-    tip.style.top = `${py + 18 + tip.offsetHeight > box.height ? py - tip.offsetHeight - 8 : py + 18}px`;
+    const area = this.root.getBoundingClientRect();
+    const px = event.clientX - area.left;
+    const py = event.clientY - area.top;
+    tip.style.left = `${Math.max(0, Math.min(px + 14, area.width - tip.offsetWidth - 4))}px`;
+    tip.style.top = `${py + 18 + tip.offsetHeight > area.height ? py - tip.offsetHeight - 8 : py + 18}px`;
   }
 
   private setHover(cell: { row: number; col: number } | null): void {
