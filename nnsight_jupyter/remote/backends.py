@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from ..settings import CONFIG
 from ..tracing.backend import TraceCall
+from ..tracing.record import record_summary
 from .capture import apply_result, build_request
 from .protocol import TraceRequest, TraceResult, decode_request, decode_result, encode_request, encode_result
 
@@ -75,7 +76,10 @@ class RemoteBackend:
             call.tracer.job = runner.submit(request)
             return {}
         result = runner.run(request, timeout=timeout)
-        return apply_result(result, call.model)
+        bound = apply_result(result, call.model)
+        if result.trace is not None:
+            record_summary(call.model, result.trace, bound)
+        return bound
 
 
 def remote_backend(choice: Any) -> RemoteBackend:

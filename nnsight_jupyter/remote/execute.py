@@ -27,6 +27,7 @@ import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..tracing.record import take_record
 from ..tracing.saving import save
 from ..tracing.source import USER_CODES, compile_source
 from ..tracing.tracer import run_block, user_traceback
@@ -102,13 +103,17 @@ def run_request(
             ns[str(tracer_name)] = tracer
         bound = run_block(tracer, block, ns, module_level=False)
         skip = {str(tracer_name)} if tracer_name else set()
-        saved = {name: result_to_wire(name, value) for name, value in bound.items() if name not in skip}
-        return TraceResult(saved=saved, logs=logs, error=None)
+        kept = {name: value for name, value in bound.items() if name not in skip}
+        saved = {name: result_to_wire(name, value) for name, value in kept.items()}
+        record = take_record(model)
+        trace = record.summary(kept) if record is not None else None
+        return TraceResult(saved=saved, logs=logs, error=None, trace=trace)
     except BaseException as exc:  # the server must answer, whatever the user's code raised
         if isinstance(exc, (SystemExit, GeneratorExit)):
             exc = RuntimeError(f"{type(exc).__name__} raised inside the trace")
         return TraceResult(saved={}, logs=logs, error=_error_info(exc))
     finally:
+        take_record(model)  # the next job, perhaps another user's, must not find this one's token ids
         if registered:
             linecache.cache.pop(filename, None)
 

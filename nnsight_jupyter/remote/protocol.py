@@ -105,7 +105,7 @@ __all__ = [
     "encode_result",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 """Wire protocol version; bumped on any change to the layout or the extension table."""
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 8 * 2**30
@@ -155,11 +155,17 @@ class TraceResult:
         saved: the values the trace saved, by name.
         logs: the lines the trace printed, in order.
         error: set when the trace raised; ``saved`` then holds what was saved before that.
+        trace: what the notebook views need of a finished trace, or None: ``input_ids`` (the
+            batched call's token ids, or None), ``marks`` (module path -> ``"read"`` or
+            ``"saved"``) and ``rows`` (saved name -> ``[start, size, total]``, the batch rows of
+            the invoke that saved it). A few hundred bytes; it lets a tensor saved remotely show
+            its tokens and the module tree mark what the trace touched, as after a local run.
     """
 
     saved: dict[str, Any] = field(default_factory=dict)
     logs: list[str] = field(default_factory=list)
     error: TraceErrorInfo | None = None
+    trace: dict[str, Any] | None = None
 
 
 def encode(value: object) -> bytes:
@@ -234,12 +240,15 @@ def encode_result_parts(result: TraceResult) -> list[bytes | memoryview]:
             "message": error.message,
             "traceback": error.traceback,
         }
+    if result.trace is not None and type(result.trace) is not dict:
+        raise ProtocolError(f"result.trace must be a dict or None, got {type(result.trace).__name__}")
     return _encode_parts(
         "result",
         [
             ("saved", "saved", result.saved),
             ("logs", "logs", result.logs),
             ("error", "error", error_fields if error is not None else None),
+            ("trace", "trace", result.trace),
         ],
     )
 
@@ -253,7 +262,7 @@ def decode_result(
     instead of a copy (pass memory that nothing else will write to, such as a fresh download).
     """
     body = _decode_message(data, "result", max_size, adopt=adopt)
-    _expect_fields(body, ("saved", "logs", "error"), "result")
+    _expect_fields(body, ("saved", "logs", "error", "trace"), "result")
     _expect_names(body["saved"], "saved")
     _expect_lines(body["logs"])
     error = body["error"]
@@ -264,7 +273,10 @@ def decode_result(
         for name, text in error.items():
             _expect_text(text, f"result.error.{name}")
         error = TraceErrorInfo(**error)
-    return TraceResult(saved=body["saved"], logs=body["logs"], error=error)
+    trace = body["trace"]
+    if trace is not None and type(trace) is not dict:
+        raise ProtocolError(f"malformed result message: trace is {reprlib.repr(trace)}")
+    return TraceResult(saved=body["saved"], logs=body["logs"], error=error, trace=trace)
 
 
 def _encode_message(kind: str, fields: list[tuple[str, str, object]]) -> bytes:

@@ -7,6 +7,12 @@ successful local trace leaves one `TraceRecord` on its model (`model._last_trace
 body read, and each invoke's rows. Weak references, because a record must not keep a tensor alive
 that the user deleted. Cost at the end of a trace: one small object and one weak reference per
 saved tensor and per module read; `benchmarks/overhead.py` sees no difference.
+
+A remote trace runs the same engine on the server, which sends back the record's summary
+(`TraceRecord.summary`: token ids, module marks, each saved name's rows) with the result; the
+client rebuilds a record on its own model around the tensors it decoded (`record_summary`), so
+the views label and mark remotely saved values as they do local ones. The server keeps no record
+after the job: it would hold one user's token ids where the next user's job runs.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ def _refs(values: Any) -> list[weakref.ref]:
 class TraceRecord:
     """One finished trace, as the views need it."""
 
-    __slots__ = ("input_ids", "saved", "reads", "invokes", "__weakref__")
+    __slots__ = ("input_ids", "saved", "reads", "invokes", "marks", "__weakref__")
 
     def __init__(
         self,
@@ -54,6 +60,7 @@ class TraceRecord:
         self.invokes: list[tuple[Any, list[weakref.ref]]] = (
             [(rows, _refs(values.values())) for rows, values in invokes] if invokes else []
         )
+        self.marks: dict[str, str] | None = None  # set for a record rebuilt from a summary (no reads)
 
     def saved_tensors(self) -> list[torch.Tensor]:
         return [t for t in (ref() for ref in self.saved) if t is not None]
@@ -71,6 +78,8 @@ class TraceRecord:
 
     def module_marks(self) -> dict[str, str]:
         """Module path -> "saved" (its value, or a view of it, was saved) or "read"."""
+        if self.marks is not None:
+            return dict(self.marks)
         storages = set()
         for t in self.saved_tensors():
             try:
@@ -92,6 +101,43 @@ class TraceRecord:
             if marks.get(path) != "saved":
                 marks[path] = kind
         return marks
+
+    def summary(self, bound: dict[str, Any]) -> dict[str, Any]:
+        """What a client needs to rebuild this record around its own copies of the `bound` values.
+
+        Keys: ``input_ids`` (a tensor or None), ``marks`` (path -> kind), ``rows`` (name ->
+        ``[start, size, total]`` for each bound tensor an invoke saved).
+        """
+        rows: dict[str, list[int]] = {}
+        for name, value in bound.items():
+            if isinstance(value, _Tensor):
+                found = self.rows_of(value)
+                if found is not None:
+                    rows[name] = [found.start, found.size, found.total]
+        return {"input_ids": self.input_ids, "marks": self.module_marks(), "rows": rows}
+
+
+def record_summary(model: Any, summary: dict[str, Any], bound: dict[str, Any]) -> None:
+    """Leave on `model` the record a remote run summarised, holding the tensors of `bound`."""
+    from .batching import Rows
+
+    ids = summary.get("input_ids")
+    by_rows: dict[Rows, dict[str, Any]] = {}
+    for name, span in dict(summary.get("rows") or {}).items():
+        if name in bound and isinstance(span, (list, tuple)) and len(span) == 3:
+            by_rows.setdefault(Rows(int(span[0]), int(span[1]), int(span[2])), {})[name] = bound[name]
+    invokes = list(by_rows.items())
+    record = TraceRecord(ids if isinstance(ids, _Tensor) else None, {id(v): v for v in bound.values()}, [], invokes)
+    marks = summary.get("marks")
+    record.marks = {str(k): str(v) for k, v in marks.items()} if isinstance(marks, dict) else {}
+    if "_last_trace" not in model.__dict__:
+        _models.add(model)
+    object.__setattr__(model, "_last_trace", record)
+
+
+def take_record(model: Any) -> TraceRecord | None:
+    """Remove and return `model`'s record (a server does so after each job)."""
+    return model.__dict__.pop("_last_trace", None)
 
 
 def record_trace(

@@ -480,6 +480,16 @@ def test_result_round_trip_with_and_without_error() -> None:
     assert decode_result(encode_result(failed)) == failed
 
 
+def test_a_result_carries_the_traces_summary_for_the_views() -> None:
+    ids = torch.tensor([[464, 3139, 286]])
+    summary = {"input_ids": ids, "marks": {"transformer.h.0": "saved"}, "rows": {"h": [0, 1, 2]}}
+    got = decode_result(encode_result(TraceResult(saved={"h": torch.ones(1)}, trace=summary)))
+    assert torch.equal(got.trace["input_ids"], ids)
+    assert got.trace["marks"] == summary["marks"] and got.trace["rows"] == summary["rows"]
+    with pytest.raises(ProtocolError, match="result.trace must be a dict or None"):
+        encode_result(TraceResult(trace=["not", "a", "dict"]))
+
+
 def test_kinds_are_not_interchangeable() -> None:
     with pytest.raises(ProtocolError, match="expected a request message, got a 'value' message"):
         decode_request(encode(1))

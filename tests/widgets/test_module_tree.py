@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,10 +73,12 @@ def test_a_sample_input_adds_every_modules_shapes():
         assert out[path] == f"[{', '.join(map(str, seen[path].shape))}]"
 
 
-def test_modules_read_in_the_last_trace_carry_a_badge():
+@pytest.mark.parametrize("remote", [False, "local"])  # "local": through the codec and the server's run_request
+def test_modules_read_in_the_last_trace_carry_a_badge(remote):
     model = LanguageModel(llama(4))
+    object.__setattr__(model, "remote_id", "llama-4")  # the name a server would load it by
     ids = torch.randint(0, 100, (1, 5))
-    with torch.no_grad(), model.trace(ids):
+    with torch.no_grad(), model.trace(ids, remote=remote):
         mlp = model.layers[1].mlp.output.save()           # the value itself
         last = model.layers[2].output[0, -1].save()        # a view of it
         norm = model.layers[3].output.norm().save()        # computed from it: read, not saved

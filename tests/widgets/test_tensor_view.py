@@ -93,10 +93,12 @@ def test_a_bad_request_gets_an_error_reply_and_the_view_keeps_serving():
     assert sent[-1][0]["ok"]
 
 
-def test_a_saved_tensor_of_a_language_model_trace_knows_its_tokens(tiny_gpt2, gpt2_tokenizer):
+@pytest.mark.parametrize("remote", [False, "local"])  # "local": through the codec and the server's run_request
+def test_a_saved_tensor_of_a_language_model_trace_knows_its_tokens(tiny_gpt2, gpt2_tokenizer, remote):
     model, hf = tiny_gpt2
+    object.__setattr__(model, "remote_id", "tiny-gpt2")  # the name a server would load it by
     prompt = "The Eiffel Tower is in Paris"
-    with torch.no_grad(), model.trace(prompt):
+    with torch.no_grad(), model.trace(prompt, remote=remote):
         h = model.transformer.h[0].output.save()
         logits = model.lm_head.output[0].save()
         last = model.lm_head.output[0, -1].save()
@@ -110,10 +112,12 @@ def test_a_saved_tensor_of_a_language_model_trace_knows_its_tokens(tiny_gpt2, gp
     assert TensorView(h, tokens=False).tokens is None
 
 
-def test_each_invoke_gets_its_own_prompts_tokens(tiny_gpt2, gpt2_tokenizer):
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_each_invoke_gets_its_own_prompts_tokens(tiny_gpt2, gpt2_tokenizer, remote):
     model, _ = tiny_gpt2
+    object.__setattr__(model, "remote_id", "tiny-gpt2")
     short, long = "Hello world", "The capital of France is Paris"
-    with torch.no_grad(), model.trace() as tracer:
+    with torch.no_grad(), model.trace(remote=remote) as tracer:
         with tracer.invoke(short):
             a = model.transformer.h[1].output.save()
         with tracer.invoke(long):

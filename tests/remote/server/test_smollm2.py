@@ -11,6 +11,7 @@ from nnsight_jupyter.remote.execute import run_request
 from nnsight_jupyter.remote.protocol import TraceRequest
 from nnsight_jupyter.remote.server.app import create_app
 from nnsight_jupyter.remote.server.config import parse_model_specs
+from nnsight_jupyter.tracing.record import last_trace
 
 from .conftest import Client, _wait_ready, make_config, threads_like_workers
 
@@ -52,3 +53,8 @@ def test_smollm2_trace_and_generate_match_a_local_run(tmp_path):
     assert torch.equal(remote[1].saved["ids"], local[1].saved["ids"])
     assert torch.equal(remote[0].saved["logits"], remote[2].saved["logits"])
     assert remote[0].logs == ["torch.Size([1, 5, 576])"]
+    # What the notebook views need of the trace comes back with it; the server keeps none of it.
+    ids = local_model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(remote[0].trace["input_ids"], ids)
+    assert remote[0].trace["marks"] == {"model.layers.3": "saved", "lm_head": "saved"}
+    assert last_trace(local_model) is None
