@@ -51,6 +51,21 @@ def test_summary_matches_numpy(make):
     assert s.std == pytest.approx(ref["std"], rel=1e-4)
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_16_bit_summaries_over_many_chunks_match_numpy(monkeypatch, contiguous):
+    # Small chunks, so the reused conversion buffer serves many chunks, of two sizes when the
+    # tensor is strided (rows of 70, then a last short block).
+    monkeypatch.setattr(buffers, "CHUNK", 1000)
+    torch.manual_seed(1)
+    t = (3 + torch.randn(130, 70)).to(torch.bfloat16)
+    if not contiguous:
+        t = t.t().contiguous().t()
+    s, ref = buffers.summarise(t), reference(t)
+    assert s.min == ref["min"] and s.max == ref["max"]
+    assert s.mean == pytest.approx(ref["mean"], rel=1e-5)
+    assert s.std == pytest.approx(ref["std"], rel=1e-4)
+
+
 def test_summary_of_nothing_and_of_only_nan():
     empty = buffers.summarise(torch.zeros(0, 3))
     assert empty.count == 0 and math.isnan(empty.mean)
