@@ -91,7 +91,7 @@ def test_a_row_opens_its_tensor_view_through_the_table(notebook, reference):
     assert close(shown["min"], float(h.min()), 4) and close(shown["max"], float(h.max()), 4)
     # swap rows and columns: the new slice is asked for through the table's channel
     tensor.locator('select[data-role="rows"]').select_option("2")
-    wait_drawn(page, tensor, [0, 0, 0])
+    wait_drawn(page, tensor, [0, 0, 0], axes=(2, 1))
     heatmap = tensor.locator(".nnsj-heatmap")
     assert tensor.get_attribute("data-axes") == "2,1"
     text = hover(page, heatmap, 40, 3)  # row = dim 2 (hidden), column = dim 1 (position)

@@ -84,13 +84,16 @@ def pixel(heatmap: Any, row: int, col: int) -> tuple[int, int, int]:
     }""", [row, col]))
 
 
-def wait_drawn(page: Any, view: Any, index: list[int]) -> None:
-    """Wait until the view has drawn the slice at `index` with every visible tile present."""
+def wait_drawn(page: Any, view: Any, index: list[int], axes: tuple[int, int] | None = None) -> None:
+    """Wait until the view has drawn the slice at `index` (with `axes` as rows and columns, when given)
+    with every visible tile present; a change that keeps the index, like swapping axes, needs `axes`."""
     import json
 
+    want_axes = None if axes is None else f"{axes[0]},{axes[1]}"
     try:
-        page.wait_for_function("([root, index]) => root.dataset.index === index",
-                               arg=[view.element_handle(), json.dumps(index, separators=(",", ":"))], timeout=30_000)
+        page.wait_for_function(
+            "([root, index, axes]) => root.dataset.index === index && (axes === null || root.dataset.axes === axes)",
+            arg=[view.element_handle(), json.dumps(index, separators=(",", ":")), want_axes], timeout=30_000)
     except Exception as error:
         status = view.locator(".nnsj-status").inner_text()
         raise AssertionError(f"the view did not draw slice {index}: it shows {view.get_attribute('data-index')!r}, "
