@@ -7,6 +7,7 @@
     show(model.layers[3])                # the tree below one module
     show(tracer)                         # SavedValues: what the trace saved, each row opens its tensor
     show({"h": h, "logits": logits})     # the same table for values of your own
+    show(patching_sweep(...))            # PatchingHeatmap: the sweep's grid, click a cell for its top tokens
 
 The view is displayed at once (also from inside a loop or function); `show` returns None so that it
 is not displayed twice. The view classes in `nnsight_jupyter.widgets` build one without displaying it.
@@ -35,6 +36,14 @@ def view_for(value: Any, *args: Any, name: str = "", **kwargs: Any) -> Any:
         from .widgets import ModuleTree
 
         return ModuleTree(value, *args, **kwargs)
+    from .analysis.patching import PatchingResult
+
+    if isinstance(value, PatchingResult):
+        from .widgets import PatchingHeatmap
+
+        if args or kwargs:
+            raise TypeError("show(patching_result) takes no other arguments")
+        return PatchingHeatmap(value)
     if isinstance(value, Tracer):
         from .widgets import SavedValues
 

@@ -6,7 +6,8 @@ The browser code of every view is TypeScript in `labextension/src/views/`, bundl
 
 from .job_status import JobStatus
 from .module_tree import ModuleTree
+from .patching_heatmap import PatchingHeatmap, live_sweep
 from .saved_values import SavedValues
 from .tensor_view import TensorView
 
-__all__ = ["JobStatus", "ModuleTree", "SavedValues", "TensorView"]
+__all__ = ["JobStatus", "ModuleTree", "PatchingHeatmap", "SavedValues", "TensorView", "live_sweep"]

@@ -2,6 +2,7 @@
 
 import { renderJobStatus } from "./job_status";
 import { renderModuleTree } from "./module_tree";
+import { renderPatchingHeatmap } from "./patching_heatmap";
 import { renderSavedValues } from "./saved_values";
 import { View } from "./source";
 import { renderTensorView } from "./tensor_view";
@@ -12,6 +13,7 @@ export const VIEWS: Record<string, View> = {
   module_tree: renderModuleTree,
   saved_values: renderSavedValues,
   job_status: renderJobStatus,
+  patching_heatmap: renderPatchingHeatmap,
 };
 
 const STYLE_ID = "nnsight-jupyter-views-css";
