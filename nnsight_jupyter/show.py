@@ -8,6 +8,8 @@
     show(tracer)                         # SavedValues: what the trace saved, each row opens its tensor
     show({"h": h, "logits": logits})     # the same table for values of your own
     show(patching_sweep(...))            # PatchingHeatmap: the sweep's grid, click a cell for its top tokens
+    show(logit_lens(...), other_lens)    # LogitLensView: top token per layer and position, two prompts side by side
+    show(attention_patterns(...))        # AttentionView: every head of a layer, one large
 
 The view is displayed at once (also from inside a loop or function); `show` returns None so that it
 is not displayed twice. The view classes in `nnsight_jupyter.widgets` build one without displaying it.
@@ -36,6 +38,8 @@ def view_for(value: Any, *args: Any, name: str = "", **kwargs: Any) -> Any:
         from .widgets import ModuleTree
 
         return ModuleTree(value, *args, **kwargs)
+    from .analysis.attention import AttentionPatterns
+    from .analysis.logit_lens import LogitLensResult
     from .analysis.patching import PatchingResult
 
     if isinstance(value, PatchingResult):
@@ -44,6 +48,18 @@ def view_for(value: Any, *args: Any, name: str = "", **kwargs: Any) -> Any:
         if args or kwargs:
             raise TypeError("show(patching_result) takes no other arguments")
         return PatchingHeatmap(value)
+    if isinstance(value, LogitLensResult):
+        from .widgets import LogitLensView
+
+        if len(args) > 1 or set(kwargs) - {"titles"}:
+            raise TypeError("show(lens) takes a second lens to compare with and titles=(a, b), nothing else")
+        return LogitLensView(value, *args, **kwargs)
+    if isinstance(value, AttentionPatterns):
+        from .widgets import AttentionView
+
+        if args or set(kwargs) - {"layer", "head"}:
+            raise TypeError("show(attention_patterns) takes layer= and head=, nothing else")
+        return AttentionView(value, **kwargs)
     if isinstance(value, Tracer):
         from .widgets import SavedValues
 

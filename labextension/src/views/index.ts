@@ -1,6 +1,8 @@
 /** Every view by the name its Python class sends (`_view`), and the styles they share. */
 
+import { renderAttention } from "./attention";
 import { renderJobStatus } from "./job_status";
+import { renderLogitLens } from "./logit_lens";
 import { renderModuleTree } from "./module_tree";
 import { renderPatchingHeatmap } from "./patching_heatmap";
 import { renderSavedValues } from "./saved_values";
@@ -14,6 +16,8 @@ export const VIEWS: Record<string, View> = {
   saved_values: renderSavedValues,
   job_status: renderJobStatus,
   patching_heatmap: renderPatchingHeatmap,
+  logit_lens: renderLogitLens,
+  attention: renderAttention,
 };
 
 const STYLE_ID = "nnsight-jupyter-views-css";
