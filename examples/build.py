@@ -233,17 +233,20 @@ NOTEBOOKS["03_patching"] = [
 
         `patching_sweep` patches every (layer, position) cell, here every 3rd layer and every
         position, and runs many cells per forward pass. Each cell is P(" Paris") in the corrupted
-        run after patching that single cell; the table is shaded from the corrupted baseline
-        (white) towards the clean one (blue). The subject tokens carry the information through the
-        early and middle layers; from about layer 24 it has moved to the last position, which is
-        why the single patch above uses layer 24.
+        run after patching that single cell. `live_sweep` runs it with its heatmap on screen, the
+        cells filling in as the chunks finish (`show(sweep)` draws the same view of a finished
+        sweep). White is the corrupted baseline; the colour bar marks the clean run's value. Hover
+        a cell for its value and both baselines, click it for that patched run's top tokens; the
+        SVG and PNG buttons save the picture. The subject tokens carry the information through
+        the early and middle layers; from about layer 24 it has moved to the last position, which
+        is why the single patch above uses layer 24.
     '''),
     code('''
-        from nnsight_jupyter.analysis import patching_sweep, token_prob
+        from nnsight_jupyter.analysis import token_prob
+        from nnsight_jupyter.widgets import live_sweep
 
-        sweep = patching_sweep(model, clean, corrupted, token_prob(" Paris"),
-                               layers=range(0, len(model.layers), 3), progress=False)
-        sweep
+        sweep = live_sweep(model, clean, corrupted, token_prob(" Paris"),
+                           layers=range(0, len(model.layers), 3), progress=False)
     '''),
     code('''
         print(sweep)
@@ -524,6 +527,64 @@ NOTEBOOKS["07_remote"] = [
     code('''
         from nnsight_jupyter.remote.daemon import stop_daemon
         print("daemon stopped:", stop_daemon())
+    '''),
+]
+
+
+NOTEBOOKS["08_logit_lens_attention"] = [
+    md('''
+        # 08 · Logit lens and attention patterns
+
+        Two analyses with views: what each layer of SmolLM2 would predict if the model stopped
+        there, and how its attention heads look on one prompt.
+    '''),
+    code('''
+        from nnsight_jupyter import LanguageModel, show
+        from nnsight_jupyter.analysis import attention_patterns, logit_lens
+
+        model = LanguageModel("smollm2")
+    '''),
+    md('''
+        ## Logit lens
+
+        `logit_lens` reads every layer's residual stream in one trace and applies the model's own
+        final norm and unembedding, keeping the top 5 tokens per layer and position and the
+        probability and rank of a target token. The view shows the top token of every cell,
+        coloured by its probability (hover for the top 5); "colour by" switches to the target's
+        probability or rank. Two prompts sit side by side: " Paris" rises in the late layers of
+        the Eiffel Tower prompt and stays low for the Colosseum.
+    '''),
+    code('''
+        eiffel = logit_lens(model, "The Eiffel Tower is in the city of", target=" Paris")
+        colosseum = logit_lens(model, "The Colosseum is in the city of", target=" Paris")
+        show(eiffel, colosseum, titles=("Eiffel Tower", "Colosseum"))
+    '''),
+    code('''
+        print(eiffel)
+        ranks = eiffel.target_ranks[:, -1]
+        first = next(layer for layer, rank in zip(eiffel.layers, ranks.tolist()) if rank == 1)
+        print(f"' Paris' is first at the last position from layer {first}")
+        print(f"P(' Paris') at the last layer: Eiffel {eiffel.target_probs[-1, -1]:.3f}, "
+              f"Colosseum {colosseum.target_probs[-1, -1]:.3f}")
+    '''),
+    md('''
+        ## Attention patterns
+
+        `attention_patterns` returns `[layer, head, query, key]` probabilities, running eager
+        attention for that one call (SmolLM2 normally runs SDPA, which does not return them). The
+        view shows every head of a layer as a thumbnail with its previous-token score (mean
+        attention to the token before) and first-token score (mean attention to position 0), and
+        one head large; hover a thumbnail to preview it, click to keep it, hover a query token to
+        see what it attends to. Here it opens on the head with the strongest previous-token score.
+    '''),
+    code('''
+        att = attention_patterns(model, "When Mary and John went to the store, John gave a drink to")
+        prev = att.previous_token_scores()
+        flat = int(prev.argmax())
+        layer, head = att.layers[flat // prev.shape[1]], flat % prev.shape[1]
+        print(f"patterns: {tuple(att.patterns.shape)}")
+        print(f"strongest previous-token head: layer {layer} head {head} ({float(prev.max()):.2f})")
+        show(att, layer=layer, head=head)
     '''),
 ]
 

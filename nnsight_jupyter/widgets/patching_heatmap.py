@@ -240,20 +240,23 @@ def live_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, **kwargs: An
     from ..analysis.patching import patching_sweep
 
     user_update = kwargs.pop("on_update", None)
-    holder: dict[str, PatchingHeatmap] = {}
+    shown: dict[str, Any] = {}
 
     def on_update(result: Any, cells: Any) -> None:
-        if "view" not in holder:
-            holder["view"] = PatchingHeatmap(result, running=True)
-            display(holder["view"])
+        if "view" not in shown:
+            shown["view"] = PatchingHeatmap(result, running=True)
+            shown["handle"] = display(shown["view"], display_id=True)
         else:
-            holder["view"].update(result, cells)
+            shown["view"].update(result, cells)
         if user_update is not None:
             user_update(result, cells)
 
     result = patching_sweep(model, clean, corrupted, metric, on_update=on_update, **kwargs)
-    if "view" in holder:
-        holder["view"].finish(result)
+    if "view" in shown:
+        shown["view"].finish(result)
+        if shown["handle"] is not None:
+            # the same live view, with the static picture and text of the finished sweep
+            shown["handle"].update(shown["view"])
     else:
         display(PatchingHeatmap(result))
     return result

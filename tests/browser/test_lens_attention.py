@@ -24,6 +24,21 @@ show(lens, other, titles=("Eiffel Tower", "Colosseum"))
     f'''
 show(attention_patterns(gpt, {PROMPT!r}))
 ''',
+    # The README's pictures: the three views on the bundled SmolLM2, where the analyses find something.
+    '''
+from nnsight_jupyter.analysis import patching_sweep, token_prob
+smol = LanguageModel("smollm2")
+show(patching_sweep(smol, "The Eiffel Tower is in", "The Colosseum is in", token_prob(" Paris"),
+                    layers=range(0, 30, 3), progress=False))
+''',
+    '''
+show(logit_lens(smol, "The Eiffel Tower is in the city of", target=" Paris", layers=range(20, 30)),
+     logit_lens(smol, "The Colosseum is in the city of", target=" Paris", layers=range(20, 30)),
+     titles=("Eiffel Tower", "Colosseum"))
+''',
+    '''
+show(attention_patterns(smol, "When Mary and John went to the store, John gave a drink to", layers=[16]), head=0)
+''',
 ]
 
 
@@ -107,7 +122,7 @@ def test_logit_lens_cells_hover_and_target_modes(notebook, reference):
             assert f'" Paris": probability' in lines[6] and lines[6].endswith(f"rank {int(ref['rank'][layer, position]):,}")
     page.mouse.move(0, 0)
     select.select_option("target_prob")
-    screenshot(view, "logit_lens", readme=True)
+    screenshot(view, "logit_lens_gpt2")
     select.select_option("top")
 
 
@@ -158,4 +173,31 @@ def test_attention_thumbnails_scores_hover_and_lock(notebook, reference):
     assert float(re.search(r"attention (\S+)", text).group(1)) == pytest.approx(float(attn[1, 3, 6, 3]), abs=1e-6)
     assert float(thumbs.nth(0).get_attribute("data-prev")) == pytest.approx(float(attn[1, 0, q, q - 1].mean()), abs=1e-6)
     page.mouse.move(0, 0)
-    screenshot(view, "attention", readme=True)
+    screenshot(view, "attention_gpt2")
+
+
+def test_readme_pictures_on_smollm2(notebook):
+    """The three views on a real model, for the README: drawn complete, with the answer where it belongs."""
+    page = notebook.page
+    sweep = notebook.output(3).locator('.nnsj-view[data-view="patching_heatmap"]')
+    sweep.wait_for()
+    page.wait_for_function("(root) => root.dataset.drawn && root.dataset.done === '60'", arg=sweep.element_handle())
+    hover(page, sweep.locator(".nnsj-heatmap"), 8, 5)
+    page.mouse.click(*cell_centre(sweep.locator(".nnsj-heatmap"), 8, 5))
+    page.wait_for_function("(el) => el.dataset.index === '[8,5]'", arg=sweep.locator('[data-role="chosen"]').element_handle())
+    assert sweep.locator('[data-role="patched"] li').first.get_attribute("data-token") == " Paris"
+    page.mouse.move(0, 0)
+    screenshot(sweep, "patching_heatmap", readme=True)
+    lens = notebook.output(4).locator('.nnsj-view[data-view="logit_lens"]')
+    lens.wait_for()
+    last = lens.locator('table[data-panel="0"] td[data-layer="9"][data-pos="8"]')
+    assert float(last.inner_text()) > 0.3  # P(" Paris") at the last layer, the view's first mode with a target
+    lens.locator('select[data-role="mode"]').select_option("top")
+    assert last.inner_text().strip() == "Paris"
+    screenshot(lens, "logit_lens", readme=True)
+    attention = notebook.output(5).locator('.nnsj-view[data-view="attention"]')
+    attention.wait_for()
+    page.wait_for_function("(root) => root.dataset.shown === '0'", arg=attention.element_handle())
+    hover(page, attention.locator(".nnsj-heatmap"), 11, 10)
+    page.mouse.move(0, 0)
+    screenshot(attention, "attention", readme=True)

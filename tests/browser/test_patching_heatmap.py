@@ -141,7 +141,7 @@ def test_clicking_a_cell_lists_that_runs_top_tokens(notebook, reference):
     clean_top = view.locator('[data-role="clean"] li').first.get_attribute("data-token")
     assert clean_top  # the clean run's own top tokens sit beside the patched run's
     notebook.page.mouse.move(0, 0)
-    screenshot(view, "patching_heatmap", readme=True)
+    screenshot(view, "patching_heatmap_gpt2")
 
 
 def test_svg_and_png_export(notebook, reference, tmp_path):

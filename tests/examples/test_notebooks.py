@@ -108,6 +108,17 @@ def check_07_remote(out: str) -> None:
     assert "daemon stopped: True" in out
 
 
+def check_08_logit_lens_attention(out: str) -> None:
+    assert "LogitLensResult: 30 layers x 9 positions, top 5" in out
+    assert _float(r"first at the last position from layer (\d+)", out) >= 20     # a late-layer answer
+    eiffel = _float(r"last layer: Eiffel ([0-9.]+)", out)
+    colosseum = _float(r"Colosseum ([0-9.]+)", out)
+    assert eiffel > 0.3 > colosseum
+    assert "patterns: (30, 9, 14, 14)" in out                       # [layer, head, query, key]
+    assert _float(r"strongest previous-token head: layer \d+ head \d+ \(([0-9.]+)\)", out) > 0.5
+    assert "AttentionPatterns: 30 layers x 9 heads" in out          # show(att)'s text
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 

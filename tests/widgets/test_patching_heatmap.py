@@ -130,3 +130,24 @@ def test_show_displays_the_heatmap(sweep):
     assert show(result) is None
     with pytest.raises(TypeError, match="no other arguments"):
         view_for(result, labels={})
+
+
+def test_head_sweeps_label_heads_and_a_third_axis_gets_the_largest_change_in_the_fallback(tiny_gpt2):
+    model, _ = tiny_gpt2
+    metric = token_prob(" Paris")
+    heads = patching_sweep(model, CLEAN, CORRUPTED, metric, site="head", over=("layer", "head"), progress=False)
+    view = PatchingHeatmap(heads)
+    assert view.dims == ["layer", "head"] and view.labels["head"] == ["head 0", "head 1"]
+    cube = patching_sweep(model, CLEAN, CORRUPTED, metric, site="head", over=("layer", "position", "head"),
+                          progress=False)
+    view = PatchingHeatmap(cube)
+    assert view.shape == list(cube.values.shape) and len(view.shape) == 3
+    values = np.frombuffer(view.values, dtype=np.float32).reshape(view.shape)
+    assert np.array_equal(values, cube.values.numpy())  # row-major [layer, position, head], as the view reads it
+    page = view._repr_mimebundle_()[0]["text/html"]
+    shown = [float(t) for t in re.findall(r"background:rgb\([^)]*\)'[^>]*>([^<]*)</td>", page)]
+    c = cube.corrupted_baseline
+    pick = (cube.values - c).abs().argmax(-1, keepdim=True)
+    expected = cube.values.gather(-1, pick).reshape(-1).tolist()
+    assert shown == pytest.approx(expected, rel=5e-3)
+    assert "the head with the largest change" in page
