@@ -8,7 +8,8 @@ A grid of layers x positions: each cell shows the layer's most likely next token
 probability; hovering lists the top-k. With a target token the view switches to its probability
 or its rank at every cell. Only the top-k ids and probabilities travel (int32 and float32 bytes,
 `[layer, position, k]`), with the text of just those ids: a 30-layer x 16-position x top-5 lens
-is 19 KB, whatever the vocabulary's size, locally and from a remote run alike.
+is 19 KB of numbers plus the text of its distinct ids (68 KB in all when all 2,400 differ),
+whatever the vocabulary's size, locally and from a remote run alike.
 """
 
 from __future__ import annotations
