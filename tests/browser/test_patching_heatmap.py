@@ -183,3 +183,24 @@ def test_a_running_sweep_fills_the_heatmap_chunk_by_chunk(notebook, reference):
     assert view.get_attribute("data-done") == str(N_CELLS)
     text = hover(notebook.page, view.locator(".nnsj-heatmap"), 1, 3)
     assert float(re.search(r"= (\S+)", text).group(1)) == pytest.approx(float(reference["values"][1, 3]), rel=1e-5)
+
+
+def test_dark_theme(notebook, reference):
+    view = view_in(notebook, 1)
+    heatmap = view.locator(".nnsj-heatmap")
+    notebook.set_theme(dark=True)
+    try:
+        background = view.evaluate("(el) => getComputedStyle(el).backgroundColor")
+        assert sum(int(v) for v in background[background.index("(") + 1:background.index(")")].split(",")[:3]) / 3 < 80
+        c = reference["corrupted"]
+        limit = max(abs(reference["clean"] - c), float((reference["values"] - c).abs().max()))
+        dark = Scale(-limit, limit, dark=True)
+        for layer, position in [(1, 3), (0, 3)]:  # unchanged (the corrupted baseline itself), and moved
+            value = float(reference["values"][layer, position])
+            drawn = pixel(heatmap, layer, position)
+            assert max(abs(a - b) for a, b in zip(drawn, dark.rgb(value - c))) <= 3, (drawn, dark.rgb(value - c))
+        assert heatmap.get_attribute("data-palette") == "diverging-dark"
+        assert sum(pixel(heatmap, 1, 3)) / 3 < 80  # "no change" sinks into the dark background
+        screenshot(view, "patching_heatmap_dark")
+    finally:
+        notebook.set_theme(dark=False)
