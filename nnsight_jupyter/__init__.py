@@ -29,6 +29,11 @@ __all__ = [
 ]
 
 
+def _jupyter_labextension_paths():  # noqa: ANN202 - JupyterLab's discovery hook
+    """Where the prebuilt JupyterLab extension lies (for `jupyter-builder develop`)."""
+    return [{"src": "labextension", "dest": "nnsight-jupyter"}]
+
+
 def load_ipython_extension(shell):  # noqa: ANN001 - IPython's extension hook
     """`%load_ext nnsight_jupyter`: register `%%trace`, `%nnsight` and module-path completion."""
     from .magics import load_ipython_extension as load

@@ -278,6 +278,9 @@ def load_ipython_extension(shell: Any) -> None:
     matcher = _matcher(shell)
     shell.Completer.custom_matchers.append(matcher)
     shell._nnsight_jupyter = (magics, matcher)
+    from . import sidebar
+
+    sidebar.register(shell)
 
 
 def unload_ipython_extension(shell: Any) -> None:
@@ -285,6 +288,9 @@ def unload_ipython_extension(shell: Any) -> None:
     if state is None:
         return
     magics, matcher = state
+    from . import sidebar
+
+    sidebar.unregister(shell)
     if matcher in shell.Completer.custom_matchers:
         shell.Completer.custom_matchers.remove(matcher)
     shell.magics_manager.magics["cell"].pop("trace", None)

@@ -24,6 +24,7 @@ import httpx
 
 from ..errors import NNsightError, RemoteConnectionError, RemoteError, RemoteServerError, RemoteTimeout
 from ..settings import CONFIG, RemoteConfig
+from . import submitted
 from .codec.memory import aligned_buffer
 from .lifecycle import FINAL_STATES
 from .protocol import TraceRequest, TraceResult, buffer_section_offset, decode_result, encode_request
@@ -101,7 +102,9 @@ class RemoteClient:
     def submit(self, request: TraceRequest) -> JobHandle:
         body = encode_request(request)
         answer = self._call("POST", "/jobs", content=body, headers={"Content-Type": "application/x-msgpack"}).json()
-        return JobHandle(self, answer["job_id"], request.model_id)
+        handle = JobHandle(self, answer["job_id"], request.model_id)
+        submitted.record(handle)
+        return handle
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}").json()

@@ -167,6 +167,8 @@ export function renderModuleTree(el: HTMLElement, source: DataSource): () => voi
       h("code", { class: "nnsj-line", "data-field": "line", text: line }), " ", copyLine);
     copy(path, null);
     list.refresh();
+    // A host (the JupyterLab sidebar) can act on the selection: insert the path into a cell.
+    el.dispatchEvent(new CustomEvent("nnsj-module-select", { bubbles: true, detail: { path, line } }));
   };
   const copy = (text: string, button: HTMLElement | null) => {
     const done = () => {

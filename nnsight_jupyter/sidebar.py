@@ -1,0 +1,256 @@
+"""The kernel's side of the JupyterLab sidebar: one comm target, registered by `%load_ext nnsight_jupyter`.
+
+The sidebar talks over the notebook's own kernel connection (a second connection would not get
+comm messages: jupyterlab #7144). It opens a comm on target `TARGET` when it is shown and closes
+it when it is hidden or leaves the kernel, so a kernel whose sidebar is closed runs nothing for it.
+While a comm is open, a `post_run_cell` hook pushes a fresh `snapshot` after each cell (a scan of
+the notebook's names for models and for tensors their latest traces saved: microseconds for a
+few hundred names).
+
+Requests are `{id, kind, ...}` answered with `{id, ok, ...}` and binary buffers, as the views do:
+`snapshot`, `tree` (a model's ModuleTree state), `open` (a saved tensor's TensorView state), `tiles`
+and other TensorView requests with `target` (the opened tensor), `cancel` (a remote job), and
+`registry` (the models `%%trace` knows by name). A failed request answers `{id, ok: false, error}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ._version import __version__
+from .remote.lifecycle import FINAL_STATES
+
+log = logging.getLogger(__name__)
+
+TARGET = "nnsight_jupyter.sidebar"
+PROTOCOL = 1
+_FINAL = set(FINAL_STATES)
+# The last status seen of each job, so a finished job is not asked about again.
+_known: dict[str, dict[str, Any]] = {}
+
+
+def _remove_buffers(state: dict[str, Any]) -> tuple[dict[str, Any], list, list]:
+    from ipywidgets.widgets.widget import _remove_buffers as remove
+
+    return remove(state)
+
+
+class SidebarSession:
+    """One open sidebar comm: answers its requests and pushes snapshots after each cell."""
+
+    def __init__(self, shell: Any, comm: Any) -> None:
+        self.shell = shell
+        self.comm = comm
+        self.opened: dict[str, Any] = {}
+        comm.on_msg(self._on_msg)
+        comm.on_close(lambda _msg: self.close())
+        shell.events.register("post_run_cell", self._after_cell)
+
+    def close(self) -> None:
+        try:
+            self.shell.events.unregister("post_run_cell", self._after_cell)
+        except ValueError:
+            pass
+        self.opened.clear()
+        _sessions.discard(self)
+
+    def _after_cell(self, _result: Any = None) -> None:
+        try:
+            self.comm.send({"event": "snapshot", **snapshot(self.shell)})
+        except Exception:  # noqa: BLE001 - the sidebar never breaks a cell
+            log.debug("sidebar snapshot failed", exc_info=True)
+
+    def _on_msg(self, msg: dict[str, Any]) -> None:
+        content = msg.get("content", {}).get("data", {})
+        if not isinstance(content, dict) or not isinstance(content.get("id"), str):
+            return
+        request_id = content["id"]
+        try:
+            reply, buffers = self.handle(content)
+        except Exception as exc:  # noqa: BLE001 - the failure goes back to the sidebar, the kernel keeps serving
+            log.debug("sidebar request %r failed", content, exc_info=True)
+            self.comm.send({"id": request_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        self.comm.send({**reply, "id": request_id, "ok": True}, buffers=buffers)
+
+    def handle(self, content: dict[str, Any]) -> tuple[dict[str, Any], list]:
+        kind = content.get("kind")
+        target = content.get("target")
+        if target is not None:
+            data = self.opened.get(str(target))
+            if data is None:
+                raise KeyError(f"{target!r} is not open in the sidebar any more; click it again")
+            return data.handle(content)
+        if kind == "snapshot":
+            return snapshot(self.shell), []
+        if kind == "tree":
+            return self._tree(str(content.get("model")))
+        if kind == "open":
+            return self._open(str(content.get("name")))
+        if kind == "cancel":
+            return {"job": cancel_job(str(content.get("job")))}, []
+        if kind == "registry":
+            from .models.registry import available
+
+            return {"models": [{"name": m.name, "description": m.description} for m in available()]}, []
+        raise ValueError(f"the sidebar answers snapshot, tree, open, cancel and registry requests, not {kind!r}")
+
+    def _tree(self, name: str) -> tuple[dict[str, Any], list]:
+        from .widgets.module_tree import TreeData
+
+        model = models_in(self.shell).get(name)
+        if model is None:
+            raise KeyError(f"no model called {name!r} in this kernel")
+        data = TreeData(model)
+        state = data.state()
+        state["note"] = ""
+        state, paths, buffers = _remove_buffers(state)
+        return {"state": state, "buffer_paths": paths}, buffers
+
+    def _open(self, name: str) -> tuple[dict[str, Any], list]:
+        from .widgets.saved_values import as_tensor
+        from .widgets.tensor_view import TensorData, token_labels
+
+        if name not in self.shell.user_ns:
+            raise KeyError(f"{name!r} is not in the notebook any more")
+        tensor, note = as_tensor(self.shell.user_ns[name])
+        if tensor is None:
+            raise TypeError(f"{name} is not a tensor")
+        data = TensorData(tensor, name=name, tokens=token_labels(tensor), note=note)
+        self.opened[name] = data
+        state, paths, buffers = _remove_buffers(data.state())
+        return {"state": state, "buffer_paths": paths}, buffers
+
+
+_sessions: set[SidebarSession] = set()
+
+
+def models_in(shell: Any) -> dict[str, Any]:
+    """The models this kernel holds: NNsight models among the notebook's names, and those `%%trace` loaded by alias."""
+    from .models.base import NNsight
+
+    found: dict[str, Any] = {}
+    for name, value in list(shell.user_ns.items()):
+        if not name.startswith("_") and isinstance(value, NNsight):
+            found.setdefault(name, value)
+    state = getattr(shell, "_nnsight_jupyter", None)
+    if state is not None:
+        for alias, model in state[0]._models.items():
+            if not any(model is m for m in found.values()):
+                found[alias] = model
+    return found
+
+
+def snapshot(shell: Any) -> dict[str, Any]:
+    """What the sidebar shows: versions, models, the values their latest traces saved, remote jobs."""
+    import torch
+
+    from .tracing.record import last_trace
+
+    models = models_in(shell)
+    listed = []
+    saved = []
+    for name, model in models.items():
+        module = model._module
+        listed.append(
+            {
+                "name": name,
+                "class": type(module).__name__,
+                "modules": sum(1 for _ in module.modules()),
+                "params": sum(p.numel() for p in module.parameters()),
+            }
+        )
+        record = last_trace(model)
+        if record is None:
+            continue
+        for var, value in list(shell.user_ns.items()):
+            if var.startswith("_"):
+                continue
+            tensors = [value] if isinstance(value, torch.Tensor) else []
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                tensors = list(value)
+            if tensors and any(record.holds(t) for t in tensors):
+                first = tensors[0]
+                shape = list(first.shape) if len(tensors) == 1 else [len(tensors), *first.shape]
+                saved.append(
+                    {"name": var, "model": name, "shape": shape, "dtype": str(first.dtype).replace("torch.", "")}
+                )
+    return {
+        "version": __version__,
+        "protocol": PROTOCOL,
+        "models": listed,
+        "saved": saved,
+        "jobs": job_list(),
+    }
+
+
+def job_list() -> list[dict[str, Any]]:
+    """This kernel's remote jobs with their status (asked of the server for those not finished)."""
+    from .remote import submitted
+
+    out = []
+    for handle in reversed(submitted.jobs()):
+        entry: dict[str, Any] = {"job_id": handle.job_id, "model": handle.model, "host": handle.client.host}
+        known = _known.get(handle.job_id)
+        if known is not None and known.get("status") in _FINAL:
+            entry.update(_job_fields(known))
+        else:
+            try:
+                status = handle.status()
+                _known[handle.job_id] = status
+                entry.update(_job_fields(status))
+            except Exception as exc:  # noqa: BLE001 - an unreachable server is shown, not raised
+                entry.update({"status": "unknown", "error": str(exc)})
+        out.append(entry)
+    return out
+
+
+def _job_fields(status: dict[str, Any]) -> dict[str, Any]:
+    error = status.get("error")
+    return {
+        "status": status.get("status", "unknown"),
+        "position": status.get("position"),
+        "error": (error or {}).get("message") if isinstance(error, dict) else error,
+    }
+
+
+def cancel_job(job_id: str) -> dict[str, Any]:
+    """Ask the server to cancel one of this kernel's jobs; returns its status afterwards."""
+    from .remote import submitted
+
+    handle = submitted.find(job_id)
+    if handle is None:
+        raise KeyError(f"job {job_id} was not submitted from this kernel")
+    answer = handle.cancel()
+    status = handle.status()
+    _known[job_id] = status
+    return {"job_id": job_id, **_job_fields(status), "answer": answer.get("status")}
+
+
+def _open_handler(shell: Any):
+    def on_open(comm: Any, _msg: dict[str, Any]) -> None:
+        session = SidebarSession(shell, comm)
+        _sessions.add(session)
+        session._after_cell()
+
+    return on_open
+
+
+def register(shell: Any) -> None:
+    """Register the sidebar's comm target in this kernel (a no-op outside a kernel)."""
+    if getattr(shell, "kernel", None) is None:
+        return
+    from comm import get_comm_manager
+
+    get_comm_manager().register_target(TARGET, _open_handler(shell))
+
+
+def unregister(shell: Any) -> None:
+    if getattr(shell, "kernel", None) is None:
+        return
+    from comm import get_comm_manager
+
+    for session in list(_sessions):
+        session.close()
+    get_comm_manager().unregister_target(TARGET, None)

@@ -1,0 +1,152 @@
+"""The kernel side of the JupyterLab sidebar, driven through a stand-in comm.
+
+What the sidebar lists is checked against the model and the tensors themselves: module names
+from `named_modules()`, parameter counts from `parameters()`, saved shapes from the tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from nnsight_jupyter import NNsight, sidebar
+from nnsight_jupyter.remote import submitted
+
+
+class FakeComm:
+    """Records what the kernel sends; `deliver` plays a message from the front end."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict, list]] = []
+        self.handler = None
+        self.closer = None
+
+    def on_msg(self, f):
+        self.handler = f
+
+    def on_close(self, f):
+        self.closer = f
+
+    def send(self, data: dict, buffers: Any = None) -> None:
+        self.sent.append((data, list(buffers or [])))
+
+    def deliver(self, data: dict) -> tuple[dict, list]:
+        self.handler({"content": {"data": data}})
+        return self.sent[-1]
+
+
+@pytest.fixture
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "nnsight_jupyter")
+    yield ip
+    for name in ("net", "hidden", "out", "plain"):
+        ip.user_ns.pop(name, None)
+
+
+@pytest.fixture
+def net(shell):
+    torch.manual_seed(0)
+    model = NNsight(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)))
+    shell.user_ns["net"] = model
+    shell.user_ns["torch"] = torch
+    shell.run_cell(
+        "with net.trace(torch.ones(2, 4)):\n"
+        "    hidden = net[0].output.save()\n"
+        "    out = net.output.save()\n"
+        "plain = torch.zeros(5)\n",
+    ).raise_error()
+    return model
+
+
+def test_snapshot_lists_models_and_what_their_last_trace_saved(shell, net):
+    snap = sidebar.snapshot(shell)
+    module = net._module
+    assert snap["models"] == [
+        {
+            "name": "net",
+            "class": "Sequential",
+            "modules": len(list(module.modules())),
+            "params": sum(p.numel() for p in module.parameters()),
+        }
+    ]
+    saved = {s["name"]: s for s in snap["saved"]}
+    assert set(saved) == {"hidden", "out"}
+    assert saved["out"]["shape"] == [2, 2]
+    assert saved["hidden"]["shape"] == list(shell.user_ns["hidden"].shape)
+    assert saved["hidden"]["dtype"] == "float32"
+    assert "plain" not in saved  # a tensor no trace saved
+
+
+def test_requests_answer_by_id_with_tree_and_tensor_state(shell, net):
+    comm = FakeComm()
+    session = sidebar.SidebarSession(shell, comm)
+    try:
+        data, buffers = comm.deliver({"id": "a", "kind": "tree", "model": "net"})
+        assert data["id"] == "a" and data["ok"] is True
+        names = [name.rsplit(".", 1)[-1] for name, _ in net._module.named_modules()]
+        assert data["state"]["names"][1:] == names[1:]
+        assert len(buffers) == len(data["buffer_paths"])
+
+        data, buffers = comm.deliver({"id": "b", "kind": "open", "name": "hidden"})
+        assert data["ok"] is True and data["state"]["shape"] == list(shell.user_ns["hidden"].shape)
+        data, _ = comm.deliver({"id": "c", "kind": "tiles", "target": "hidden", "index": [0, 0],
+                                "rows_axis": 0, "cols_axis": 1, "tiles": [[0, 0]]})
+        assert data["id"] == "c"
+
+        data, _ = comm.deliver({"id": "d", "kind": "open", "name": "nothing"})
+        assert data == {"id": "d", "ok": False, "error": "KeyError: \"'nothing' is not in the notebook any more\""}
+        data, _ = comm.deliver({"id": "e", "kind": "cancel", "job": "no-such-job"})
+        assert data["ok"] is False and "was not submitted from this kernel" in data["error"]
+    finally:
+        session.close()
+
+
+def test_snapshots_follow_cells_only_while_the_sidebar_is_open(shell, net):
+    comm = FakeComm()
+    session = sidebar.SidebarSession(shell, comm)
+    shell.run_cell("x_sidebar = 1")
+    assert comm.sent and comm.sent[-1][0]["event"] == "snapshot"
+    comm.closer({})
+    count = len(comm.sent)
+    shell.run_cell("x_sidebar = 2")
+    assert len(comm.sent) == count
+    assert session not in sidebar._sessions
+    shell.user_ns.pop("x_sidebar", None)
+
+
+def test_jobs_show_the_server_status_and_cancel_asks_the_server():
+    class Client:
+        host = "http://server"
+
+        def __init__(self) -> None:
+            self.states = {"j1": {"status": "queued", "position": 1}, "j2": {"status": "error",
+                                                                           "error": {"message": "out of memory"}}}
+
+        def status(self, job_id):
+            return self.states[job_id]
+
+        def cancel(self, job_id):
+            self.states[job_id] = {"status": "cancelled"}
+            return {"job_id": job_id, "status": "cancelled"}
+
+    from nnsight_jupyter.remote.client import JobHandle
+
+    client = Client()
+    submitted.clear()
+    try:
+        submitted.record(JobHandle(client, "j1", "tiny"))
+        submitted.record(JobHandle(client, "j2", "tiny"))
+        jobs = sidebar.job_list()
+        assert [(j["job_id"], j["status"], j["position"], j["error"]) for j in jobs] == [
+            ("j2", "error", None, "out of memory"),
+            ("j1", "queued", 1, None),
+        ]
+        answer = sidebar.cancel_job("j1")
+        assert answer["status"] == "cancelled" and client.states["j1"] == {"status": "cancelled"}
+    finally:
+        submitted.clear()
