@@ -18,7 +18,8 @@ from .conftest import NotebookPage, screenshot
 pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is"
-TRACE = f'%%trace smollm2 "{PROMPT}"\nhidden = model.model.layers[2].output.save()\nlogits = model.lm_head.output[0, -1].save()'
+TRACE = (f'%%trace smollm2 "{PROMPT}"\n'
+         "hidden = model.model.layers[2].output.save()\nlogits = model.lm_head.output[0, -1].save()")
 SIDEBAR = "#nnsight-jupyter-sidebar"
 
 
@@ -105,8 +106,10 @@ def test_sidebar_follows_the_kernel(lab, browser):
         page.locator(f"{SIDEBAR} .nnsj-sb-selection [data-field='path']").wait_for()
         assert page.locator(f"{SIDEBAR} .nnsj-sb-selection [data-field='path']").inner_text() == "model.lm_head"
         page.locator(f"{SIDEBAR} .nnsj-sb-insert-line").click()
-        source = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets[2].model.sharedModel.getSource()")
-        assert source == '%%trace smollm2 "Paris"\nx = model.lm_head\nlm_head = model.lm_head.output.save()', source
+        source = page.evaluate(
+            "() => window.jupyterapp.shell.currentWidget.content.widgets[2].model.sharedModel.getSource()")
+        expected = '%%trace smollm2 "Paris"\nx = model.lm_head\nlm_head = model.lm_head.output.save()'
+        assert source == expected, source
         # The header of a %%trace cell is highlighted.
         assert page.locator(".jp-Notebook .cm-nnsight-trace-header").count() == 2
         assert page.locator(".jp-Notebook .cm-nnsight-trace-model").first.inner_text() == "smollm2"
