@@ -228,14 +228,17 @@ class TraceMagics(Magics):
 _PATH_RE = re.compile(r"([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*|\[\s*-?\d+\s*\]|\[\s*['\"][^'\"]+['\"]\s*\])*)\.(\w*)$")
 
 
-def complete_module_paths(shell: Any, text_before_cursor: str) -> list[str]:
-    """Completions for `model.x.layers[0].<tab>`: child modules, aliases and attributes of the envoy."""
+def complete_module_paths(shell: Any, text_before_cursor: str, roots: dict[str, Any] | None = None) -> list[str]:
+    """Completions for `model.x.layers[0].<tab>`: child modules, aliases and attributes of the envoy.
+
+    `roots` names envoys that are not in the notebook's namespace (`model` in a `%%trace` cell).
+    """
     match = _PATH_RE.search(text_before_cursor)
     if not match:
         return []
     expr, prefix = match.groups()
     head = re.match(r"[A-Za-z_]\w*", expr).group(0)
-    obj = shell.user_ns.get(head)
+    obj = (roots or {}).get(head, shell.user_ns.get(head))
     if not isinstance(obj, Envoy):
         return []
     rest = expr[len(head) :]
@@ -260,13 +263,30 @@ def complete_module_paths(shell: Any, text_before_cursor: str) -> list[str]:
     )
 
 
+_TRACE_HEADER_RE = re.compile(r"\s*%%trace[ \t]+(\S+)")
+
+
+def trace_cell_roots(shell: Any, cell: str) -> dict[str, Any]:
+    """`{"model": envoy}` inside a `%%trace` cell whose model is already loaded (completion never loads one)."""
+    match = _TRACE_HEADER_RE.match(cell or "")
+    if not match:
+        return {}
+    spec = match.group(1)
+    value = shell.user_ns.get(spec)
+    if isinstance(value, Envoy):
+        return {"model": value}
+    state = getattr(shell, "_nnsight_jupyter", None)
+    loaded = state[0]._models.get(spec) if state is not None else None
+    return {"model": loaded} if loaded is not None else {}
+
+
 def _matcher(shell: Any):
     from IPython.core.completer import SimpleCompletion, context_matcher
 
     @context_matcher()
     def nnsight_module_paths(context: Any) -> dict:
         before = context.text_until_cursor
-        names = complete_module_paths(shell, before)
+        names = complete_module_paths(shell, before, trace_cell_roots(shell, context.full_text))
         return {"completions": [SimpleCompletion(text=n, type="module") for n in names], "suppress": bool(names)}
 
     return nnsight_module_paths

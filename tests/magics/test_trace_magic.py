@@ -180,6 +180,23 @@ def test_module_path_completion(shell, gpt2):
     assert any(c.endswith("mlp") for c in completions)
 
 
+def test_module_path_completion_in_a_trace_cell_body(shell, gpt2):
+    """Inside `%%trace m`, `model` is m's envoy: the body completes as the trace will run it."""
+    shell.user_ns["m"] = NNsight(gpt2)
+    shell.user_ns.pop("model", None)
+    from IPython.core.completer import provisionalcompleter
+
+    cell = '%%trace m "hello"\nh = model.transformer.h[0].ml'
+    with provisionalcompleter():
+        completions = [c.text for c in shell.Completer.completions(cell, len(cell))]
+    children = [name for name, _ in gpt2.transformer.h[0].named_children()]
+    assert "mlp" in children and any(c.endswith("mlp") for c in completions)
+    # Outside a %%trace cell, `model` is not known, so nothing is offered from the envoy.
+    plain = "h = model.transformer.h[0].ml"
+    with provisionalcompleter():
+        assert not [c.text for c in shell.Completer.completions(plain, len(plain)) if c.text.endswith("mlp")]
+
+
 def test_registry_models_are_loaded_once_per_kernel(shell, monkeypatch):
     from nnsight_jupyter.models.language import LanguageModel
 
