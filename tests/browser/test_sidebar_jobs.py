@@ -1,0 +1,103 @@
+"""The sidebar's remote jobs: a queued job is cancelled from the sidebar, and the server says so.
+
+A real server (uvicorn on 127.0.0.1, the tiny GPT-2 of the server tests, one worker) runs in this
+process. The notebook submits two jobs with `blocking=False`: one that keeps the worker busy and
+one that waits behind it. The sidebar must show the second as queued, and its cancel button must
+cancel it on the server, which this test asks directly over HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from nnsight_jupyter.remote.server.app import create_app
+from nnsight_jupyter.remote.server.auth import create_api_key
+
+from ..remote.server.conftest import _wait_ready, free_port, make_config
+from .conftest import NotebookPage, screenshot
+
+ROOT = Path(__file__).resolve().parents[2]
+SIDEBAR = "#nnsight-jupyter-sidebar"
+
+
+@pytest.fixture
+def server(tmp_path):
+    key = create_api_key(tmp_path / "keys.txt", "notebook")
+    config = make_config(tmp_path / "server", tmp_path / "keys.txt", max_job_seconds=60.0)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning",
+                                       timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as http:
+        _wait_ready(http, headers)
+        yield http, key
+    uv.should_exit = True
+    thread.join(timeout=15)
+
+
+def test_cancel_a_queued_job_from_the_sidebar(lab, browser, server):
+    http, key = server
+    setup = f'''
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from tests.remote.server.tiny_models import tiny_gpt2
+from nnsight_jupyter.remote.client import RemoteClient
+client = RemoteClient({str(http.base_url)!r}, {key!r}, show_status=False)
+tiny = tiny_gpt2()
+object.__setattr__(tiny, "remote_id", "tiny")
+X = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+'''
+    submit = '''
+with tiny.trace(X, remote=client, blocking=False) as busy:
+    total = 0
+    for i in range(10**10):
+        total += i
+with tiny.trace(X, remote=client, blocking=False) as waiting:
+    h = tiny.transformer.h[0].output.save()
+print(busy.job.job_id, waiting.job.job_id)
+'''
+    lab.write_notebook("jobs.ipynb", ["%load_ext nnsight_jupyter", setup, submit])
+    nb = NotebookPage(lab, browser, "jobs.ipynb").open()
+    page = nb.page
+    busy = waiting = None
+    try:
+        page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
+        nb.run_all()
+        busy, waiting = nb.output(2).inner_text().split()
+        assert http.get(f"/jobs/{waiting}").json()["status"] == "queued"
+
+        row = page.locator(f"{SIDEBAR} .nnsj-sb-job[data-job='{waiting}']")
+        row.wait_for(timeout=30_000)
+        assert row.get_attribute("data-status") == "queued"
+        position = http.get(f"/jobs/{waiting}").json()["position"]
+        assert f"queued ({position + 1}" in row.inner_text()
+        screenshot(page.locator(SIDEBAR), "sidebar-jobs")
+
+        row.locator(".nnsj-sb-cancel").click()
+        page.wait_for_function(
+            f"() => document.querySelector(\"{SIDEBAR} .nnsj-sb-job[data-job='{waiting}']\").dataset.status"
+            " === 'cancelled'", timeout=30_000)
+        assert http.get(f"/jobs/{waiting}").json()["status"] == "cancelled"
+        assert "cancelled" in row.inner_text()
+        # The busy job was left alone.
+        assert http.get(f"/jobs/{busy}").json()["status"] in ("queued", "loading", "running")
+    except Exception:
+        print("\n".join(nb.console))
+        raise
+    finally:
+        if busy:
+            http.post(f"/jobs/{busy}/cancel")
+        nb.close()
+        lab.shutdown_kernels()
