@@ -7,11 +7,16 @@ sent back under the same id. A failed request answers `{id, ok: false, error}`, 
 shows in place; the kernel keeps serving.
 
 The display bundle also carries `text/html` (`_html`) and `text/plain` (`_text`), for places where
-no widget can run: a notebook on GitHub, nbconvert's HTML, a terminal.
+no widget can run: a notebook on GitHub, nbconvert's HTML, a terminal. A view whose first state
+holds at most `SAVED_LIMIT` bytes of binary data also carries it as `VIEW_MIME` (buffers in base64),
+which the JupyterLab extension draws when the widget's model is gone (a saved notebook reopened);
+the limit keeps a notebook of many large tensors about as small as before (their static HTML
+remains their saved form).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -24,6 +29,9 @@ from .bundle import LOADER, ViewsBundle, shared_bundle
 log = logging.getLogger(__name__)
 
 Buffers = list[Any]
+
+VIEW_MIME = "application/vnd.nnsight-jupyter.view+json"
+SAVED_LIMIT = 32 * 1024
 
 
 class View(anywidget.AnyWidget):
@@ -66,4 +74,23 @@ class View(anywidget.AnyWidget):
         page = self._html()
         if page:
             data["text/html"] = page
+        saved = self._saved_state()
+        if saved is not None:
+            data[VIEW_MIME] = saved
         return data, metadata
+
+    def _saved_state(self) -> dict[str, Any] | None:
+        """The view's state for the extension's renderer, or None when its buffers exceed `SAVED_LIMIT`."""
+        from ipywidgets.widgets.widget import _remove_buffers
+
+        keys = [k for k in self.keys if k == "_view" or not k.startswith("_")]
+        keys = [k for k in keys if k not in ("layout", "tabbable", "tooltip")]
+        state, paths, buffers = _remove_buffers(self.get_state(keys))
+        if sum(memoryview(b).nbytes for b in buffers) > SAVED_LIMIT:
+            return None
+        return {
+            "view": self._view,
+            "state": state,
+            "buffer_paths": paths,
+            "buffers": [base64.b64encode(memoryview(b).cast("B")).decode("ascii") for b in buffers],
+        }

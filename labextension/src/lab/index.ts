@@ -11,6 +11,7 @@ import { INotebookTracker, NotebookActions, NotebookPanel } from "@jupyterlab/no
 import { LabIcon } from "@jupyterlab/ui-components";
 import pkg from "../../package.json";
 import { KernelLink } from "./kernel_link";
+import { viewRendererFactory } from "./mime";
 import { Snapshot, sweepTemplate, traceCell } from "./protocol";
 import { Sidebar, SIDEBAR_ID } from "./sidebar";
 import { traceHighlight } from "./trace_syntax";
@@ -59,6 +60,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
     editors: IEditorExtensionRegistry | null,
     labShell: ILabShell | null,
   ) => {
+    // The views' MIME type, preferred over the widget (rank -10) in each notebook: saved outputs
+    // draw without a kernel, live ones switch to the widget when it appears.
+    tracker.widgetAdded.connect((_tracker, panel) => {
+      const rendermime = panel.content.rendermime;
+      rendermime.addFactory(viewRendererFactory(rendermime), -20);
+    });
+
     const link = new KernelLink(tracker);
     const sidebar = new Sidebar(link, pkg.version, (widget: MainAreaWidget) => {
       app.shell.add(widget, "main", { mode: "split-right" });
