@@ -30,7 +30,7 @@ import torch
 from . import source
 from .saving import tensor_save
 
-__all__ = ["install_source_recorder", "install_trace_hooks", "installed", "uninstall"]
+__all__ = ["install_source_recorder", "install_trace_hooks", "installed", "snapshot_parameter_grads", "uninstall"]
 
 _lock = threading.Lock()
 _hook_added = False
@@ -61,14 +61,18 @@ def install_trace_hooks() -> None:
         torch.autograd.backward = _guarded_backward
 
 
-def _guarded_backward(*args: Any, **kwargs: Any) -> Any:
-    from .interleave import current_trace
-
-    trace = current_trace()
+def snapshot_parameter_grads(trace: Any) -> None:
+    """Before a trace's first backward pass: keep its model's parameter gradients, to put back if the trace fails."""
     if trace is not None and trace.grad_snapshot is None:
         trace.grad_snapshot = [
             (p, None if p.grad is None else p.grad.detach().clone()) for p in trace.root._module.parameters()
         ]
+
+
+def _guarded_backward(*args: Any, **kwargs: Any) -> Any:
+    from .interleave import current_trace
+
+    snapshot_parameter_grads(current_trace())
     return (_original_backward or torch.autograd.backward)(*args, **kwargs)
 
 

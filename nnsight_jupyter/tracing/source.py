@@ -13,8 +13,10 @@ hook on the `compile` event, installed when the first model is wrapped (`runtime
 keeps a reference to the last few sources whose filename is a pseudo-name such as `<string>`, so
 a string compiled before then has no recorded source.
 
-Compiling also rewrites two things in the body's syntax tree:
+Compiling also rewrites three things in the body's syntax tree:
 - `x.save()` becomes `__nnsight_save__(x)`, so any value (tuples, lists, numbers) can be saved;
+- `with loss.backward(...):` becomes `with __nnsight_backward__(loss, ...):`, a block that runs
+  beside the backward pass (`backward.py`), while a plain `loss.backward()` stays torch's call;
 - the body of each `with tracer.invoke(...)` becomes `pass`, and is compiled on its own so that the
   invoke can run later as a separate participant in the batched forward pass.
 """
@@ -33,6 +35,7 @@ from types import CodeType, FrameType
 from ..errors import InvokeError, SourceUnavailableError, TraceError
 
 SAVE_NAME = "__nnsight_save__"
+BACKWARD_NAME = "__nnsight_backward__"
 
 _EXEC_SOURCES: collections.deque[tuple[str, object]] = collections.deque(maxlen=64)
 _recording = [False]
@@ -211,6 +214,23 @@ def _compile_body(
 
 
 class _SaveRewriter(ast.NodeTransformer):
+    """`x.save()` -> `__nnsight_save__(x)`; `with t.backward(...):` -> `with __nnsight_backward__(t, ...):`."""
+
+    def visit_With(self, node: ast.With) -> ast.AST:
+        self.generic_visit(node)
+        for item in node.items:
+            expr = item.context_expr
+            if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "backward":
+                item.context_expr = ast.copy_location(
+                    ast.Call(
+                        func=ast.Name(id=BACKWARD_NAME, ctx=ast.Load()),
+                        args=[expr.func.value, *expr.args],
+                        keywords=expr.keywords,
+                    ),
+                    expr,
+                )
+        return node
+
     def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
         func = node.func

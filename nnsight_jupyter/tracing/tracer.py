@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvokeError, NNsightError, TraceError
 from .backend import LOCAL, Backend, TraceCall
+from .backward import backward_block
 from .interleave import (
     _MISSING,
     ENDED,
@@ -39,7 +40,7 @@ from .interleave import (
 from .record import record_trace
 from .runtime import install_trace_hooks
 from .saving import NotSaved, holds_unsaved_tensor, save
-from .source import SAVE_NAME, USER_CODES, Block, block_for_frame
+from .source import BACKWARD_NAME, SAVE_NAME, USER_CODES, Block, block_for_frame
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
@@ -258,7 +259,7 @@ class Tracer:
         return {
             name: value
             for name, value in self._bound.items()
-            if value is not self and not isinstance(value, NotSaved) and name != SAVE_NAME
+            if value is not self and not isinstance(value, NotSaved) and name not in (SAVE_NAME, BACKWARD_NAME)
         }
 
     @property
@@ -353,6 +354,7 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
     tracer._frozen = False
     restore = _bindings_before(block, ns) if module_level else None
     ns[SAVE_NAME] = save
+    ns[BACKWARD_NAME] = backward_block
     if block.as_name:
         ns[block.as_name] = tracer
     model._interleaver = il
@@ -401,8 +403,10 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
             bound.update(values)
     if block.as_name:
         bound[block.as_name] = tracer
-    if restore is not None and restore[SAVE_NAME] is _MISSING:
-        ns.pop(SAVE_NAME, None)
+    if restore is not None:
+        for name in (SAVE_NAME, BACKWARD_NAME):
+            if restore[name] is _MISSING:
+                ns.pop(name, None)
     return bound
 
 
@@ -414,6 +418,7 @@ def _bindings_before(block: Block, ns: dict) -> dict[str, Any]:
     if block.as_name:
         names.add(block.as_name)
     names.add(SAVE_NAME)
+    names.add(BACKWARD_NAME)
     return {name: ns.get(name, _MISSING) for name in names}
 
 

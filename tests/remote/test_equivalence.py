@@ -110,6 +110,23 @@ def test_gradients(model):
     assert_identical(local, remote)
 
 
+def test_backward_context(model):
+    def run(remote):
+        with model.trace(X, remote=remote):
+            h0 = model.transformer.h[0].output
+            h2 = model.transformer.h[2].output
+            loss = model.output.logits.logsumexp(-1).sum()
+            with loss.backward():
+                g2 = h2.grad.save()
+                h2.grad = g2 * 2
+                g0 = h0.grad.save()
+        model._model.zero_grad(set_to_none=True)
+        return {"g0": g0, "g2": g2}
+
+    local, remote = _both(run)
+    assert_identical(local, remote)
+
+
 def test_cache(model):
     def run(remote):
         with model.trace(X, remote=remote) as tracer:

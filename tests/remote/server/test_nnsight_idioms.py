@@ -1,0 +1,37 @@
+"""nnsight's idioms through the sandboxed server worker, checked against plain torch on the same model."""
+
+from __future__ import annotations
+
+import torch
+
+from .conftest import Client, tokens, trace_request
+from .tiny_models import tiny_gpt2
+
+
+def test_backward_context_in_the_worker_matches_plain_autograd(server: Client):
+    x = tokens(7, batch=2)
+    source = (
+        "h0 = model.transformer.h[0].output\n"
+        "h1 = model.transformer.h[1].output\n"
+        "loss = model.lm_head.output[:, -1].logsumexp(-1).sum()\n"
+        "with loss.backward():\n"
+        "    g1 = h1.grad.save()\n"
+        "    h1.grad = h1.grad * 0.5\n"
+        "    g0 = h0.grad.save()\n"
+    )
+    remote = server.run(trace_request(source, x))
+    assert remote.error is None, remote.error
+
+    module = tiny_gpt2()._model
+    seen = {}
+    hooks = [
+        module.transformer.h[i].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o)) for i in (0, 1)
+    ]
+    loss = module(x).logits[:, -1].logsumexp(-1).sum()
+    for h in hooks:
+        h.remove()
+    raw = {}
+    seen[1].register_hook(lambda g: raw.setdefault("g1", g) * 0.5)
+    (g0,) = torch.autograd.grad(loss, [seen[0]])
+    assert torch.equal(remote.saved["g1"], raw["g1"])
+    assert torch.equal(remote.saved["g0"], g0)
