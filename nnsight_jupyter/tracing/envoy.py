@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ModulePathError, TraceError
 from .hooks import ModuleWrappers
-from .interleave import current_mediator
+from .interleave import Request, current_mediator
 from .paths import display_path
 
 _RESERVED = {"output", "input", "inputs"}
@@ -290,6 +290,14 @@ class Envoy:
         else:
             raise TraceError(f"{display_path(self._path)} was called with no arguments; it has no .input to set.")
         m.swap(m.location(self._path, "input"), new)
+
+    def skip(self, value: Any) -> None:
+        """Do not run this module's forward in this call: `value` is its output (inside a trace).
+
+        Ask before the forward pass reaches the module; `.output` then reads `value`.
+        """
+        m = self._mediator("skip()")
+        m.interleaver.main.switch(Request("skip", m.location(self._path, "input"), value))
 
     def next(self, step: int = 1) -> Envoy:
         """Move to the module's next call in this forward pass (for modules that run more than once)."""

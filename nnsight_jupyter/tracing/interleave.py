@@ -272,6 +272,7 @@ class Interleaver:
         "root_depth",
         "pass_idx",
         "reads",
+        "skips",
     )
 
     def __init__(self, root: Any, block: Any = None) -> None:
@@ -297,6 +298,7 @@ class Interleaver:
         self.root_depth = 0
         self.pass_idx = -1
         self.reads: list[tuple[str, Any]] = []  # (path, value handed out), for the trace record
+        self.skips: list[tuple[Rows | None, Any]] = []  # `.skip(value)` requests served at the current input
 
     def _queues(self, key: Any) -> tuple[dict, Any]:
         """The waiting dict and slot for a request key."""
@@ -346,6 +348,21 @@ class Interleaver:
             raise EarlyStop()
         return value
 
+    def skipped(self, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """A module's output when trace bodies asked to skip it: their values instead of its forward.
+
+        When every skip covers the whole batch the forward does not run; when invokes skip only
+        their own rows, the forward runs for the others and the skipping invokes' rows are replaced.
+        """
+        skips, self.skips = self.skips, []
+        for rows, value in skips:
+            if rows is None or (rows.start == 0 and rows.size == rows.total):
+                return value
+        out = forward(*args, **kwargs)
+        for rows, value in skips:
+            out = splice(out, rows, value)
+        return out
+
     def _deliver(self, m: Mediator, req: Request) -> None:
         self._handle(m, self._serve_here(m, req))
 
@@ -356,6 +373,9 @@ class Interleaver:
             value = self.here_value if m.rows is None else narrow(self.here_value, m.rows)
             self.reads.append((self.here[0], value))
             return m.greenlet.switch(value)
+        if req.op == "skip":
+            self.skips.append((m.rows, req.value))
+            return m.greenlet.switch(None)
         self.here_value = splice(self.here_value, m.rows, req.value)
         return m.greenlet.switch(None)
 
@@ -382,7 +402,7 @@ class Interleaver:
             if msg.key == self.here and self.here is not None:
                 msg = self._serve_here(m, msg)
                 continue
-            problem = self._passed(m, msg.key)
+            problem = self._passed(m, msg.key, msg.op)
             if problem is not None:
                 msg = m.greenlet.throw(problem)
                 continue
@@ -398,7 +418,7 @@ class Interleaver:
         if len(queue) > 1 and queue[-2].index > m.index:
             queue.sort(key=lambda x: x.index)
 
-    def _passed(self, m: Mediator, key: Any) -> Exception | None:
+    def _passed(self, m: Mediator, key: Any, op: str = "get") -> Exception | None:
         if len(key) != 4:
             return None
         path, kind, step, call = key
@@ -410,6 +430,11 @@ class Interleaver:
                 return None
         where = self.describe_path(path)
         now = self._describe_location(m.last) if m.last else "a later module"
+        if op == "skip":
+            return OutOfOrderError(
+                f"{where}.skip() came after {where} had already run (the model was at {now}). Skip a module "
+                "before reading any value the model computes after it starts: move .skip() above that line."
+            )
         return OutOfOrderError(
             f"{where}.{kind} was requested after the forward pass had already computed it "
             f"(the model was at {now}). One trace is one pass through the model, so read values in the "
@@ -562,6 +587,7 @@ class Interleaver:
         self.result = _MISSING
         self.grad_snapshot = None
         self.reads = []
+        self.skips = []
 
     def kill(self) -> None:
         """End every unfinished mediator (after an error), running its `finally` blocks."""

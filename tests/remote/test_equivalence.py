@@ -127,6 +127,18 @@ def test_backward_context(model):
     assert_identical(local, remote)
 
 
+def test_skip(model):
+    def run(remote):
+        with model.trace(X, remote=remote):
+            model.transformer.h[1].skip(model.transformer.h[1].input * 0.5)
+            h1 = model.transformer.h[1].output.save()
+            logits = model.lm_head.output.save()
+        return {"h1": h1, "logits": logits}
+
+    local, remote = _both(run)
+    assert_identical(local, remote)
+
+
 def test_cache(model):
     def run(remote):
         with model.trace(X, remote=remote) as tracer:

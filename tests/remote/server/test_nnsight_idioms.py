@@ -35,3 +35,16 @@ def test_backward_context_in_the_worker_matches_plain_autograd(server: Client):
     (g0,) = torch.autograd.grad(loss, [seen[0]])
     assert torch.equal(remote.saved["g1"], raw["g1"])
     assert torch.equal(remote.saved["g0"], g0)
+
+
+def test_skip_in_the_worker_matches_a_plain_hook(server: Client):
+    x = tokens(8, batch=2)
+    remote = server.run(trace_request("model.transformer.h[1].skip(model.transformer.h[1].input)\n"
+                                      "logits = model.lm_head.output.save()\n", x))
+    assert remote.error is None, remote.error
+    module = tiny_gpt2()._model
+    handle = module.transformer.h[1].register_forward_hook(lambda m, args, out: args[0])
+    with torch.no_grad():
+        expected = module(x).logits
+    handle.remove()
+    assert torch.equal(remote.saved["logits"], expected)
