@@ -6,6 +6,7 @@ Messages name the problem and the fix, and point at the user's own code where on
     ├── TraceError                  a trace is written in a way the engine cannot run
     │   ├── SourceUnavailableError  the `with` block's source cannot be read (stdin, some exec'd code)
     │   ├── InvokeError             invokes used the wrong way (nested, mixed with a trace input, ...)
+    │   ├── MissingInputError       a trace with no input at all
     │   └── ModuleNotReachedError   a module value was asked for that the forward pass never produced
     │       └── OutOfOrderError     ... because the forward had already passed that module
     ├── ModulePathError             a module path that does not exist (with "did you mean" hints)
@@ -33,8 +34,9 @@ Messages name the problem and the fix, and point at the user's own code where on
         ├── ServerRestarted         the server stopped twice while the job ran
         └── ServerError             anything else the server reports about a job
 
-`ModulePathError` is also an `AttributeError`, `NotSavedError` a `NameError`, `ProtocolError`
-a `ValueError`, `RemoteTimeout` a `TimeoutError`, `MemoryLimitExceeded` a `MemoryError`,
+`InvokeError` and `MissingInputError` are also `ValueError`s (nnsight raises `ValueError` for
+them), `ModulePathError` an `AttributeError`, `NotSavedError` a `NameError`, `ProtocolError` a
+`ValueError`, `RemoteTimeout` a `TimeoutError`, `MemoryLimitExceeded` a `MemoryError`,
 `SandboxViolation` a `PermissionError`, and so on, so code that catches the built-in kinds keeps
 working.
 
@@ -64,8 +66,12 @@ class SourceUnavailableError(TraceError):
     """The source of a `with model.trace(...)` block could not be found."""
 
 
-class InvokeError(TraceError):
+class InvokeError(TraceError, ValueError):
     """`tracer.invoke(...)` was used in a way that cannot be batched into one forward pass."""
+
+
+class MissingInputError(TraceError, ValueError):
+    """A trace has no input: none given to `model.trace(...)` and no `tracer.invoke(input)`."""
 
 
 class ModuleNotReachedError(TraceError):

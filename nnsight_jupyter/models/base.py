@@ -84,6 +84,11 @@ class NNsight(Envoy):
         bound = run_block(tracer, _RUN_WITH_CACHE, ns, module_level=False)
         return bound["output"], bound["cache"]
 
+    def to(self, *args: Any, **kwargs: Any) -> NNsight:
+        """Move or cast the wrapped module (as `torch.nn.Module.to`); returns this wrapper, so calls chain."""
+        self._model.to(*args, **kwargs)
+        return self
+
     def scan(self, *inputs: Any, **kwargs: Any):
         """Shapes and dtypes of every module's inputs and outputs, computed with fake tensors (no real compute)."""
         from ..tracing.scan import scan

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import InvokeError, NNsightError, TraceError
+from ..errors import InvokeError, MissingInputError, NNsightError, TraceError
 from .backend import LOCAL, Backend, TraceCall
 from .backward import backward_block
 from .interleave import (
@@ -432,7 +432,7 @@ def _model_call(tracer: Tracer, model: NNsight, il: Interleaver) -> tuple[tuple,
             for inv, _, _ in tracer._pending_invokes
         ]
         if not any(p is not None for p in prepared):
-            raise TraceError(
+            raise MissingInputError(
                 "This trace has no input: pass one to model.trace(input), or add "
                 "`with tracer.invoke(input):` blocks inside it."
             )
