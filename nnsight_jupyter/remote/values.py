@@ -87,6 +87,7 @@ def _leaf_to_wire(value: Any, name: str, root: Any, lenient: bool) -> Any:
                     "inputs": to_wire(c.inputs, name=name, root=root, lenient=lenient),
                     "step": c.step,
                     "call": c.call,
+                    "per_step": entry.per_step,
                 }
                 for c in entry.calls
             ]
@@ -125,7 +126,7 @@ def _leaf_from_wire(value: Any, root: Any, compile_function: Callable[[FunctionS
         return NotSaved(value.name) if value.kind == "not_saved" else Unavailable(value.name, value.detail)
     if kind is Record:
         fields = {k: from_wire(v, root=root, compile_function=compile_function) for k, v in value.fields.items()}
-        return _rebuild_record(value, fields)
+        return _rebuild_record(value, fields, root)
     if kind is FunctionSource:
         if compile_function is None:
             return value
@@ -152,10 +153,10 @@ def _is_model_output(value: Any) -> bool:
     )
 
 
-def _rebuild_record(record: Record, fields: dict) -> Any:
+def _rebuild_record(record: Record, fields: dict, root: Any = None) -> Any:
     """Rebuild a transformers ModelOutput or a Cache by name; anything else stays a plain dict."""
     if record.module == Cache.__module__ and record.qualname == "Cache":
-        return _rebuild_cache(fields)
+        return _rebuild_cache(fields, root)
     if (
         (record.module == "transformers.modeling_outputs" or record.module.startswith("transformers.models."))
         and all(part.isidentifier() for part in record.module.split("."))
@@ -174,10 +175,11 @@ def _is_model_output_class(cls: type) -> bool:
     return any(b.__name__ == "ModelOutput" and b.__module__.startswith("transformers.") for b in cls.__mro__)
 
 
-def _rebuild_cache(entries: dict) -> Cache:
-    cache = Cache(None, include_inputs=True, detach=True)
+def _rebuild_cache(entries: dict, root: Any = None) -> Cache:
+    cache = Cache(root if isinstance(root, Envoy) else None, include_inputs=True, detach=True)
     for path, calls in entries.items():
-        entry = cache._entries[path] = CacheEntry(path)
+        per_step = bool(calls and calls[0].get("per_step", False))
+        entry = cache._entries[path] = CacheEntry(path, per_step=per_step)
         for call in calls:
             inputs = call.get("inputs")
             entry.calls.append(

@@ -288,7 +288,7 @@ class Interleaver:
         self.n_out: dict[str, int] = {}
         self.saved: dict[int, Any] = {}
         self.main = getcurrent()
-        self.observers: dict[str, Any] | None = None
+        self.observers: dict[str, tuple[Any, ...]] | None = None  # per path: the caches recording it
         self.stop_requested = False
         self.stopped_at: str | None = None
         self.here: Any = None
@@ -483,7 +483,8 @@ class Interleaver:
         return self.main.switch(Request("name", name))
 
     def observe(self, path: str, call: int, args: tuple, kwargs: dict, output: Any) -> None:
-        self.observers[path](self.pass_idx, call, args, kwargs, output)
+        for record in self.observers[path]:
+            record(self.pass_idx, call, args, kwargs, output)
 
     def finish(self, result: Any) -> None:
         """After the model has run: serve `tracer.result`, end step loops, and report what never came."""

@@ -268,19 +268,42 @@ class Tracer:
         m = self._mediator("result")
         return m.request(RESULT)
 
-    def cache(self, modules: list[Any] | None = None, *, include_inputs: bool = False, detach: bool = True) -> Cache:
-        """Record the outputs (and optionally inputs) of all or the given modules during this run."""
+    def cache(
+        self,
+        modules: list[Any] | None = None,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+        detach: bool = True,
+        include_output: bool = True,
+        include_inputs: bool = False,
+    ) -> Cache:
+        """Record the outputs (and optionally inputs) of all or the given modules during this run.
+
+        Options as nnsight names them: `device` / `dtype` move and cast what is kept (default: as
+        computed), `detach`, `include_output`, `include_inputs`. Declared inside an invoke, the
+        cache holds that invoke's rows.
+        """
         from .cache import Cache
 
         m = self._mediator("cache()")
         il = m.interleaver
         if il.pass_idx >= 0:
             raise TraceError("Call tracer.cache() before reading any module value, so that it sees every module.")
-        paths = [p for p, _ in self.model._paths] if modules is None else [_path_of(x) for x in modules]
-        cache = Cache(self.model, include_inputs=include_inputs, detach=detach)
+        paths = [p for p, _ in self.model._paths] if modules is None else [_path_of(self.model, x) for x in modules]
+        cache = Cache(
+            self.model,
+            include_inputs=include_inputs,
+            include_output=include_output,
+            detach=detach,
+            device=device,
+            dtype=dtype,
+            rows=m.rows,
+            per_step=self._generate,
+        )
         observers = dict(il.observers or {})
         for path in paths:
-            observers[path] = cache._recorder(path)
+            observers[path] = (*observers.get(path, ()), cache._recorder(path))
         il.observers = observers
         return cache
 
@@ -328,14 +351,17 @@ class Tracer:
         return m
 
 
-def _path_of(x: Any) -> str:
+def _path_of(model: Any, x: Any) -> str:
     from .envoy import Envoy
     from .paths import normalise_path
 
     if isinstance(x, Envoy):
         return x._path
     if isinstance(x, str):
-        return normalise_path(x)
+        target = model.resolve(normalise_path(x))
+        if not isinstance(target, Envoy):
+            raise TraceError(f"cache(modules=...): {x!r} names an attribute, not a module.")
+        return target._path
     raise TraceError(f"cache(modules=...) takes envoys (model.layers[0]) or path strings, not {type(x).__name__}.")
 
 

@@ -155,6 +155,18 @@ def test_cache(model):
         remote[""][0].past_key_values.get_seq_length()
 
 
+def test_cache_options_per_step_and_root_spelling(model):
+    def run(remote):
+        with model.generate(Y, max_new_tokens=3, do_sample=False, pad_token_id=0, remote=remote) as tracer:
+            cache = tracer.cache(modules=["model.transformer.h.1"], include_inputs=True, dtype=torch.float64)
+        entry = cache.model.transformer.h[1]
+        return {"outputs": entry.output, "inputs": entry.input}
+
+    local, remote = _both(run)
+    assert len(local["outputs"]) == 3 and local["outputs"][0].dtype == torch.float64
+    assert_identical(local, remote)
+
+
 def _tensors(value):
     """Every tensor inside a value, in order (cache objects that stay on the server are skipped)."""
     if isinstance(value, torch.Tensor):
