@@ -172,6 +172,29 @@ _EMPTY: dict = {}
 """A shared empty dict for mediator fields that are replaced, never mutated, when they change."""
 
 
+class Barrier:
+    """`tracer.barrier(n)`: a meeting point for `n` trace bodies (invokes) of one trace.
+
+    Each body that calls it parks; when the n-th arrives, the others resume in invoke order, then
+    the n-th goes on. Use it when one invoke must not go past a point before another has read a
+    value there (copying an activation between prompts at the same module).
+    """
+
+    def __init__(self, n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"tracer.barrier(n) takes the number of invokes that meet there (n >= 1), not {n!r}.")
+        self.n = n
+        self.arrived = 0
+        self.waiting: list[Mediator] = []
+        self.key = ("barrier", self)
+
+    def __call__(self) -> None:
+        m = current_mediator()
+        if m is None:
+            raise ValueError("A barrier is called inside the trace that made it: `barrier()` in each invoke.")
+        m.interleaver.main.switch(Request("barrier", self.key, self))
+
+
 class Mediator:
     """One participant of a trace: a compiled body running in its own greenlet."""
 
@@ -399,6 +422,11 @@ class Interleaver:
                     return
                 msg = m.greenlet.switch(value)
                 continue
+            if msg.op == "barrier":
+                msg = self._arrive(m, msg)
+                if msg is None:
+                    return
+                continue
             if msg.key == self.here and self.here is not None:
                 msg = self._serve_here(m, msg)
                 continue
@@ -410,6 +438,22 @@ class Interleaver:
             self._park(m)
             self._publish(m)
             return
+
+    def _arrive(self, m: Mediator, msg: Request) -> Any:
+        """`barrier()`: park until `n` bodies have called it, then resume them in order; returns m's next message."""
+        barrier = msg.value
+        barrier.waiting.append(m)
+        barrier.arrived += 1
+        if len(barrier.waiting) < barrier.n:
+            m.pending = msg
+            self._publish(m)
+            return None
+        waiting, barrier.waiting, barrier.arrived = barrier.waiting, [], 0
+        for other in waiting:
+            if other is not m:
+                other.pending = None
+                self._handle(other, other.greenlet.switch(None))
+        return m.greenlet.switch(None)
 
     def _park(self, m: Mediator) -> None:
         waiting, slot = self._queues(m.pending.key)
@@ -534,6 +578,8 @@ class Interleaver:
             return
         if req.op == "name":
             queue = self.name_waiters.get(req.key, [])
+        elif req.op == "barrier":
+            queue = req.value.waiting
         else:
             waiting, slot = self._queues(req.key)
             queue = waiting.get(slot, [])
@@ -541,6 +587,13 @@ class Interleaver:
             queue.remove(m)
 
     def _not_reached(self, key: Any) -> ModuleNotReachedError:
+        if key[0] == "barrier":
+            barrier = key[1]
+            return ModuleNotReachedError(
+                f"tracer.barrier({barrier.n}) was called by {barrier.arrived} of the {barrier.n} trace bodies "
+                "it waits for before the run ended. Call the barrier once in each of the invokes it was made for, "
+                "or make it with the number of invokes that call it."
+            )
         if key == RESULT:
             return ModuleNotReachedError(
                 "tracer.result has no value: the run was ended by tracer.stop() before the model returned."

@@ -31,6 +31,7 @@ from .interleave import (
     _MISSING,
     ENDED,
     RESULT,
+    Barrier,
     EarlyStop,
     Interleaver,
     Scope,
@@ -246,6 +247,11 @@ class Tracer:
                 "`with tracer.invoke(prompt):` per prompt, or pass everything to model.trace(...)."
             )
         return Invoker(self, args, kwargs)
+
+    def barrier(self, n: int) -> Barrier:
+        """A meeting point for `n` invokes: each calls `barrier()`, and none goes on until all have."""
+        self._mediator("barrier()")
+        return Barrier(n)
 
     def stop(self) -> None:
         """End the forward pass right after the module being served now; later modules do not run."""

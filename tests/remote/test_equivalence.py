@@ -139,6 +139,24 @@ def test_skip(model):
     assert_identical(local, remote)
 
 
+def test_barrier(model):
+    def run(remote):
+        with model.trace(remote=remote) as tracer:
+            barrier = tracer.barrier(2)
+            with tracer.invoke(X[:1]):
+                emb = model.transformer.wte.output
+                barrier()
+            with tracer.invoke(Y):
+                model.transformer.wte.output
+                barrier()
+                model.transformer.wte.output = emb
+                logits = model.lm_head.output.save()
+        return {"logits": logits}
+
+    local, remote = _both(run)
+    assert_identical(local, remote)
+
+
 def test_cache(model):
     def run(remote):
         with model.trace(X, remote=remote) as tracer:
