@@ -90,10 +90,14 @@ class NNsight(Envoy):
         return self
 
     def scan(self, *inputs: Any, **kwargs: Any):
-        """Shapes and dtypes of every module's inputs and outputs, computed with fake tensors (no real compute)."""
-        from ..tracing.scan import scan
+        """Shapes and dtypes of every module's inputs and outputs, computed with fake tensors (no real compute).
 
-        return scan(self, inputs, kwargs)
+        `model.scan(x)["layers.0"].output` reads the table; `with model.scan(x):` runs a block beside
+        the fake run, as a trace does.
+        """
+        from ..tracing.scan import Scan
+
+        return Scan(self, inputs, kwargs)
 
     # ----- how inputs become one model call ------------------------------------------------------
     def _prepare_input(self, *args: Any, **kwargs: Any) -> PreparedInput:

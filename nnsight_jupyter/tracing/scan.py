@@ -4,6 +4,11 @@ Under torch's `FakeTensorMode` every operation computes only the metadata of its
 model's real weights are read for their shapes but no arithmetic runs; a 70B model scans as fast
 as a small one. Plain forward hooks record each module's inputs and outputs and are removed when
 the scan ends, whatever happens.
+
+`model.scan(x)` returns a `Scan`, usable two ways: as the table of every module's shapes
+(computed by the call), or, as nnsight spells it, as a trace whose body runs beside the fake
+run: `with model.scan(x): dim = model.layers[0].output.shape[-1]`. Values read there are fake
+tensors: keep their shapes and dtypes, not the tensors.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from ..errors import ScanError
 from .envoy import first_argument
 from .nested import map_structure
 from .paths import display_path, normalise_path
+from .tracer import Tracer
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
@@ -89,6 +95,53 @@ def _short(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+class Scan(Tracer):
+    """What `model.scan(x)` returns: a mapping of module paths to shapes, or a `with` block on fake tensors."""
+
+    def __init__(self, model: NNsight, args: tuple, kwargs: dict) -> None:
+        super().__init__(model, args, kwargs)
+        self._shapes = scan(model, args, kwargs)
+
+    def _call_model(self, model: NNsight, args: tuple, kwargs: dict) -> Any:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            return model._run_forward(_to_fake(args, mode), _to_fake(kwargs, mode))
+
+    @property
+    def shapes(self) -> ScanResult:
+        """Every module's input and output shapes, in the order the modules ran."""
+        return self._shapes
+
+    def __getitem__(self, key: str) -> ModuleShapes:
+        return self.shapes[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.shapes
+
+    def keys(self) -> Any:
+        return self.shapes.keys()
+
+    def values(self) -> Any:
+        return self.shapes.values()
+
+    def items(self) -> Any:
+        return self.shapes.items()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.shapes.get(key, default)
+
+    def __repr__(self) -> str:
+        return repr(self.shapes)
 
 
 def scan(model: NNsight, inputs: tuple, kwargs: dict) -> ScanResult:

@@ -173,7 +173,7 @@ def _body_text(node: ast.With, lines: list[str] | None) -> str | None:
     return "\n".join(out) + "\n"
 
 
-_TRACE_METHODS = {"trace", "generate", "session"}
+_TRACE_METHODS = {"trace", "generate", "session", "scan", "edit"}
 
 
 def _trace_item(node: ast.With) -> ast.withitem:

@@ -182,6 +182,12 @@ class Tracer:
         self._bound = bound
         return bound
 
+    def _call_model(self, model: NNsight, args: tuple, kwargs: dict) -> Any:
+        """The model call the trace runs beside (a scan runs it on fake tensors)."""
+        if self._generate:
+            return model._run_generate(args, kwargs, self._generate_kwargs)
+        return model._run_forward(args, kwargs)
+
     # ----- the with statement -------------------------------------------------------------------
     def __enter__(self) -> Tracer:
         frame = sys._getframe(1)
@@ -398,10 +404,7 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
         wrappers = model._wrappers
         installed = wrappers.install(il)
         try:
-            if tracer._generate:
-                result = model._run_generate(args, kwargs, tracer._generate_kwargs)
-            else:
-                result = model._run_forward(args, kwargs)
+            result = tracer._call_model(model, args, kwargs)
         except EarlyStop:
             result = _MISSING
         finally:

@@ -401,7 +401,7 @@ class ModuleTree(View):
         )
         if inputs or kwargs:
             envoy = as_envoy(model)
-            self._data = TreeData(envoy, scan=envoy._root.scan(*inputs, **kwargs))
+            self._data = TreeData(envoy, scan=envoy._root.scan(*inputs, **kwargs).shapes)
         elif isinstance(model, (Envoy, torch.nn.Module)):
             self._data = TreeData(model)
         else:
