@@ -20,6 +20,7 @@ from ..errors import InvokeError, TraceError
 from ..tracing.backend import Backend
 from ..tracing.batching import Rows, batch_size_of, rows_for
 from ..tracing.envoy import Envoy
+from ..tracing.renaming import apply_renames, check_envoys
 from ..tracing.source import compile_source
 from ..tracing.tracer import Tracer, run_block
 
@@ -36,7 +37,14 @@ class PreparedInput:
 class NNsight(Envoy):
     """Wrap any PyTorch module; `model.trace(...)` then runs code beside its forward pass."""
 
-    def __init__(self, module: torch.nn.Module, *, remote_id: str | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        remote_id: str | None = None,
+        rename: dict[Any, str] | None = None,
+        envoys: Any = None,
+    ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(
                 f"NNsight wraps a torch.nn.Module, not {type(module).__name__}. "
@@ -44,7 +52,11 @@ class NNsight(Envoy):
             )
         object.__setattr__(self, "_model", module)
         object.__setattr__(self, "remote_id", remote_id)
+        object.__setattr__(self, "_envoy_classes", check_envoys(envoys))
         Envoy.__init__(self, module)
+        if rename:
+            object.__setattr__(self, "_renames", dict(rename))
+            apply_renames(self, self._renames)
 
     def _refresh(self) -> None:
         object.__setattr__(self, "_module", self._model)

@@ -130,6 +130,8 @@ class LanguageModel(NNsight):
         dtype: Any = None,
         attn_implementation: str | None = None,
         dispatch: bool = False,
+        rename: dict[Any, str] | None = None,
+        envoys: Any = None,
         **kwargs: Any,
     ) -> None:
         object.__setattr__(self, "_arch", None)
@@ -165,7 +167,12 @@ class LanguageModel(NNsight):
             _ensure_pad_token(tokenizer)
         object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_accepts_position_ids", _accepts(hf_model, "position_ids"))
-        super().__init__(hf_model, remote_id=str(model) if isinstance(model, (str, os.PathLike)) else None)
+        super().__init__(
+            hf_model,
+            remote_id=str(model) if isinstance(model, (str, os.PathLike)) else None,
+            rename=rename,
+            envoys=envoys,
+        )
         model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
         names = names_for(hf_model)
         if names is not None:

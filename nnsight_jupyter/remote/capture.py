@@ -78,6 +78,9 @@ def build_request(call: TraceCall, *, timeout: float | None = None) -> TraceRequ
     }
     if timeout is not None:
         options["timeout"] = float(timeout)
+    aliases = getattr(model, "_rename_aliases", None)
+    if aliases:
+        options["aliases"] = [list(entry) for entry in aliases]
     return TraceRequest(model_id=str(model_id), source=text, options=options, variables=variables)
 
 

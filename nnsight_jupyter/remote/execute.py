@@ -15,6 +15,7 @@ Options understood (all optional except `kind`):
     modules            {name: module name} of allowlisted modules the body reads (e.g. torch); the
                        names "nnsight_jupyter" and "nnsight_jupyter.save" give the body `save`
     filename, first_line  where the body sits in the client's file or cell, for tracebacks
+    aliases            [holder path, alias, relative path] of the client's `rename=`, added for this run only
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..tracing.record import take_record
+from ..tracing.renaming import add_aliases
 from ..tracing.saving import save
 from ..tracing.source import USER_CODES, compile_source
 from ..tracing.tracer import run_block, user_traceback
@@ -101,7 +103,11 @@ def run_request(
         tracer_name = options.get("tracer_name")
         if tracer_name:
             ns[str(tracer_name)] = tracer
-        bound = run_block(tracer, block, ns, module_level=False)
+        undo_aliases = add_aliases(model, [(str(a[0]), str(a[1]), str(a[2])) for a in options.get("aliases") or []])
+        try:
+            bound = run_block(tracer, block, ns, module_level=False)
+        finally:
+            undo_aliases()
         skip = {str(tracer_name)} if tracer_name else set()
         kept = {name: value for name, value in bound.items() if name not in skip}
         saved = {name: result_to_wire(name, value) for name, value in kept.items()}

@@ -69,6 +69,9 @@ class Envoy:
     wrappers a trace installs) and can be traced on its own; the envoys below it share that index.
     """
 
+    _envoy_classes: Any = None  # `envoys=` of the root (see renaming.py)
+    _renames: Any = None  # `rename=` of the root
+
     def __init__(self, module: torch.nn.Module, path: str = "", root: Envoy | None = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
@@ -104,13 +107,23 @@ class Envoy:
         root = self._root
         root._index()
         Envoy.__init__(root, root._module, "", root)
+        if root._renames:
+            from .renaming import apply_renames
+
+            apply_renames(root, root._renames)
 
     def _build_children(self) -> None:
         children: dict[str, Envoy] = {}
         canonical = self._root._canonical
+        classes = self._root._envoy_classes
         for name, child in self._module.named_children():
-            path = f"{self._path}.{name}" if self._path else name
-            children[name] = Envoy(child, canonical.get(id(child), path), self._root)
+            path = canonical.get(id(child), f"{self._path}.{name}" if self._path else name)
+            if classes is None:
+                children[name] = Envoy(child, path, self._root)
+            else:
+                from .renaming import envoy_class_for
+
+                children[name] = envoy_class_for(classes, child, path)(child, path, self._root)
         for name in list(self.__dict__):
             if isinstance(self.__dict__[name], Envoy) and not name.startswith("_"):
                 del self.__dict__[name]

@@ -157,6 +157,23 @@ def test_barrier(model):
     assert_identical(local, remote)
 
 
+def test_rename_aliases_travel_with_the_trace():
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0)
+    renamed = NNsight(GPT2LMHeadModel(cfg).eval(), remote_id="tiny-gpt2", rename={"transformer.h": "layers",
+                                                                                  "mlp": "ffn"})
+
+    def run(remote):
+        with renamed.trace(X, remote=remote):
+            ffn = renamed.layers[1].ffn.output.save()
+            logits = renamed.lm_head.output.save()
+        return {"ffn": ffn, "logits": logits}
+
+    local, remote = _both(run)
+    assert_identical(local, remote)
+    assert "layers" not in renamed._model.__dict__
+
+
 def test_cache(model):
     def run(remote):
         with model.trace(X, remote=remote) as tracer:

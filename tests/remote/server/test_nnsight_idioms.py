@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .conftest import Client, tokens, trace_request
+from .conftest import Client, threads_like_workers, tokens, trace_request
 from .tiny_models import tiny_gpt2
 
 
@@ -27,12 +27,14 @@ def test_backward_context_in_the_worker_matches_plain_autograd(server: Client):
     hooks = [
         module.transformer.h[i].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o)) for i in (0, 1)
     ]
-    loss = module(x).logits[:, -1].logsumexp(-1).sum()
+    with threads_like_workers():
+        loss = module(x).logits[:, -1].logsumexp(-1).sum()
     for h in hooks:
         h.remove()
     raw = {}
     seen[1].register_hook(lambda g: raw.setdefault("g1", g) * 0.5)
-    (g0,) = torch.autograd.grad(loss, [seen[0]])
+    with threads_like_workers():
+        (g0,) = torch.autograd.grad(loss, [seen[0]])
     assert torch.equal(remote.saved["g1"], raw["g1"])
     assert torch.equal(remote.saved["g0"], g0)
 
@@ -44,7 +46,24 @@ def test_skip_in_the_worker_matches_a_plain_hook(server: Client):
     assert remote.error is None, remote.error
     module = tiny_gpt2()._model
     handle = module.transformer.h[1].register_forward_hook(lambda m, args, out: args[0])
-    with torch.no_grad():
+    with torch.no_grad(), threads_like_workers():
         expected = module(x).logits
     handle.remove()
     assert torch.equal(remote.saved["logits"], expected)
+
+
+def test_rename_aliases_apply_to_one_job_only(server: Client):
+    x = tokens(9)
+    source = "h = model.layers[1].ffn.output.save()\n"
+    renamed = trace_request(source, x, aliases=[["", "layers", "transformer.h"], ["transformer.h.1", "ffn", "mlp"]])
+    first = server.run(renamed)
+    assert first.error is None, first.error
+    module = tiny_gpt2()._model
+    seen = {}
+    handle = module.transformer.h[1].mlp.register_forward_hook(lambda m, a, out: seen.setdefault("mlp", out.detach()))
+    with threads_like_workers():
+        module(x)  # with gradients on, as the worker runs it
+    handle.remove()
+    assert torch.equal(first.saved["h"], seen["mlp"])
+    plain = server.run(trace_request(source, x))  # the next job sees the model without those aliases
+    assert plain.error is not None and plain.error.type_name == "ModulePathError"
