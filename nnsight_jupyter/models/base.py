@@ -87,6 +87,18 @@ class NNsight(Envoy):
         gen_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_OPTIONS}
         return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs, backend=backend, options=options)
 
+    def session(self, **kwargs: Any) -> Any:
+        """Several traces that share values without `.save()`: `with model.session(): with model.trace(...): ...`.
+
+        `remote=True` sends the whole block as one remote job.
+        """
+        from ..tracing.session import Session
+
+        backend, options = _backend_options(kwargs)
+        if kwargs:
+            raise TypeError(f"model.session() takes remote=, blocking= and timeout=, not {', '.join(kwargs)}.")
+        return Session(self, backend=backend, options=options)
+
     def run_with_cache(
         self, *inputs: Any, modules: list[Any] | None = None, include_inputs: bool = False, **kwargs: Any
     ) -> tuple[Any, Any]:

@@ -67,7 +67,7 @@ def build_request(call: TraceCall, *, timeout: float | None = None) -> TraceRequ
             variables[name] = to_wire(value, name=name, root=model)
     text, first_line = block.remote_source()
     options: dict[str, Any] = {
-        "kind": "generate" if call.generate else "trace",
+        "kind": "session" if call.options.get("session") else "generate" if call.generate else "trace",
         "inputs": to_wire(list(call.args), name="inputs", root=model),
         "kwargs": to_wire({**call.kwargs, **call.generate_kwargs}, name="kwargs", root=model),
         "model_names": model_names or ["model"],

@@ -7,8 +7,9 @@ construction. What the server adds around it (a sandbox's builtins and source ch
 sink) comes in as arguments.
 
 Options understood (all optional except `kind`):
-    kind               "trace", "generate", or "analysis": a named analysis of `nnsight_jupyter.analysis`
-                       (option `analysis`), called with the variable `arguments`; the source is unused
+    kind               "trace", "generate", "session" (a block of traces run on the server), or
+                       "analysis": a named analysis of `nnsight_jupyter.analysis` (option `analysis`),
+                       called with the variable `arguments`; the source is unused
     inputs, kwargs     positional and keyword inputs of `model.trace(...)` / `model.generate(...)`
     model_names        names the body uses for the model itself (default ["model"])
     tracer_name        the name after `as` in the client's `with` statement
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..tracing.record import take_record
 from ..tracing.renaming import add_aliases
 from ..tracing.saving import save
-from ..tracing.source import USER_CODES, compile_source
+from ..tracing.source import SAVE_NAME, USER_CODES, compile_source
 from ..tracing.tracer import run_block, user_traceback
 from .protocol import TraceErrorInfo, TraceRequest, TraceResult
 from .values import from_wire, result_to_wire
@@ -94,6 +95,13 @@ def run_request(
 
             value = run_named(model, options.get("analysis"), ns.get("arguments"), ns["print"])
             return TraceResult(saved={"result": result_to_wire("result", value)}, logs=logs, error=None)
+        if options.get("kind") == "session":
+            from ..tracing.session import run_session
+
+            ns[SAVE_NAME] = save
+            bound = run_session(model, block, ns)
+            saved = {name: result_to_wire(name, value) for name, value in bound.items()}
+            return TraceResult(saved=saved, logs=logs, error=None)
         inputs = tuple(from_wire(options.get("inputs") or [], root=model))
         kwargs = dict(from_wire(options.get("kwargs") or {}, root=model))
         if options.get("kind", "trace") == "generate":

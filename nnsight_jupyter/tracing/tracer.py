@@ -190,7 +190,9 @@ class Tracer:
 
     # ----- the with statement -------------------------------------------------------------------
     def __enter__(self) -> Tracer:
-        frame = sys._getframe(1)
+        return self._enter(sys._getframe(1))
+
+    def _enter(self, frame: FrameType) -> Tracer:
         self._block = block_for_frame(frame, "model.generate(...)" if self._generate else "model.trace(...)")
         self._frame = frame
         # Skip the body where it is written: the frame's trace function raises on its first
@@ -425,7 +427,12 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
         model._interleaver = None
         tracer._interleaver = None
     saved = il.saved
-    per_mediator = [_finalised(m, saved) for m in il.mediators]
+    kept = saved
+    sessions = model._sessions
+    if sessions:  # inside a session, names are handed on as they are; the session's end filters them
+        sessions[-1].saved_ids.update(saved)
+        kept = _EVERYTHING
+    per_mediator = [_finalised(m, kept) for m in il.mediators]
     record_trace(model, kwargs, saved, il.reads, il.mediators, per_mediator)
     il.release()
     if len(per_mediator) == 1:
@@ -443,6 +450,16 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
             if restore[name] is _MISSING:
                 ns.pop(name, None)
     return bound
+
+
+class _Everything(dict):
+    """Stands for "every value is saved" (inside a session)."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+_EVERYTHING = _Everything()
 
 
 def _bindings_before(block: Block, ns: dict) -> dict[str, Any]:

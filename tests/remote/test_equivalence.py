@@ -174,6 +174,39 @@ def test_rename_aliases_travel_with_the_trace():
     assert "layers" not in renamed._model.__dict__
 
 
+def test_session_is_one_job(model, monkeypatch):
+    from nnsight_jupyter.remote import backends
+
+    jobs = []
+    real = backends.remote_backend
+
+    def counting(remote):
+        backend = real(remote)
+        execute = backend.execute
+
+        def counted(call):
+            jobs.append(call.block)
+            return execute(call)
+
+        backend.execute = counted
+        return backend
+
+    monkeypatch.setattr(backends, "remote_backend", counting)
+
+    def run(remote):
+        with model.session(remote=remote):
+            with model.trace(X[:1]):
+                h = model.transformer.h[1].output
+            with model.trace(Y):
+                model.transformer.h[1].output[:, -1] = h[:, -1]
+                logits = model.lm_head.output.save()
+        return {"logits": logits}
+
+    local, remote = _both(run)
+    assert_identical(local, remote)
+    assert len(jobs) == 1
+
+
 def test_cache(model):
     def run(remote):
         with model.trace(X, remote=remote) as tracer:

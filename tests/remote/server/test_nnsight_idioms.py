@@ -67,3 +67,40 @@ def test_rename_aliases_apply_to_one_job_only(server: Client):
     assert torch.equal(first.saved["h"], seen["mlp"])
     plain = server.run(trace_request(source, x))  # the next job sees the model without those aliases
     assert plain.error is not None and plain.error.type_name == "ModulePathError"
+
+
+def test_a_session_runs_as_one_job_in_the_worker(server: Client):
+    a, b = tokens(10), tokens(11)
+    source = (
+        "with model.trace(a):\n"
+        "    h = model.transformer.h[1].output\n"
+        "with model.trace(b):\n"
+        "    model.transformer.h[1].output[:, -1] = h[:, -1]\n"
+        "    logits = model.lm_head.output.save()\n"
+    )
+    request = trace_request(source, kind="session")
+    request.variables.update(a=a, b=b)
+    result = server.run(request)
+    assert result.error is None, result.error
+    assert "h" not in result.saved or result.saved["h"] is None or not isinstance(result.saved["h"], torch.Tensor)
+
+    module = tiny_gpt2()._model
+    kept = {}
+    block = module.transformer.h[1]
+
+    def keep(mod, args, out):
+        kept["h"] = out.detach().clone()
+
+    def patch(mod, args, out):
+        out = out.clone()
+        out[:, -1] = kept["h"][:, -1]
+        return out
+
+    with threads_like_workers():
+        handle = block.register_forward_hook(keep)
+        module(a)
+        handle.remove()
+        handle = block.register_forward_hook(patch)
+        expected = module(b).logits
+        handle.remove()
+    assert torch.equal(result.saved["logits"], expected)
