@@ -87,6 +87,30 @@ class NNsight(Envoy):
         gen_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_OPTIONS}
         return Tracer(self, inputs, kwargs, generate=True, generate_kwargs=gen_kwargs, backend=backend, options=options)
 
+    def edit(self, *, inplace: bool = False) -> Any:
+        """Keep the block's interventions for every later trace: `with model.edit() as edited: ...`.
+
+        Without `inplace` the block applies to the returned model (the same module, a new wrapper);
+        with `inplace=True` to this one. `clear_edits()` drops them.
+        """
+        from ..tracing.edits import EditTracer
+
+        return EditTracer(self, inplace=inplace)
+
+    def clear_edits(self) -> None:
+        """Drop every `model.edit()` block this model runs in its traces."""
+        object.__setattr__(self, "_edits", ())
+
+    def _copy_with_edits(self) -> NNsight:
+        """A new wrapper of the same module with this one's edits (for a non-inplace edit)."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        object.__setattr__(copy, "_root", copy)
+        object.__setattr__(copy, "_interleaver", None)
+        object.__setattr__(copy, "_sessions", ())
+        copy._refresh()
+        return copy
+
     def session(self, **kwargs: Any) -> Any:
         """Several traces that share values without `.save()`: `with model.session(): with model.trace(...): ...`.
 

@@ -45,6 +45,31 @@ def build_request(call: TraceCall, *, timeout: float | None = None) -> TraceRequ
             "This model has no name a server could load it by. Remote traces need a model loaded by name, "
             'e.g. LanguageModel("smollm2"), or NNsight(module, remote_id="name-the-server-uses").'
         )
+    variables, modules, model_names = _names_read(block, ns, model)
+    text, first_line = block.remote_source()
+    options: dict[str, Any] = {
+        "kind": "session" if call.options.get("session") else "generate" if call.generate else "trace",
+        "inputs": to_wire(list(call.args), name="inputs", root=model),
+        "kwargs": to_wire({**call.kwargs, **call.generate_kwargs}, name="kwargs", root=model),
+        "model_names": model_names or ["model"],
+        "tracer_name": block.as_name,
+        "modules": modules,
+        "filename": block.filename,
+        "first_line": first_line,
+    }
+    if timeout is not None:
+        options["timeout"] = float(timeout)
+    edits = getattr(model, "_edits", ())
+    if edits:
+        options["edits"] = [_edit_on_the_wire(edit, model) for edit in edits]
+    aliases = getattr(model, "_rename_aliases", None)
+    if aliases:
+        options["aliases"] = [list(entry) for entry in aliases]
+    return TraceRequest(model_id=str(model_id), source=text, options=options, variables=variables)
+
+
+def _names_read(block: Block, ns: Any, model: Any) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """The values of the names `block` reads, the allowlisted modules among them, and its names for the model."""
     variables: dict[str, Any] = {}
     modules: dict[str, str] = {}
     model_names: list[str] = []
@@ -65,23 +90,21 @@ def build_request(call: TraceCall, *, timeout: float | None = None) -> TraceRequ
             continue
         elif isinstance(value, Envoy) or not name.startswith("__"):
             variables[name] = to_wire(value, name=name, root=model)
-    text, first_line = block.remote_source()
-    options: dict[str, Any] = {
-        "kind": "session" if call.options.get("session") else "generate" if call.generate else "trace",
-        "inputs": to_wire(list(call.args), name="inputs", root=model),
-        "kwargs": to_wire({**call.kwargs, **call.generate_kwargs}, name="kwargs", root=model),
-        "model_names": model_names or ["model"],
-        "tracer_name": block.as_name,
-        "modules": modules,
-        "filename": block.filename,
+    return variables, modules, model_names
+
+
+def _edit_on_the_wire(edit: Any, model: Any) -> dict[str, Any]:
+    """A `model.edit()` block for the server: its source, place, and the values of the names it reads."""
+    variables, modules, model_names = _names_read(edit.block, edit.namespace(model), model)
+    text, first_line = edit.block.remote_source()
+    return {
+        "source": text,
         "first_line": first_line,
+        "filename": edit.block.filename,
+        "variables": variables,
+        "modules": modules,
+        "model_names": model_names or ["model"],
     }
-    if timeout is not None:
-        options["timeout"] = float(timeout)
-    aliases = getattr(model, "_rename_aliases", None)
-    if aliases:
-        options["aliases"] = [list(entry) for entry in aliases]
-    return TraceRequest(model_id=str(model_id), source=text, options=options, variables=variables)
 
 
 def apply_result(result: TraceResult, model: Any) -> dict[str, Any]:

@@ -112,9 +112,17 @@ def run_request(
         if tracer_name:
             ns[str(tracer_name)] = tracer
         undo_aliases = add_aliases(model, [(str(a[0]), str(a[1]), str(a[2])) for a in options.get("aliases") or []])
+        edits_before = model.__dict__.get("_edits")
         try:
+            if options.get("edits"):
+                edits = [_received_edit(model, e, ns, validate, compile_function, importer) for e in options["edits"]]
+                object.__setattr__(model, "_edits", tuple(edits))
             bound = run_block(tracer, block, ns, module_level=False)
         finally:
+            if edits_before is None:
+                model.__dict__.pop("_edits", None)
+            else:
+                object.__setattr__(model, "_edits", edits_before)
             undo_aliases()
         skip = {str(tracer_name)} if tracer_name else set()
         kept = {name: value for name, value in bound.items() if name not in skip}
@@ -130,6 +138,37 @@ def run_request(
         take_record(model)  # the next job, perhaps another user's, must not find this one's token ids
         if registered:
             linecache.cache.pop(filename, None)
+
+
+def _received_edit(
+    model: Any,
+    wire: dict,
+    base: dict,
+    validate: Callable[[str], None] | None,
+    compile_function: Callable[[Any], Any],
+    importer: Callable[[str], Any] | None,
+) -> Any:
+    """A `model.edit()` block sent with a trace, for this run only: checked and compiled like the body."""
+    from ..tracing.edits import Edit
+
+    source = str(wire.get("source") or "")
+    if validate is not None:
+        validate(source)
+    block = compile_source(
+        source, str(wire.get("filename") or "<remote edit>"), first_line=int(wire.get("first_line") or 1)
+    )
+    ns = {"__builtins__": base["__builtins__"], "print": base["print"]}
+    for name, module_name in dict(wire.get("modules") or {}).items():
+        if module_name in _ENGINE_API:
+            ns[name] = _ENGINE_API[module_name]
+        elif "." not in module_name:
+            ns[name] = (importer or __import__)(module_name)
+        else:
+            ns[name] = _import_path(module_name, importer)
+    ns.update(from_wire(wire.get("variables") or {}, root=model, compile_function=compile_function))
+    for name in wire.get("model_names") or ["model"]:
+        ns[str(name)] = model
+    return Edit(block, ns, {}, model)
 
 
 _ENGINE_API = {

@@ -72,6 +72,7 @@ class Envoy:
     _envoy_classes: Any = None  # `envoys=` of the root (see renaming.py)
     _renames: Any = None  # `rename=` of the root
     _sessions: tuple = ()  # the root's open `model.session()` blocks
+    _edits: tuple = ()  # the root's `model.edit()` blocks, run in each of its traces
 
     def __init__(self, module: torch.nn.Module, path: str = "", root: Envoy | None = None) -> None:
         object.__setattr__(self, "_module", module)

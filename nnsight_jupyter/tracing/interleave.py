@@ -329,8 +329,26 @@ class Interleaver:
             return (self.wait_in if key[1] == "input" else self.wait_out), key[0]
         return self.wait_other, key
 
-    def add(self, code: Any, ns: dict, *, assigned: tuple[str, ...], rows: Rows | None, label: str) -> Mediator:
-        m = Mediator(self, code, ns, assigned=assigned, rows=rows, label=label, index=len(self.mediators))
+    def add(
+        self,
+        code: Any,
+        ns: dict,
+        *,
+        assigned: tuple[str, ...],
+        rows: Rows | None,
+        label: str,
+        index: int | None = None,
+    ) -> Mediator:
+        """A new participant; `index` orders who is served first at a module (default: after all others)."""
+        m = Mediator(
+            self,
+            code,
+            ns,
+            assigned=assigned,
+            rows=rows,
+            label=label,
+            index=len(self.mediators) if index is None else index,
+        )
         self.mediators.append(m)
         return m
 

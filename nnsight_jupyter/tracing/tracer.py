@@ -401,6 +401,10 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
     install_trace_hooks()
     try:
         il.start(il.add(block.code, ns, assigned=block.assigned, rows=None, label="trace body"))
+        if model._edits:
+            from .edits import start_edits
+
+            start_edits(il, model, save)
         tracer._frozen = True
         args, kwargs = _model_call(tracer, model, il)
         wrappers = model._wrappers
@@ -432,8 +436,9 @@ def run_block(tracer: Tracer, block: Block, ns: dict, *, module_level: bool) -> 
     if sessions:  # inside a session, names are handed on as they are; the session's end filters them
         sessions[-1].saved_ids.update(saved)
         kept = _EVERYTHING
-    per_mediator = [_finalised(m, kept) for m in il.mediators]
-    record_trace(model, kwargs, saved, il.reads, il.mediators, per_mediator)
+    mediators = il.mediators if not model._edits else [m for m in il.mediators if m.label != "edit"]
+    per_mediator = [_finalised(m, kept) for m in mediators]
+    record_trace(model, kwargs, saved, il.reads, mediators, per_mediator)
     il.release()
     if len(per_mediator) == 1:
         bound = per_mediator[0]
@@ -493,6 +498,8 @@ def _model_call(tracer: Tracer, model: NNsight, il: Interleaver) -> tuple[tuple,
         for (_, inner, scope), row in zip(tracer._pending_invokes, rows):
             il.add(inner.code, scope, assigned=inner.assigned, rows=row, label="invoke")
         for m in il.mediators[1:]:
+            if m.label != "invoke":
+                continue
             il.start(m)
     return args, kwargs
 

@@ -207,6 +207,24 @@ def test_session_is_one_job(model, monkeypatch):
     assert len(jobs) == 1
 
 
+def test_edits_travel_with_each_trace(model):
+    factor = 0.5
+    with model.edit() as edited:
+        model.transformer.h[1].mlp.output[:] = model.transformer.h[1].mlp.output * factor
+
+    def run(remote):
+        with edited.trace(X, remote=remote):
+            mlp = edited.transformer.h[1].mlp.output.clone().save()
+            logits = edited.lm_head.output.save()
+        return {"mlp": mlp, "logits": logits}
+
+    local, remote = _both(run)
+    assert_identical(local, remote)
+    with model.trace(X):
+        plain = model.transformer.h[1].mlp.output.clone().save()
+    assert torch.equal(local["mlp"], plain * factor)
+
+
 def test_cache(model):
     def run(remote):
         with model.trace(X, remote=remote) as tracer:

@@ -104,3 +104,20 @@ def test_a_session_runs_as_one_job_in_the_worker(server: Client):
         expected = module(b).logits
         handle.remove()
     assert torch.equal(result.saved["logits"], expected)
+
+
+def test_edits_sent_with_a_trace_apply_to_that_job_only(server: Client):
+    x = tokens(12)
+    edit = {"source": "model.transformer.h[1].mlp.output[:] = 0\n", "first_line": 1, "filename": "<edit>",
+            "variables": {}, "modules": {}, "model_names": ["model"]}
+    edited = server.run(trace_request("logits = model.lm_head.output.save()\n", x, edits=[edit]))
+    assert edited.error is None, edited.error
+    plain = server.run(trace_request("logits = model.lm_head.output.save()\n", x))
+    module = tiny_gpt2()._model
+    with threads_like_workers():
+        handle = module.transformer.h[1].mlp.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+        expected = module(x).logits
+        handle.remove()
+        clean = module(x).logits
+    assert torch.equal(edited.saved["logits"], expected)
+    assert torch.equal(plain.saved["logits"], clean)
