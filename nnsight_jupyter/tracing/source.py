@@ -13,10 +13,12 @@ hook on the `compile` event, installed when the first model is wrapped (`runtime
 keeps a reference to the last few sources whose filename is a pseudo-name such as `<string>`, so
 a string compiled before then has no recorded source.
 
-Compiling also rewrites three things in the body's syntax tree:
+Compiling also rewrites four things in the body's syntax tree:
 - `x.save()` becomes `__nnsight_save__(x)`, so any value (tuples, lists, numbers) can be saved;
 - `with loss.backward(...):` becomes `with __nnsight_backward__(loss, ...):`, a block that runs
   beside the backward pass (`backward.py`), while a plain `loss.backward()` stays torch's call;
+- `with tracer.iter[...]:` / `with tracer.all():` (nnsight's older spelling of a step loop)
+  become `for _ in tracer.iter[...]:`;
 - the body of each `with tracer.invoke(...)` becomes `pass`, and is compiled on its own so that the
   invoke can run later as a separate participant in the batched forward pass.
 """
@@ -218,6 +220,12 @@ class _SaveRewriter(ast.NodeTransformer):
 
     def visit_With(self, node: ast.With) -> ast.AST:
         self.generic_visit(node)
+        if len(node.items) == 1 and _is_step_selection(node.items[0].context_expr):
+            # `with tracer.iter[1:3]:` (nnsight's older spelling) is the loop `for _ in tracer.iter[1:3]:`.
+            item = node.items[0]
+            target = item.optional_vars or ast.Name(id="__nnsight_step__", ctx=ast.Store())
+            loop = ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[])
+            return ast.copy_location(loop, node)
         for item in node.items:
             expr = item.context_expr
             if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "backward":
@@ -239,6 +247,19 @@ class _SaveRewriter(ast.NodeTransformer):
                 ast.Call(func=ast.Name(id=SAVE_NAME, ctx=ast.Load()), args=[func.value], keywords=[]), node
             )
         return node
+
+
+def _is_step_selection(expr: ast.AST) -> bool:
+    """`tracer.iter[...]` or `tracer.all()`."""
+    if isinstance(expr, ast.Subscript):
+        return isinstance(expr.value, ast.Attribute) and expr.value.attr == "iter"
+    return (
+        isinstance(expr, ast.Call)
+        and isinstance(expr.func, ast.Attribute)
+        and expr.func.attr == "all"
+        and not expr.args
+        and not expr.keywords
+    )
 
 
 def _is_invoke(node: ast.AST) -> bool:

@@ -225,6 +225,21 @@ def test_edits_travel_with_each_trace(model):
     assert torch.equal(local["mlp"], plain * factor)
 
 
+def test_iter_block(model):
+    def run(remote):
+        with model.generate(Y, max_new_tokens=4, do_sample=False, pad_token_id=0, remote=remote) as tracer:
+            per_step = nnsight_jupyter.save([])
+            with tracer.iter[1:3]:
+                model.transformer.h[0].output[:] += 1.0
+                per_step.append(model.lm_head.output)
+            ids = tracer.result.save()
+        return {"per_step": per_step, "ids": ids}
+
+    local, remote = _both(run)
+    assert len(local["per_step"]) == 2
+    assert_identical(local, remote)
+
+
 def test_cache(model):
     def run(remote):
         with model.trace(X, remote=remote) as tracer:
