@@ -12,8 +12,12 @@ from ._version import __version__
 from .models.base import NNsight
 from .models.language import LanguageModel
 from .models.registry import models
+from .settings import debug_tracebacks as _debug_tracebacks
 from .show import show
 from .tracing import Cache, Envoy, ScanResult, save
+from .tracing.tracer import set_debug_switch as _set_debug_switch
+
+_set_debug_switch(_debug_tracebacks)
 
 __all__ = [
     "Cache",

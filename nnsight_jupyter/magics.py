@@ -22,15 +22,17 @@ import argparse
 import ast
 import re
 import shlex
+import sys
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from .errors import MagicUsageError, NNsightError
 from .models.base import NNsight
+from .settings import debug_tracebacks
 from .tracing.envoy import Envoy
 from .tracing.source import compile_invokes, compile_source
-from .tracing.tracer import Tracer
+from .tracing.tracer import Tracer, user_traceback
 
 _TRACE_USAGE = (
     "%%trace MODEL [PROMPT ...] [--max-new-tokens N] [--remote] [--timeout S] [--show]\n"
@@ -126,18 +128,25 @@ class TraceMagics(Magics):
         args, _ = _parse_trace_line(line)
         model = self.model_for(args.model)
         prompts = self._prompt_values(args.prompts)
-        source_name = self.shell.compile.cache(f"%%trace {line}\n{cell}")
+        # Numbered like the cell itself, so a traceback names it `Cell In[n]`.
+        source_name = self.shell.compile.cache(f"%%trace {line}\n{cell}", self._cell_number())
         block = compile_source(cell, source_name, first_line=2)
-        if len(prompts) > 1 and not args.remote:
-            results = self._run_invokes(model, prompts, cell, source_name, args)
-        else:
-            inputs = (prompts[0],) if len(prompts) == 1 else ()
-            if len(prompts) > 1:
-                inputs = (prompts,)
-            tracer = self._tracer(model, inputs, args)
-            ns = dict(self.shell.user_ns, model=model, tracer=tracer)
-            block.as_name = "tracer"
-            results = tracer.run(block, ns)
+        try:
+            if len(prompts) > 1 and not args.remote:
+                results = self._run_invokes(model, prompts, cell, source_name, args)
+            else:
+                inputs = (prompts[0],) if len(prompts) == 1 else ()
+                if len(prompts) > 1:
+                    inputs = (prompts,)
+                tracer = self._tracer(model, inputs, args)
+                ns = dict(self.shell.user_ns, model=model, tracer=tracer)
+                block.as_name = "tracer"
+                results = tracer.run(block, ns)
+        except BaseException as error:
+            # The cell's own line, then the message: IPython hides this frame, and the engine's
+            # frames are cut (unless CONFIG.debug asks for them).
+            __tracebackhide__ = not debug_tracebacks()
+            raise user_traceback(error) from error.__cause__
         results.pop("model", None)
         results.pop("tracer", None)
         self.shell.user_ns.update(results)
@@ -147,6 +156,17 @@ class TraceMagics(Magics):
             from .widgets import SavedValues
 
             display(SavedValues(results, title=f"saved by %%trace {line.strip()}"))
+
+    def _cell_number(self) -> int:
+        """The `In[n]` number of the cell running this magic (IPython counts before or after, by mode)."""
+        numbers = getattr(self.shell.compile, "_filename_map", None) or {}
+        frame = sys._getframe(1)
+        while frame is not None:
+            number = numbers.get(frame.f_code.co_filename)
+            if number is not None:
+                return int(number)
+            frame = frame.f_back
+        return int(self.shell.execution_count)
 
     def _tracer(self, model: NNsight, inputs: tuple, args: argparse.Namespace) -> Tracer:
         options: dict[str, Any] = {"remote": True, "timeout": args.timeout} if args.remote else {}

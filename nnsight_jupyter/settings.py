@@ -18,6 +18,9 @@ documented and given its default in one place:
 ``HF_HUB_OFFLINE``,                set to 1/true/yes/on: never contact the Hugging Face Hub
 ``TRANSFORMERS_OFFLINE``
 ``HF_ENDPOINT``                    the Hub address, when ``huggingface_hub`` is not installed
+``NNSIGHT_JUPYTER_DEBUG``          set to 1/true/yes/on: a trace error shows the engine's frames
+                                   too, not only the user's lines (also ``CONFIG.debug = True``,
+                                   or nnsight's spelling ``CONFIG.APP.DEBUG = True``)
 =================================  ==========================================================
 
 The config file holds ``{"host": ..., "api_key": ...}``. For the remote backend the precedence is,
@@ -43,6 +46,7 @@ __all__ = [
     "ENV_API_KEY",
     "ENV_API_KEY_FILE",
     "ENV_CACHE",
+    "ENV_DEBUG",
     "ENV_DAEMON_DIR",
     "ENV_HOST",
     "ENV_SERVER_DIR",
@@ -51,6 +55,7 @@ __all__ = [
     "cache_dir",
     "config_file",
     "daemon_dir",
+    "debug_tracebacks",
     "hub_endpoint",
     "hub_offline",
     "hub_offline_variable",
@@ -64,6 +69,7 @@ ENV_CACHE = "NNSIGHT_JUPYTER_CACHE"
 ENV_SERVER_DIR = "NNSIGHT_JUPYTER_SERVER_DIR"
 ENV_API_KEY_FILE = "NNSIGHT_JUPYTER_API_KEY_FILE"
 ENV_DAEMON_DIR = "NNSIGHT_JUPYTER_DAEMON_DIR"
+ENV_DEBUG = "NNSIGHT_JUPYTER_DEBUG"
 _HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -188,6 +194,12 @@ class RemoteConfig:
     host: str | None = None
     api_key: str | None = None
     timeout: float | None = None
+    debug: bool | None = None
+    """Trace errors show the engine's frames as well as the user's lines (None: the environment decides)."""
+
+    @property
+    def APP(self) -> _AppSettings:  # noqa: N802 - nnsight's spelling, CONFIG.APP.DEBUG
+        return _AppSettings(self)
 
     def resolved_host(self) -> str | None:
         return self.host or _env(ENV_HOST) or read_config_file().get("host")
@@ -196,11 +208,38 @@ class RemoteConfig:
         return self.api_key or _env(ENV_API_KEY) or read_config_file().get("api_key")
 
     def set(self, key: str, value: str) -> None:
-        """Set one setting by name (`host`, `api_key`, `timeout`), as `%nnsight config` does."""
+        """Set one setting by name (`host`, `api_key`, `timeout`, `debug`), as `%nnsight config` does."""
         key = _ALIASES.get(key, key)
-        if key not in ("host", "api_key", "timeout"):
-            raise NNsightError(f"Unknown setting {key!r}; choose host, api_key or timeout.")
+        if key not in ("host", "api_key", "timeout", "debug"):
+            raise NNsightError(f"Unknown setting {key!r}; choose host, api_key, timeout or debug.")
+        if key == "debug":
+            self.debug = value.strip().lower() in _TRUE
+            return
         setattr(self, key, float(value) if key == "timeout" else value)
+
+
+class _AppSettings:
+    """`CONFIG.APP.DEBUG`: nnsight's name for `CONFIG.debug`."""
+
+    _config: RemoteConfig
+
+    def __init__(self, config: RemoteConfig) -> None:
+        object.__setattr__(self, "_config", config)
+
+    @property
+    def DEBUG(self) -> bool:  # noqa: N802
+        return debug_tracebacks()
+
+    @DEBUG.setter
+    def DEBUG(self, value: bool) -> None:  # noqa: N802
+        self._config.debug = bool(value)
+
+
+def debug_tracebacks() -> bool:
+    """Whether trace errors keep the engine's frames (`CONFIG.debug`, else ``NNSIGHT_JUPYTER_DEBUG``)."""
+    if CONFIG.debug is not None:
+        return CONFIG.debug
+    return (_env(ENV_DEBUG) or "").strip().lower() in _TRUE
 
 
 CONFIG = RemoteConfig()

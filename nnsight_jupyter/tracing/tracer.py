@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -240,6 +240,7 @@ class Tracer:
                 ns.update(bound)
         except BaseException as error:
             del frame
+            __tracebackhide__ = not debug_tracebacks()
             raise user_traceback(error) from error.__cause__
         if not module_level and bound:
             _write_locals(frame, bound, self._block, f_locals)
@@ -557,11 +558,31 @@ def _write_locals(frame: FrameType, values: dict[str, Any], block: Block, f_loca
         _locals_to_fast(frame, 0)
 
 
+def _no_debug() -> bool:
+    return False
+
+
+_debug_switch: list[Callable[[], bool]] = [_no_debug]
+
+
+def set_debug_switch(switch: Callable[[], bool]) -> None:
+    """Where `debug_tracebacks` asks; the package sets `settings.debug_tracebacks` (the engine reads no settings)."""
+    _debug_switch[0] = switch
+
+
+def debug_tracebacks() -> bool:
+    """Whether trace errors keep the engine's frames (`CONFIG.debug`, ``NNSIGHT_JUPYTER_DEBUG``)."""
+    return _debug_switch[0]()
+
+
 def user_traceback(error: BaseException) -> BaseException:
     """Start the traceback at the user's trace body; for the engine's own errors, end it there too.
 
-    The error is returned unchanged when no frame of a trace body is in its traceback.
+    The error is returned unchanged when no frame of a trace body is in its traceback, or when
+    `CONFIG.debug` (``NNSIGHT_JUPYTER_DEBUG``) asks for the engine's frames.
     """
+    if debug_tracebacks():
+        return error
     first_user = last_user = None
     node = error.__traceback__
     while node is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import traceback
 
 import pytest
@@ -221,3 +222,25 @@ def test_a_missing_model_says_what_is_available(shell):
     result = shell.run_cell('%%trace no-such-model-anywhere "x"\nmodel.lm_head.output\n')
     message = str(result.error_in_exec)
     assert "no-such-model-anywhere" in message and "smollm2" in message
+
+
+def test_an_error_shows_the_cell_and_line_not_the_engine(shell, gpt2, capsys):
+    from nnsight_jupyter.settings import CONFIG
+
+    shell.user_ns.update(raw=gpt2, x=torch.randint(1, 97, (1, 4)))
+    cell = "%%trace raw x\nh = model.transformer.h[0].output\nbad = len(h) + zero_of_wrong_kind\n"
+    shell.user_ns["zero_of_wrong_kind"] = "0"  # a TypeError raised by Python, in the user's line
+    number = shell.execution_count
+    shell.run_cell(cell, store_history=True)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert f"Cell In[{number}], line 3" in shown and "bad = len(h) + zero_of_wrong_kind" in shown
+    assert "TypeError" in shown
+    for engine_file in ("interleave.py", "tracer.py", "magics.py", "hooks.py", "backend.py"):
+        assert engine_file not in shown, shown
+    CONFIG.APP.DEBUG = True  # nnsight's switch: the engine's frames too
+    try:
+        shell.run_cell(cell, store_history=True)
+        debug = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    finally:
+        CONFIG.debug = None
+    assert "interleave.py" in debug and "bad = len(h) + zero_of_wrong_kind" in debug
