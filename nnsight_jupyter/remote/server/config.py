@@ -28,6 +28,7 @@ FLAGS: dict[str, str] = {
     "max_request_bytes": "--max-request-mb",
     "max_result_bytes": "--max-result-mb",
     "max_job_seconds": "--max-job-seconds",
+    "user_workers": "--user-workers",
     "max_job_memory_bytes": "--max-job-memory-mb",
     "max_log_bytes": "--max-log-kb",
     "max_queued_jobs": "--max-queued-jobs",
@@ -95,7 +96,10 @@ class ServerConfig:
         data_dir: holds ``jobs.sqlite3`` (the queue) and ``results/``; one server per folder.
         api_key_file: hashed API keys (see ``auth.py``); required unless ``auth`` is False.
         auth: False serves without keys (only with ``--insecure-no-auth``).
-        replicas: worker processes per model, each running one job at a time.
+        replicas: loader processes per model, each running one job at a time in the job
+            processes it forks (``worker.py``).
+        user_workers: job processes a replica keeps for its most recent users, each serving
+            one user only (a spare fork that no job has used is kept as well).
         result_ttl_s: how long a finished job's result stays downloadable.
         result_write_delay_s: a finished job's result is served from memory at once; one of 1 MiB
             or more is written to disk this long after the job ends, so that writing it does not
@@ -110,6 +114,10 @@ class ServerConfig:
         worker_threads: torch threads per worker (None: torch's default).
         start_method: ``forkserver`` (fast restarts) or ``spawn``.
         os_sandbox: apply the process-level layers (namespaces, Landlock, privileges, rlimits).
+        job_checks: put back torch's global settings before each job and check the model
+            after it (``globalstate.py``, ``integrity.py``). Only ``benchmarks/remote.py`` turns
+            them off, to measure what they cost; a server that runs without them lets one job
+            change what the next job of the same user computes.
         position_updates: queued jobs nearest the front that get an event when they move up.
         sweep_interval_s: how often expired results are removed.
         clock: the time source (tests move it forward to expire results).
@@ -120,6 +128,7 @@ class ServerConfig:
     api_key_file: Path | None = None
     auth: bool = True
     replicas: int = 1
+    user_workers: int = 2
     result_ttl_s: float = 3600.0
     result_write_delay_s: float = 1.0
     max_request_bytes: int = 64 * MiB
@@ -132,6 +141,7 @@ class ServerConfig:
     worker_threads: int | None = None
     start_method: str = "forkserver"
     os_sandbox: bool = True
+    job_checks: bool = True
     position_updates: int = 50
     sweep_interval_s: float = 30.0
     clock: Callable[[], float] = field(default=time.time, compare=False, repr=False)
@@ -150,6 +160,7 @@ class ServerConfig:
             )
         positive = {
             "replicas": self.replicas,
+            "user_workers": self.user_workers,
             "result_ttl_s": self.result_ttl_s,
             "max_request_bytes": self.max_request_bytes,
             "max_result_bytes": self.max_result_bytes,

@@ -13,14 +13,25 @@ States (``remote/lifecycle.py``)::
        │          │           │
        └──────────┴───────────┴──> cancelled
 
-``loading`` means a replica took the job but its model is still loading (a cold start or a
-restarted worker). Jobs of one model run in submission order (FIFO by ``seq``). ``attempts``
-counts how often a job started running.
+``loading`` means a replica took the job but cannot start it yet: its model is still loading (a
+cold start or a restarted worker), or the fresh job process the job's user gets is still being
+prepared. ``attempts`` counts how often a job started running.
+
+Order: round-robin over users
+    Within a model's queue, users take turns: the next job is the oldest queued job of the user
+    whose last job started longest ago (a user whose jobs never started goes first), so one
+    user's 50 queued jobs make another user's single job wait for at most one of them. Each
+    user's own jobs run in submission order. The turn each user last had is kept per model in
+    the ``turns`` table, so the order survives a restart. A job's position follows from that
+    order: with users in turn order and each user's ``n`` queued jobs, the ``k``-th job of a user
+    runs after ``min(n, k)`` jobs of each user before it in the rotation, ``min(n, k - 1)`` of each
+    user after it, and its user's own ``k - 1``.
 
 Restart policy
     A job that was ``loading`` or ``running`` when the server stopped is put back at the front of
-    its queue and run again, once: a job found interrupted a second time is finished as an error
-    saying so, so a job that somehow takes the server down cannot do it forever.
+    its queue (its user's turn comes first) and run again, once: a job found interrupted a second
+    time is finished as an error saying so, so a job that somehow takes the server down cannot do
+    it forever.
 
 Events
     Every change appends an event with the next per-job sequence number (``queued`` with the
@@ -74,6 +85,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_event INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (model, status, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner_queue ON jobs (model, status, owner, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expired, expires);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -82,6 +94,12 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,
     time REAL NOT NULL,
     PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS turns (
+    model TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    turn INTEGER NOT NULL,
+    PRIMARY KEY (model, owner)
 ) WITHOUT ROWID;
 """
 
@@ -208,6 +226,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "announced" not in columns:  # a queue written before positions were announced per job
+            self._db.execute("ALTER TABLE jobs ADD COLUMN announced INTEGER")
         self._closed = False
 
     def close(self) -> None:
@@ -248,21 +269,56 @@ class JobStore:
         touched.append(job_id)
         return row[0]
 
-    def _position(self, db: sqlite3.Connection, model: str, seq: int) -> int:
-        (ahead,) = db.execute(
-            "SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued' AND seq < ?", (model, seq)
-        ).fetchone()
-        return ahead + 1
-
-    def _announce_positions(
-        self, db: sqlite3.Connection, touched: list[str], model: str, now: float, after_seq: int = 0
-    ) -> None:
-        rows = db.execute(
-            "SELECT id, seq FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq LIMIT ?",
-            (model, self.position_updates),
+    def _owners(self, db: sqlite3.Connection, model: str) -> list[tuple[str, int]]:
+        """Users with queued jobs of ``model`` in turn order, with how many jobs each has queued."""
+        return db.execute(
+            "SELECT j.owner, COUNT(*), MIN(j.seq), COALESCE(t.turn, -1) AS turn FROM jobs j "
+            "LEFT JOIN turns t ON t.model = j.model AND t.owner = j.owner "
+            "WHERE j.model = ? AND j.status = 'queued' GROUP BY j.owner ORDER BY turn, MIN(j.seq)",
+            (model,),
         ).fetchall()
-        for position, (job_id, seq) in enumerate(rows, start=1):
-            if seq > after_seq:
+
+    def _position(self, db: sqlite3.Connection, model: str, seq: int, owner: str) -> int:
+        """Where the queued job ``seq`` of ``owner`` stands in the round-robin order (1 = next)."""
+        owners = self._owners(db, model)
+        (k,) = db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued' AND owner = ? AND seq <= ?",
+            (model, owner, seq),
+        ).fetchone()
+        position, before = k, True
+        for name, count, _, _ in owners:
+            if name == owner:
+                before = False
+                continue
+            position += min(count, k if before else k - 1)
+        return position
+
+    def _order(self, db: sqlite3.Connection, model: str, limit: int) -> list[tuple[str, int]]:
+        """The first ``limit`` queued jobs of ``model`` in the order they will run: ``(id, position)``."""
+        owners = [row[0] for row in self._owners(db, model)]
+        heads: dict[str, list[str]] = {owner: [] for owner in owners}
+        for job_id, owner in db.execute(
+            "SELECT id, owner FROM (SELECT id, owner, seq, ROW_NUMBER() OVER (PARTITION BY owner ORDER BY seq) AS rn "
+            "FROM jobs WHERE model = ? AND status = 'queued') WHERE rn <= ? ORDER BY seq",
+            (model, limit),
+        ):
+            heads[owner].append(job_id)
+        order: list[tuple[str, int]] = []
+        for turn in range(limit):
+            for owner in owners:
+                if turn < len(heads[owner]):
+                    order.append((heads[owner][turn], len(order) + 1))
+                    if len(order) == limit:
+                        return order
+        return order
+
+    def _announce_positions(self, db: sqlite3.Connection, touched: list[str], model: str, now: float) -> None:
+        """A ``queued`` event for each of the first ``position_updates`` jobs whose position changed."""
+        for job_id, position in self._order(db, model, self.position_updates):
+            changed = db.execute(
+                "UPDATE jobs SET announced = ? WHERE id = ? AND announced IS NOT ?", (position, job_id, position)
+            ).rowcount
+            if changed:
                 self._append(db, touched, job_id, "queued", {"position": position}, now)
 
     # ----- reading ---------------------------------------------------------------------------
@@ -275,7 +331,7 @@ class JobStore:
         if job.status != "queued":
             return None
         with self._lock:
-            return self._position(self._db, job.model, job.seq)
+            return self._position(self._db, job.model, job.seq, job.owner)
 
     def request_body(self, job_id: str) -> bytes | None:
         with self._lock:
@@ -334,8 +390,10 @@ class JobStore:
                 "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (job_id, model, owner, now, timeout_s, request, len(request)),
             )
-            position = self._position(db, model, cursor.lastrowid)
+            position = self._position(db, model, cursor.lastrowid, owner)
+            db.execute("UPDATE jobs SET announced = ? WHERE id = ?", (position, job_id))
             self._append(db, touched, job_id, "queued", {"position": position}, now)
+            self._announce_positions(db, touched, model, now)  # a new user's job may move ahead of others
             return position
 
         position = self._transaction(work)
@@ -344,24 +402,31 @@ class JobStore:
             raise RuntimeError(f"job {job_id} vanished right after it was queued")
         return job, position
 
-    def claim(self, model: str, *, ready: bool, worker: str) -> Job | None:
-        """Take the oldest queued job of ``model`` for a replica: ``running`` if its worker is
-        ready, else ``loading``. Returns None when nothing is queued."""
+    def claim(self, model: str, *, ready: bool | Callable[[str], bool], worker: str) -> Job | None:
+        """Take the next queued job of ``model`` for a replica (round-robin over users, see the module
+        docstring): ``running`` if the replica can start it now (``ready``, or ``ready(owner)``), else
+        ``loading``. Returns None when nothing is queued."""
 
         def work(db: sqlite3.Connection, touched: list[str]) -> str | None:
-            row = db.execute(
-                "SELECT id, seq FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq LIMIT 1", (model,)
-            ).fetchone()
-            if row is None:
+            owners = self._owners(db, model)
+            if not owners:
                 return None
-            job_id, seq = row
+            owner, _, seq, _ = owners[0]
+            (job_id,) = db.execute("SELECT id FROM jobs WHERE seq = ?", (seq,)).fetchone()
             now = self.clock()
-            status = "running" if ready else "loading"
+            start = ready(owner) if callable(ready) else ready
+            status = "running" if start else "loading"
             db.execute(
-                "UPDATE jobs SET status = ?, attempts = attempts + ?, started = ? WHERE id = ?",
-                (status, 1 if ready else 0, now if ready else None, job_id),
+                "UPDATE jobs SET status = ?, attempts = attempts + ?, started = ?, announced = NULL WHERE id = ?",
+                (status, 1 if start else 0, now if start else None, job_id),
             )
-            if ready:
+            db.execute(
+                "INSERT INTO turns (model, owner, turn) VALUES (?, ?, "
+                "(SELECT COALESCE(MAX(turn), 0) + 1 FROM turns WHERE model = ?)) "
+                "ON CONFLICT (model, owner) DO UPDATE SET turn = excluded.turn",
+                (model, owner, model),
+            )
+            if start:
                 self._append(db, touched, job_id, "running", {"worker": worker}, now)
             else:
                 self._append(
@@ -369,7 +434,7 @@ class JobStore:
                     touched,
                     job_id,
                     "loading",
-                    {"model": model, "detail": f"waiting for model {model!r} to load"},
+                    {"model": model, "detail": f"waiting for model {model!r} and a fresh worker"},
                     now,
                 )
             self._announce_positions(db, touched, model, now)
@@ -413,8 +478,12 @@ class JobStore:
         ttl_s: float | None = None,
         error: tuple[str, str, str] | None = None,
         reason: str | None = None,
+        timings: dict[str, float] | None = None,
     ) -> bool:
-        """Move a pending job to a final state, with its final event; False if it already was final."""
+        """Move a pending job to a final state, with its final event; False if it already was final.
+
+        ``timings`` (where the job's time went, see ``pool.py``) ride along in the final event.
+        """
         if status not in FINAL:
             raise ValueError(f"{status!r} is not a final state")
 
@@ -438,9 +507,11 @@ class JobStore:
                 data["error"] = {"type": error[0], "message": error[1], "traceback": error[2]}
             if reason is not None:
                 data["reason"] = reason
+            if timings:
+                data["timings"] = timings
             self._append(db, touched, job_id, status, data, now)
             if previous == "queued":
-                self._announce_positions(db, touched, model, now, after_seq=seq)
+                self._announce_positions(db, touched, model, now)
             return True
 
         return self._transaction(work)
@@ -453,7 +524,7 @@ class JobStore:
             now = self.clock()
             db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, request = NULL WHERE id = ?", (now, job_id))
             self._append(db, touched, job_id, "cancelled", {"reason": reason}, now)
-            self._announce_positions(db, touched, row[0], now, after_seq=row[1])
+            self._announce_positions(db, touched, row[0], now)
             return True
 
         return self._transaction(work)
@@ -520,9 +591,14 @@ class JobStore:
                     report.append((job_id, "failed: interrupted twice"))
                 else:
                     db.execute("UPDATE jobs SET status = 'queued', started = NULL WHERE id = ?", (job_id,))
-                    position = self._position(
-                        db, model, db.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+                    seq, owner = db.execute("SELECT seq, owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    db.execute(  # its user's turn comes first again, as it had come before the stop
+                        "INSERT INTO turns (model, owner, turn) VALUES (?, ?, "
+                        "(SELECT MIN(COALESCE(MIN(turn), 0), -1) - 1 FROM turns WHERE model = ?)) "
+                        "ON CONFLICT (model, owner) DO UPDATE SET turn = excluded.turn",
+                        (model, owner, model),
                     )
+                    position = self._position(db, model, seq, owner)
                     self._append(
                         db,
                         touched,

@@ -52,7 +52,15 @@ from typing import Any
 
 from .policy import SandboxViolation
 
-__all__ = ["LockdownReport", "apply", "library_roots", "set_cpu_budget", "set_user_files"]
+__all__ = [
+    "LockdownReport",
+    "apply",
+    "child_started",
+    "library_roots",
+    "set_cpu_budget",
+    "set_user_files",
+    "trusted",
+]
 
 NOBODY = 65534
 
@@ -262,6 +270,17 @@ def _parent_death_and_ptrace(report: LockdownReport) -> None:
     report.active.append("dies with the server; not ptrace-able")
 
 
+def child_started(parent: int) -> None:
+    """In a process just forked from a locked-down one: die with ``parent``, as the parent dies with the server.
+
+    Everything else (Landlock, namespaces, privileges, rlimits, the audit hook) carries over a
+    fork; the parent-death signal does not. Call it inside :func:`trusted`.
+    """
+    _libc().prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 # ----- Landlock --------------------------------------------------------------------------------
 _LANDLOCK_SYSCALLS = {"x86_64": (444, 445, 446), "aarch64": (444, 445, 446)}
 _READ_FILE = 1 << 2
@@ -448,7 +467,23 @@ def _refuse(event: str, detail: str) -> None:
     raise SandboxViolation(f"{detail} is not allowed on this server (refused by its audit hook: {event})")
 
 
+class trusted:
+    """A section of the worker's own code that the audit hook lets through: forking a job process
+    and starting its threads, which it refuses to everything else.
+
+    The flag is per thread and lives in this module, which trace code cannot import or reach.
+    """
+
+    def __enter__(self) -> None:
+        _hook_state.trusted = True
+
+    def __exit__(self, *exc: object) -> None:
+        _hook_state.trusted = False
+
+
 def _audit(event: str, args: tuple) -> None:
+    if getattr(_hook_state, "trusted", False):
+        return
     policy = _POLICY.get(event)
     if policy is None:
         if event.startswith(_BLOCK_PREFIXES):

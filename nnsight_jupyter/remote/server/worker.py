@@ -1,25 +1,40 @@
-"""The model worker: a separate process that loads one model, locks itself down and runs jobs.
+"""The model worker: one process per replica that loads the model, and the job processes it forks.
 
-User code never runs in the server process. Each replica of a served model is one worker
-process, started with ``forkserver`` (or ``spawn``), so a worker that is killed (a job past its
-time or memory limit, or one that will not stop when cancelled) is replaced in about the time its
-model takes to load, and the server keeps serving.
+User code never runs in the server process, and never in the process that loaded the model. Each
+replica of a served model is one *loader* process, started with ``forkserver`` (or ``spawn``): it
+loads the model (with file and network access, as any program would), imports every module
+traces may use, runs the engine once, moves the weights into read-only memory, takes the
+integrity baseline and the fresh global state (``globalstate.py``), and applies
+``lockdown.apply``. Then it only forks: on the server's request it starts a *job process*, a
+copy of itself that shares the model's memory (the weights read-only, everything else copy on
+write) and runs jobs, one at a time, on its main thread, with the sandbox's builtins, importer and
+source check (``sandbox.py``).
 
-Inside the worker, in order: load the model (with file and network access, as any program
-would), import every module traces may use, take the integrity baseline, then apply
-``lockdown.apply``. From then on it runs one job at a time, on the main thread, with the
-sandbox's builtins, importer and source check (``sandbox.py``); printed lines stream back as they
-happen; the result is encoded here, so oversized or unsendable results fail with a clear message
-before they reach the server.
+Why fork per user
+    A job process serves one user only. When the next job comes from another user, the server
+    hands it to another job process (a fresh fork, or one that has served only that user), so
+    nothing one user's code left in memory, in the interpreter or in torch's globals can reach
+    another's: out-of-bounds reads through native code see only the reader's own data and the
+    loader's (the model and libraries, which every user may read anyway). A job that changed the
+    model ends its job process the same way. A fork costs about 30 ms in the loader and a
+    warm-up pass in the new process (its first forward pass faults in the memory it touches),
+    both before any job is given to it; a full reload would cost the model's loading time.
+
+Inside a job process, per job: put back the process-wide settings (``globalstate.py``), run the
+trace, clear gradients and check the model and shared state (``integrity.py``); printed lines
+stream back as they happen; the result is encoded here, so oversized or unsendable results fail
+with a clear message before they reach the server. Each reply carries the durations of these
+steps (``timings``).
 
 Stopping a job: the server sends ``cancel``; the listener thread records the reason and
 interrupts the main thread, where a ``SIGINT`` handler raises :class:`StopJob` only while
 trace code is running (never while a message is being written, so the pipe stays consistent).
-If the job still runs after the grace period, the server kills the process.
+If the job still runs after the grace period, the server kills the job process.
 
-Two threads besides the main one, started before the lockdown (which forbids new threads): the
-listener reads the pipe and the sender writes it, so the main thread never blocks on the pipe
-and an interrupt can never land in the middle of a message.
+Two threads besides the main one, started in a trusted section (the audit hook forbids new
+threads to everything else): the listener reads the job process's socket and the sender writes
+it, so the main thread never blocks on it and an interrupt can never land in the middle of a
+message. The loader has no threads of its own, so forking it is safe.
 """
 
 from __future__ import annotations
@@ -27,11 +42,15 @@ from __future__ import annotations
 import _thread
 import gc
 import importlib
+import multiprocessing.connection
 import os
 import queue
+import select
 import signal
+import socket
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -75,12 +94,14 @@ def load_model(spec: str, *, factory: bool) -> Any:
 
 
 def _warm_up(model: Any, name: str) -> None:
-    """Run the engine once before the integrity baseline and the lockdown.
+    """Run the engine once: before the integrity baseline and the lockdown, and in each new job process.
 
-    Lazy imports then happen while files can still be read, and what the engine sets up once per
-    process (such as ``Tensor.save``) is part of the baseline rather than mistaken for a change a
-    job made. A trace without input still gets that far for any model; a ``LanguageModel`` also
-    runs a real forward pass and one generation step.
+    In the loader, lazy imports then happen while files can still be read, and what the engine
+    sets up once per process (such as ``Tensor.save``) is part of the baseline rather than
+    mistaken for a change a job made. In a job process, the memory a trace touches is faulted
+    in (and copied from the loader where it is written) before the first job, not during it. A
+    trace without input gets that far for any model; a ``LanguageModel`` also runs a real
+    forward pass and one generation step.
     """
     import torch
 
@@ -117,31 +138,34 @@ def _quiet_progress_bars() -> None:
 
 
 def main(connection: Any, name: str, spec: str, settings: dict[str, Any]) -> None:
-    """Entry point of a worker process; it exits when the server says stop or goes away."""
-    channel = Channel(connection, max_bytes=settings["max_request_bytes"] + 2**20)
+    """Entry point of a replica's loader process; it exits when the server says stop or goes away."""
+    control = Channel(connection, max_bytes=2**20)
     try:
-        channel.send({"ev": "loading"})
+        control.send({"ev": "loading"})
     except BrokenChannel:
         return
-    worker = _Worker(channel, name, settings)
-    signal.signal(signal.SIGINT, worker.on_interrupt)
     try:
         import torch
 
-        if settings.get("threads"):
-            torch.set_num_threads(int(settings["threads"]))
+        threads = int(settings.get("threads") or torch.get_num_threads())
+        # Thread pools do not survive a fork: a job process forked after the loader ran OpenMP
+        # work on two threads hangs in its first parallel region. The loader therefore computes
+        # on one thread and only sets the job processes' count (no pool starts until they use it).
+        torch.set_num_threads(1)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         _quiet_progress_bars()
         model = load_model(spec, factory=settings["factory"])
-        from . import integrity, lockdown, sandbox
+        from . import globalstate, integrity, lockdown, sandbox
 
         sandbox.preimport()
         sandbox.harden_engine()
         _warm_up(model, name)
         protected = integrity.protect_weights(model)
         baseline = integrity.Baseline(model)
+        torch.set_num_threads(threads)
+        fresh = globalstate.FreshState()
         gc.collect()
         gc.freeze()
-        worker.start_threads()
         report = lockdown.LockdownReport(skipped=["all process-level layers (--no-os-sandbox)"])
         if settings["os_sandbox"]:
             report = lockdown.apply(
@@ -150,17 +174,137 @@ def main(connection: Any, name: str, spec: str, settings: dict[str, Any]) -> Non
             )
         if protected:
             report.active.append(protected)
+        report.active.append("one job process per user, forked from a loader that never runs jobs")
     except BaseException as exc:
         text = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
         try:
-            channel.send({"ev": "failed", "reason": text})
+            control.send({"ev": "failed", "reason": text})
         except BrokenChannel:
             pass
         return
-    worker.model = model
-    worker.baseline = baseline
-    worker.post({"ev": "ready", "pid": os.getpid(), "lockdown": report.as_json()})
+    loader = _Loader(control, name, settings, model, baseline, fresh)
+    control.send({"ev": "ready", "pid": os.getpid(), "lockdown": report.as_json()})
+    loader.serve()
+
+
+class _Loader:
+    """The loader's loop: fork a job process when asked, and report each one's exit."""
+
+    def __init__(
+        self, control: Channel, name: str, settings: dict[str, Any], model: Any, baseline: Any, fresh: Any
+    ) -> None:
+        self.control = control
+        self.name = name
+        self.settings = settings
+        self.model = model
+        self.baseline = baseline
+        self.fresh = fresh
+        self.children: dict[int, int] = {}  # pidfd -> pid
+        from . import lockdown
+
+        with lockdown.trusted():
+            self.fd_socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(control.connection.fileno())
+            )
+
+    def serve(self) -> None:
+        control_fd = self.control.connection.fileno()
+        poller = select.poll()
+        poller.register(control_fd, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == control_fd:
+                    try:
+                        message = self.control.recv()
+                    except BrokenChannel:
+                        self._stop()
+                    op = message.get("op")
+                    if op == "fork":
+                        pidfd = self._fork()
+                        if pidfd is not None:
+                            poller.register(pidfd, select.POLLIN)
+                    elif op == "stop":
+                        self._stop()
+                elif fd in self.children:
+                    poller.unregister(fd)
+                    self._reap(fd)
+
+    def _fork(self) -> int | None:
+        from . import lockdown
+
+        with lockdown.trusted():
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+        if pid == 0:
+            close = [self.control.connection.fileno(), self.fd_socket.fileno(), ours.fileno(), *self.children]
+            try:
+                _job_process(theirs, close, os.getppid(), self)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(70)
+        theirs.close()
+        with lockdown.trusted():
+            try:
+                pidfd = os.pidfd_open(pid)
+                self.control.send({"ev": "child", "pid": pid})
+                socket.send_fds(self.fd_socket, [b"F"], [ours.fileno(), pidfd])
+            except (OSError, BrokenChannel):
+                os._exit(0)  # the server is gone
+            finally:
+                ours.close()
+        self.children[pidfd] = pid
+        return pidfd
+
+    def _reap(self, pidfd: int) -> None:
+        pid = self.children.pop(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            status = 0
+        os.close(pidfd)
+        code = os.waitstatus_to_exitcode(status)
+        try:
+            self.control.send({"ev": "exited", "pid": pid, "code": code})
+        except BrokenChannel:
+            self._stop()
+
+    def _stop(self) -> None:
+        from . import lockdown
+
+        with lockdown.trusted():
+            for pid in self.children.values():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        os._exit(0)
+
+
+def _job_process(sock: socket.socket, close: list[int], loader_pid: int, loader: _Loader) -> None:
+    """A freshly forked job process: set up its own connection and threads, warm up, then serve jobs."""
+    from . import integrity, lockdown
+
+    for fd in close:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    with lockdown.trusted():
+        lockdown.child_started(loader_pid)
+        channel = Channel(
+            multiprocessing.connection.Connection(sock.detach()),
+            max_bytes=loader.settings["max_request_bytes"] + 2**20,
+        )
+        worker = _Worker(channel, loader.name, loader.settings)
+        worker.model, worker.baseline, worker.fresh = loader.model, loader.baseline, loader.fresh
+        signal.signal(signal.SIGINT, worker.on_interrupt)
+        worker.start_threads()
+    _warm_up(worker.model, loader.name)
+    integrity.reset_shared_state(worker.baseline)
+    gc.collect()
+    worker.post({"ev": "ready", "pid": os.getpid()})
     worker.serve()
 
 
@@ -171,6 +315,7 @@ class _Worker:
         self.settings = settings
         self.model: Any = None
         self.baseline: Any = None
+        self.fresh: Any = None
         self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.outbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.lock = threading.Lock()
@@ -198,6 +343,9 @@ class _Worker:
                 if message is None:
                     return
                 parts = message.pop("result_parts", None)
+                timings = message.get("timings")
+                if timings is not None:
+                    timings["sent"] = time.monotonic()
                 self.channel.send(message, payload=None if parts is None else ("result", parts))
             except BrokenChannel:
                 os._exit(0)
@@ -212,6 +360,7 @@ class _Worker:
                 os._exit(0)
             op = message.get("op")
             if op == "run":
+                message["received"] = time.monotonic()
                 self.inbox.put(message)
             elif op == "cancel":
                 with self.lock:
@@ -250,15 +399,21 @@ class _Worker:
         from . import integrity
 
         job_id = str(message.get("job_id"))
+        started = time.monotonic()
         sink = _LogSink(self, job_id, self.settings["max_log_bytes"])
         with self.lock:
             self.current, self.stop_reason = job_id, None
+        checks = self.settings.get("job_checks", True)
+        if checks:
+            self.fresh.restore()
+        reset = time.monotonic()
         result: Any = None
         try:
             result = self._execute(message, sink)
         except StopJob:
             result = None
         self.in_trace = False
+        ran = time.monotonic()
         with self.lock:
             self.current = None
             stopped = self.stop_reason
@@ -269,11 +424,15 @@ class _Worker:
             result.error = TraceErrorInfo(
                 wire_name(MemoryError), _memory_message(self.settings) + detail, result.error.traceback
             )
-        try:
-            integrity.reset_shared_state(self.baseline)
-            problems = self.baseline.check()
-        except Exception as exc:
-            problems = [f"the model could not be checked after the job ({type(exc).__name__}: {exc})"]
+        problems: list[str] = []
+        if checks:
+            try:
+                integrity.reset_shared_state(self.baseline)
+                problems = self.baseline.check()
+                problems += [f"{name} was changed" for name in self.fresh.unrestorable_changes()]
+            except Exception as exc:
+                problems = [f"the model could not be checked after the job ({type(exc).__name__}: {exc})"]
+        checked = time.monotonic()
         restart = None
         if problems:
             restart = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
@@ -289,6 +448,8 @@ class _Worker:
         result.logs = sink.lines()
         parts, error = self._encode(result)
         del result
+        encoded = time.monotonic()
+        received = float(message.get("received") or started)
         return {
             "ev": "done",
             "job_id": job_id,
@@ -296,6 +457,14 @@ class _Worker:
             "stopped": stopped,
             "restart": restart,
             "error": None if error is None else [error.type_name, error.message, error.traceback],
+            "timings": {
+                "received": received,
+                "wait": started - received,
+                "reset": reset - started,
+                "run": ran - reset,
+                "check": checked - ran,
+                "encode": encoded - checked,
+            },
         }
 
     def _execute(self, message: dict[str, Any], sink: _LogSink) -> Any:
