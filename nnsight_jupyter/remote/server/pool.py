@@ -282,7 +282,12 @@ class Replica:
                 self._on_loader_exit(item[2])
             else:
                 self.forking = False
+                if item[2].gone:  # it died before it was announced
+                    self._ensure_spare()
+                    return
                 self.spare = item[2]
+                if self.spare.ready:
+                    self._start_waiting_job()
             return
         process: JobProcess = item[1]
         if kind == "exit":
@@ -291,11 +296,13 @@ class Replica:
         message = item[2]
         event = message.get("ev")
         if event == "ready":
+            # Its reader thread starts before the loader's reader announces it ("child"), so
+            # this may arrive first: the flag is kept on the process either way.
+            process.ready = True
+            rss = process.rss()
+            if rss > 0:
+                process.rss_limit = rss + self.pool.config.max_job_memory_bytes
             if process is self.spare:
-                process.ready = True
-                rss = process.rss()
-                if rss > 0:
-                    process.rss_limit = rss + self.pool.config.max_job_memory_bytes
                 self._start_waiting_job()
             return
         running = self.running
@@ -383,6 +390,7 @@ class Replica:
             self._retire(process, f"a job changed the model: {restart}")
 
     def _on_process_exit(self, process: JobProcess, why: str) -> None:
+        process.gone, process.ready = True, False
         running = self.running
         if running is not None and running.process is process:
             code = self.exit_codes.pop(process.pid, "unknown")

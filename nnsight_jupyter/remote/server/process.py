@@ -122,6 +122,7 @@ class JobProcess:
         self.pidfd = pidfd
         self.owner: str | None = None
         self.ready = False
+        self.gone = False
         self.rss_limit: int | None = None
         self.jobs_done = 0
         self.channel = Channel(
