@@ -113,6 +113,23 @@ DENIED_NAMES: dict[str, dict[str, str]] = {
 }
 """Names of allowed modules that are refused, per module, with the reason given to the user."""
 
+DENIED_ATTRIBUTES: dict[str, str] = (
+    dict.fromkeys(
+        ("set_", "untyped_storage", "storage"),
+        "it points tensors at raw storage with offsets and strides nothing checks; use slicing, view or reshape",
+    )
+    | dict.fromkeys(
+        ("resize_", "resize"),
+        "resizing memory in place leaves its other views pointing outside it; use reshape or make a new "
+        "array or tensor (torch.zeros, numpy.zeros)",
+    )
+    | {
+        "mro": "it reaches classes past the sandbox's checked stand-ins; use isinstance",
+        "make_dataclass": "it makes classes from names computed at run time; write a @dataclass class",
+    }
+)
+"""Attribute names refused on any object (see ``bounds.py``), with the reason given to the user."""
+
 INTROSPECTION_PREFIXES = ("f_", "gi_", "cr_", "ag_", "tb_", "co_")
 
 _ALLOWED_TEXT = ", ".join(m for m in ALLOWED_MODULES)
@@ -142,6 +159,9 @@ def attribute_problem(name: object) -> str | None:
             f"the attribute {name!r} is not available in remote traces: frame, generator, traceback "
             "and code objects are not inspectable on the server"
         )
+    why = DENIED_ATTRIBUTES.get(name)
+    if why is not None:
+        return f"the attribute {name!r} is not available in remote traces: {why}"
     if name in ("format", "format_map"):
         return (
             f"str.{name} with a computed template is not available in remote traces (a template such "

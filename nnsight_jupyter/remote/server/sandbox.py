@@ -41,12 +41,14 @@ refused with a message that lists them; a server operator who needs more edits
 from __future__ import annotations
 
 import builtins as _builtins
+import functools
 import importlib
 import operator
 import types
 from collections.abc import Callable
 from typing import Any
 
+from .bounds import SafeType, guard_class, guard_numpy, safe_build_class
 from .policy import (
     ALLOWED_MODULES,
     DENIED_MODULES,
@@ -244,9 +246,38 @@ def safe_methodcaller(name: str, /, *args: Any, **kwargs: Any) -> Callable[[Any]
     return operator.methodcaller(name, *args, **kwargs)
 
 
+def _default_names(assigned: Any, updated: Any) -> None:
+    if not set(assigned) <= set(functools.WRAPPER_ASSIGNMENTS) or not set(updated) <= set(functools.WRAPPER_UPDATES):
+        raise SandboxViolation(
+            "functools.update_wrapper and functools.wraps copy only their default attributes in remote traces "
+            "(other names can carry raw memory addresses); leave out assigned= and updated="
+        )
+
+
+def safe_update_wrapper(
+    wrapper: Any,
+    wrapped: Any,
+    assigned: Any = functools.WRAPPER_ASSIGNMENTS,
+    updated: Any = functools.WRAPPER_UPDATES,
+) -> Any:
+    """``functools.update_wrapper`` limited to the attributes it copies by default."""
+    _default_names(assigned, updated)
+    return functools.update_wrapper(wrapper, wrapped, assigned, updated)
+
+
+def safe_wraps(
+    wrapped: Any, assigned: Any = functools.WRAPPER_ASSIGNMENTS, updated: Any = functools.WRAPPER_UPDATES
+) -> Any:
+    """``functools.wraps`` limited to the attributes it copies by default."""
+    _default_names(assigned, updated)
+    return functools.wraps(wrapped, assigned, updated)
+
+
 _REPLACEMENTS: dict[int, Any] = {
     id(operator.attrgetter): safe_attrgetter,
     id(operator.methodcaller): safe_methodcaller,
+    id(functools.update_wrapper): safe_update_wrapper,
+    id(functools.wraps): safe_wraps,
 }
 
 
@@ -313,6 +344,10 @@ def _guard(value: Any, where: str) -> Any:
         if problem is not None:
             raise SandboxViolation(f"{where} is the module {value.__name__!r}: {problem}")
         return proxy_for(value)
+    if where.startswith("numpy."):
+        return guard_numpy(value, where)
+    if isinstance(value, type):
+        return guard_class(value)
     return value
 
 
@@ -355,7 +390,8 @@ def make_builtins() -> dict[str, Any]:
         setattr=safe_setattr,
         delattr=safe_delattr,
         __import__=restricted_import,
-        __build_class__=_builtins.__build_class__,
+        __build_class__=safe_build_class,
+        type=SafeType,
         __name__="__remote_trace__",
     )
     return table

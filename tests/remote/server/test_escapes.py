@@ -10,6 +10,8 @@ Every attempt names the layer expected to stop it:
 - ``limits``: time, memory and result-size limits, enforced by the worker and the server
 - ``integrity``: the after-job check of the model and shared state (the worker is replaced)
 - ``os``: Landlock, refusing file access from native code no Python hook sees
+- ``bounds``: arrays and tensors built from strides, offsets or addresses must stay inside the
+  buffer they are built from (``bounds.py``, or numpy's and torch's own checks where they have them)
 """
 
 from __future__ import annotations
@@ -155,6 +157,77 @@ ATTEMPTS = [
             ("Parameter",)),
     Attempt("set a module attribute", "integrity", "model.transformer.h[0].mlp.act = None", "ModelModifiedError",
             ("module",)),
+    Attempt("numpy as_strided past the end", "bounds",
+            "import numpy as np\nx = np.lib.stride_tricks.as_strided(np.zeros(4), (4096,), (8,))", SV,
+            ("as_strided", "32-byte buffer")),
+    Attempt("numpy as_strided before the start", "bounds",
+            "import numpy as np\na = np.zeros(4)[3:]\nx = np.lib.stride_tricks.as_strided(a, (64,), (-8,))", SV,
+            ("as_strided", "inside the array")),
+    Attempt("numpy as_strided imported by name", "bounds",
+            "from numpy.lib.stride_tricks import as_strided\nimport numpy as np\nx = as_strided(np.zeros(1), (9,), (0,))"
+            "\ny = as_strided(np.zeros(2), (2,), (4096,))", SV, ("as_strided",)),
+    Attempt("torch.from_numpy of a strided numpy view", "bounds",
+            "import numpy as np, torch\nx = torch.from_numpy(np.lib.stride_tricks.as_strided(np.zeros(2), (512,), (8,)))",
+            SV, ("as_strided",)),
+    Attempt("numpy ndarray with a negative offset", "bounds",
+            "import numpy as np\nx = np.ndarray((64,), np.uint8, buffer=np.zeros(8, np.uint8), offset=-64)", SV,
+            ("numpy.ndarray", "-64")),
+    Attempt("numpy ndarray with strides past its buffer", "bounds",
+            "import numpy as np\nx = np.ndarray((64,), np.uint8, buffer=np.zeros(8, np.uint8), strides=(64,))",
+            "ValueError", ("strides",)),
+    Attempt("numpy ndarray class reached through type()", "bounds",
+            "import numpy as np\nT = type(np.zeros(1))\nx = T((32,), np.uint8, buffer=bytes(8), offset=-32)", SV,
+            ("numpy.ndarray",)),
+    Attempt("numpy recarray with a negative offset", "bounds",
+            "import numpy as np\nx = np.recarray((8,), dtype=[('a', np.uint8)], buf=bytes(8), offset=-8)", SV,
+            ("numpy.recarray",)),
+    Attempt("numpy rec.array with a negative offset", "bounds",
+            "import numpy as np\nx = np.rec.array(bytes(8), dtype=[('a', np.uint8)], shape=(8,), offset=-64)", SV,
+            ("numpy.rec.array",)),
+    Attempt("numpy frombuffer past the end", "bounds",
+            "import numpy as np\nx = np.frombuffer(bytes(8), np.uint8, count=4096, offset=4)", "ValueError",
+            ("buffer",)),
+    Attempt("numpy resize without the reference check", "bounds",
+            "import numpy as np\na = np.zeros(1024)\nb = a[:]\na.resize(1, refcheck=False)", SV, ("'resize'",)),
+    Attempt("a class with __array_interface__", "bounds",
+            "import numpy as np\nclass A:\n    @property\n    def __array_interface__(self):\n"
+            "        return {'shape': (64,), 'typestr': '|u1', 'data': (4096, True), 'version': 3}\nx = np.asarray(A())",
+            SV, ("__array_interface__",)),
+    Attempt("a class that answers every attribute", "bounds",
+            "import numpy as np\nclass A:\n    def __getattr__(self, name):\n"
+            "        return {'shape': (64,), 'typestr': '|u1', 'data': (4096, True), 'version': 3}\nx = np.asarray(A())",
+            SV, ("__getattr__",)),
+    Attempt("type() with __array_interface__", "bounds",
+            "import numpy as np\nA = type('A', (), {'__array_' + 'interface__': {'shape': (64,), 'typestr': '|u1', "
+            "'data': (4096, True), 'version': 3}})\nx = np.asarray(A())", SV, ("__array_interface__",)),
+    Attempt("a metaclass reached through type()", "bounds",
+            "import torch\nM = type(torch.Tensor)\nA = M('A', (torch.Tensor,), {'__getattr__': lambda self, name: 1})", SV,
+            ("__getattr__",)),
+    Attempt("dataclasses.make_dataclass with a protocol field", "bounds",
+            "import dataclasses\nA = dataclasses.make_dataclass('A', ['__array_interface__'])", SV,
+            ("make_dataclass",)),
+    Attempt("functools.update_wrapper copying an array's address", "bounds",
+            "import functools, numpy as np\ndef f():\n    pass\n"
+            "functools.update_wrapper(f, np.zeros(4), assigned=('__array_' + 'interface__',))", SV,
+            ("update_wrapper",)),
+    Attempt("the real ndarray class through mro", "bounds",
+            "import numpy as np\nT = np.recarray.mro()[1]", SV, ("'mro'",)),
+    Attempt("torch as_strided past the end", "bounds",
+            "import torch\nx = torch.zeros(4).as_strided((4096,), (1,))", "RuntimeError", ("out of bounds",)),
+    Attempt("torch as_strided with a storage offset", "bounds",
+            "import torch\nx = torch.as_strided(torch.zeros(4), (2,), (1,), 4096)", "RuntimeError",
+            ("out of bounds",)),
+    Attempt("torch set_ with a storage offset", "bounds",
+            "import torch\na = torch.zeros(4)\nx = torch.empty(0).set_(a.untyped_storage(), 4096, (4,), (1,))", SV,
+            ("'set_'",)),
+    Attempt("torch set_ reached through getattr", "bounds",
+            "import torch\nf = getattr(torch.empty(0), 'se' + 't_')", SV, ("'set_'",)),
+    Attempt("torch storage shrunk under a view", "bounds",
+            "import torch\na = torch.zeros(1024)\nb = a[:]\na.untyped_storage().resize_(0)\nx = b + 1", SV,
+            ("not available", "storage")),
+    Attempt("torch frombuffer past the end", "bounds",
+            "import torch\nx = torch.frombuffer(bytearray(8), dtype=torch.uint8, count=4096)", "ValueError",
+            ("buffer",)),
 ]
 
 NORMAL = "h = model.transformer.h[1].output.save()\nlogits = model.lm_head.output.save()\n"

@@ -132,3 +132,43 @@ def test_a_sandboxed_run_gives_the_same_values_as_a_plain_one():
     boxed = run_request(model, request, builtins=make_builtins(), validate=validate, importer=restricted_import)
     assert boxed.error is None and torch.equal(plain.saved["h"], boxed.saved["h"])
     assert torch.equal(plain.saved["n"], boxed.saved["n"])
+
+
+def test_views_inside_their_buffer_and_ordinary_classes_still_work():
+    """The bounds checks refuse only what leaves a buffer: the same code gives numpy's own values."""
+    import numpy as np
+
+    source = (
+        "import numpy as np, torch\n"
+        "from dataclasses import dataclass\n"
+        "a = np.arange(12.0)\n"
+        "w = np.lib.stride_tricks.as_strided(a, (5, 4), (16, 8))\n"
+        "s = np.lib.stride_tricks.sliding_window_view(a, 3)\n"
+        "b = np.ndarray((3,), np.float64, buffer=a, offset=16)\n"
+        "assert isinstance(a, np.ndarray) and type(a) is np.ndarray and isinstance(int, type)\n"
+        "@dataclass\n"
+        "class Box:\n"
+        "    k: int\n"
+        "Q = type('Q', (), {'k': 2})\n"
+        "h = model.transformer.h[0].output.detach().numpy()[0, ::2]\n"
+        "out = {'w': torch.tensor(w), 's': torch.tensor(s), 'b': torch.tensor(b), 'h': torch.from_numpy(h.copy()),\n"
+        "       'k': torch.tensor(Box(1).k + Q.k)}\n"
+        "saved = torch.cat([v.flatten().double() for v in out.values()]).save()\n"
+    )
+    model = tiny_gpt2()
+    result = run_request(model, trace_request(source, tokens(1)), builtins=make_builtins(), validate=validate,
+                         importer=restricted_import)
+    assert result.error is None, result.error
+    a = np.arange(12.0)
+    with torch.no_grad():
+        hidden = model.transformer.h[0](model.transformer.drop(
+            model.transformer.wte(tokens(1)) + model.transformer.wpe(torch.arange(tokens(1).shape[1]))))
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    expected = torch.cat([
+        torch.tensor(np.stack([a[i:i + 4] for i in range(0, 10, 2)])).flatten(),
+        torch.tensor(np.stack([a[i:i + 3] for i in range(10)])).flatten(),
+        torch.tensor(a[2:5]),
+        hidden[0, ::2].flatten().double(),
+        torch.tensor([3.0], dtype=torch.float64),
+    ])
+    assert torch.equal(result.saved["saved"], expected)
