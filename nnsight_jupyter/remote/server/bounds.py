@@ -58,10 +58,17 @@ PROTOCOL_NAMES = frozenset(
 """Names a class made in a trace may not define: numpy reads raw addresses through the first
 three, and the attribute hooks could answer for them."""
 
-try:  # the helper ``as_strided`` keeps its source array in (``.base``)
-    from numpy.lib._stride_tricks_impl import DummyArray as _DummyArray
-except ImportError:  # pragma: no cover - other numpy layouts
-    _DummyArray = None
+
+def _dummy_array_class() -> type | None:
+    """The helper class ``as_strided`` keeps its source array in (``.base``)."""
+    try:
+        from numpy.lib._stride_tricks_impl import DummyArray
+    except ImportError:  # other numpy layouts
+        return None
+    return DummyArray
+
+
+_DummyArray = _dummy_array_class()
 
 
 def _span(array: np.ndarray) -> tuple[int, int]:
@@ -88,7 +95,7 @@ def _buffer_span(obj: Any) -> tuple[int, int] | None:
             storage = obj.untyped_storage()
             return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
         if _DummyArray is not None and type(obj) is _DummyArray:
-            obj = obj.base
+            obj = getattr(obj, "base", None)
             continue
         try:
             raw = np.frombuffer(obj, dtype=np.uint8)

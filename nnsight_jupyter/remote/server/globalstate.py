@@ -149,7 +149,7 @@ def _deterministic() -> tuple[bool, bool]:
 
 
 def _numpy_printoptions() -> dict[str, Any]:
-    return np.get_printoptions()
+    return dict(np.get_printoptions())
 
 
 def _profiler(enabled: bool) -> None:
@@ -183,7 +183,7 @@ def _settings() -> list[Setting]:
         Setting("torch.autograd.graph.saved_tensors_hooks", _saved_tensors_hooks, _pop_saved_tensors_hooks),
         Setting(
             "torch.autograd.graph.disable_saved_tensors_hooks",
-            torch._C._autograd._saved_tensors_hooks_is_enabled,
+            torch._C._autograd._saved_tensors_hooks_is_enabled,  # type: ignore[attr-defined]
             _saved_tensors_hooks_enabled,
         ),
         Setting("torch.autograd.forward_ad dual level", _forward_ad_level, _exit_forward_ad_levels),

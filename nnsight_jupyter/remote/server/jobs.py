@@ -269,8 +269,8 @@ class JobStore:
         touched.append(job_id)
         return row[0]
 
-    def _owners(self, db: sqlite3.Connection, model: str) -> list[tuple[str, int]]:
-        """Users with queued jobs of ``model`` in turn order, with how many jobs each has queued."""
+    def _owners(self, db: sqlite3.Connection, model: str) -> list[tuple[str, int, int, int]]:
+        """Users with queued jobs of ``model`` in turn order: ``(owner, queued jobs, oldest seq, turn)``."""
         return db.execute(
             "SELECT j.owner, COUNT(*), MIN(j.seq), COALESCE(t.turn, -1) AS turn FROM jobs j "
             "LEFT JOIN turns t ON t.model = j.model AND t.owner = j.owner "
