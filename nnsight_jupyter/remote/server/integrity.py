@@ -85,6 +85,8 @@ class Baseline:
         self._quick_value = self._quick.take()
         self.parameters = list(model._model.parameters())
         """The parameters at load time, whose gradients `reset_shared_state` clears."""
+        self.buffer_copies = _buffer_copies(model._model)
+        """Copies of the buffers' bytes: a write through ``.data`` bumps no version counter."""
 
     def _take(self) -> dict[str, Any]:
         module: torch.nn.Module = self.model._model
@@ -132,10 +134,15 @@ class Baseline:
 
     def check(self) -> list[str]:
         """What differs from the baseline (empty when nothing does)."""
+        changed = [
+            f"buffer {name} was changed in place"
+            for name, buffer, copy in self.buffer_copies
+            if not _same_bytes(buffer, copy)
+        ]
         quick = self._quick.take()
         if quick is not None and quick == self._quick_value:
-            return []
-        problems = self._differences()
+            return changed
+        problems = changed + self._differences()
         if not problems and quick is not None:
             # Something only the fingerprint sees changed (a private attribute set lazily, say):
             # compare with the new fingerprint from now on, so later jobs take the quick path.
@@ -263,16 +270,50 @@ def _involved_classes(model: Any, modules: Iterable[torch.nn.Module]) -> dict[in
 def _shared_state(model: Any) -> dict[str, Any]:
     """The objects every job shares besides modules and tensors: configuration, tokenizer, wrapper."""
     module = model._model
-    shared = {}
+    shared: dict[str, Any] = {}
     for label in ("config", "generation_config"):
         obj = getattr(module, label, None)
         if obj is not None:
             shared[label] = (id(obj), _public_ids(obj))
     tokenizer = vars(model).get("_tokenizer")
     if tokenizer is not None:
-        shared["tokenizer"] = (id(tokenizer), _public_ids(tokenizer))
+        shared["tokenizer"] = (id(tokenizer), _public_ids(tokenizer), _tokenizer_state(tokenizer))
     shared["model wrapper"] = _public_ids(model)
     return shared
+
+
+def _tokenizer_state(tokenizer: Any) -> tuple:
+    """What tokenizer methods change without touching its public attributes: added tokens (its
+    length) and the fast tokenizer's own padding and truncation settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        size = len(tokenizer)
+    except Exception:
+        size = None
+    if backend is None:
+        return (size,)
+    return size, repr(backend.padding), repr(backend.truncation)
+
+
+BUFFER_COPY_LIMIT = 256 * 2**20
+"""Buffers up to this many bytes in all are compared by content after each job (a few
+microseconds for SmolLM2's two 32-float rotary buffers); a model with more is compared by
+version counters only."""
+
+
+def _buffer_copies(module: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    buffers = [(name, b) for name, b in module.named_buffers(remove_duplicate=True) if b.device.type == "cpu"]
+    if sum(b.numel() * b.element_size() for _, b in buffers) > BUFFER_COPY_LIMIT:
+        return []
+    return [(name, b, b.detach().clone()) for name, b in buffers]
+
+
+def _same_bytes(tensor: torch.Tensor, copy: torch.Tensor) -> bool:
+    if tensor.shape != copy.shape or tensor.dtype != copy.dtype:
+        return False
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        return bool(torch.equal(tensor.detach().contiguous().view(torch.uint8), copy.contiguous().view(torch.uint8)))
+    return bool(torch.equal(tensor.detach(), copy))
 
 
 def _global_hook_counts() -> dict[str, int]:
