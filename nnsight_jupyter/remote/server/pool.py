@@ -48,6 +48,7 @@ from ..protocol import TraceErrorInfo, TraceResult, encode_result
 from .config import ModelSpec, ServerConfig, describe_bytes
 from .jobs import Job, JobStore
 from .process import JobProcess, LoaderProcess, describe_status
+from .redact import Redactor
 from .store import ResultStore
 
 __all__ = ["WorkerPool"]
@@ -522,6 +523,7 @@ class Replica:
 
     def _finish_error(self, kind: type[BaseException], message: str, *, store: bool) -> None:
         type_name = wire_name(kind)
+        message = self.pool.redactor.text(message)
         job = self.job
         logs = self.running.logs if self.running is not None else []
         self.job = None
@@ -584,6 +586,9 @@ class WorkerPool:
         self.config = config
         self.jobs = jobs
         self.results = results
+        self.redactor = Redactor(
+            [str(config.data_dir), str(config.api_key_file or ""), *(m.spec for m in config.models)]
+        )
         self.context = multiprocessing.get_context(config.start_method)
         if config.start_method == "forkserver":
             factories = [m.spec.partition(":")[0] for m in config.models if m.is_factory]

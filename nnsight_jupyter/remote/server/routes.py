@@ -72,7 +72,7 @@ async def health(request: Request) -> JSONResponse:
 async def list_models(request: Request) -> JSONResponse:
     service = _service(request)
     models = await run_in_threadpool(service.pool.describe)
-    return JSONResponse({"models": models})
+    return JSONResponse({"models": service.redactor.value(models)})
 
 
 # ----- submitting -----------------------------------------------------------------------------

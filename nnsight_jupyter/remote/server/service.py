@@ -17,6 +17,7 @@ from .config import ServerConfig
 from .events import Notifier
 from .jobs import JobStore
 from .pool import WorkerPool
+from .redact import Redactor
 from .store import ResultStore
 
 __all__ = ["Service"]
@@ -34,6 +35,9 @@ class Service:
         self._results: ResultStore | None = None
         self._pool: WorkerPool | None = None
         self._sweeper: asyncio.Task | None = None
+        paths = [str(config.data_dir), str(config.api_key_file or ""), *(m.spec for m in config.models)]
+        self.redactor = Redactor(paths)
+        """What ``GET /models`` must not show (``redact.py``)."""
 
     @property
     def jobs(self) -> JobStore:

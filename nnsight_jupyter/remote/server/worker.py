@@ -155,7 +155,7 @@ def main(connection: Any, name: str, spec: str, settings: dict[str, Any]) -> Non
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         _quiet_progress_bars()
         model = load_model(spec, factory=settings["factory"])
-        from . import globalstate, integrity, lockdown, sandbox
+        from . import globalstate, integrity, lockdown, redact, sandbox
 
         sandbox.preimport()
         sandbox.harden_engine()
@@ -164,6 +164,8 @@ def main(connection: Any, name: str, spec: str, settings: dict[str, Any]) -> Non
         baseline = integrity.Baseline(model)
         torch.set_num_threads(threads)
         fresh = globalstate.FreshState()
+        global _REDACTOR
+        _REDACTOR = redact.Redactor(_model_paths(model, spec))
         gc.collect()
         gc.freeze()
         report = lockdown.LockdownReport(skipped=["all process-level layers (--no-os-sandbox)"])
@@ -186,6 +188,35 @@ def main(connection: Any, name: str, spec: str, settings: dict[str, Any]) -> Non
     loader = _Loader(control, name, settings, model, baseline, fresh)
     control.send({"ev": "ready", "pid": os.getpid(), "lockdown": report.as_json()})
     loader.serve()
+
+
+_REDACTOR: Any = None
+"""The loader's ``redact.Redactor``, made before the sandbox scrubs the environment."""
+
+
+def _model_paths(model: Any, spec: str) -> list[str]:
+    """Where the model came from on this machine, for the redactor."""
+    paths = [spec]
+    raw = getattr(model, "_model", model)
+    for owner in (getattr(raw, "config", None), getattr(raw, "generation_config", None), vars(model).get("_tokenizer")):
+        for attribute in ("name_or_path", "_name_or_path"):
+            value = getattr(owner, attribute, None)
+            if isinstance(value, str):
+                paths.append(value)
+    return [p for p in paths if os.path.isabs(p)]
+
+
+def _redact(result: Any, redactor: Any) -> None:
+    """Take server paths, host names and environment values out of what a job sends back."""
+    from ..protocol import TraceErrorInfo
+
+    result.logs = [redactor.text(line) for line in result.logs]
+    if result.error is not None:
+        error = result.error
+        result.error = TraceErrorInfo(error.type_name, redactor.text(error.message), redactor.text(error.traceback))
+    for name, value in list(result.saved.items()):
+        if isinstance(value, (str, list, tuple, dict)):
+            result.saved[name] = redactor.value(value)
 
 
 class _Loader:
@@ -446,6 +477,8 @@ class _Worker:
                 )
             )
         result.logs = sink.lines()
+        if _REDACTOR is not None:
+            _redact(result, _REDACTOR)
         parts, error = self._encode(result)
         del result
         encoded = time.monotonic()
