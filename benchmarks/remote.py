@@ -8,7 +8,13 @@ workers) with a tiny GPT-2, then:
    same tensor and saves one element of it; the extra time carries the tensor from the worker to
    the notebook (encode, pipe, store, HTTP, decode); target: at least 300 MB/s;
 3. codec: encode + decode of a 64 MiB tensor, measured before the server starts; target: at least
-   1 GB/s (benchmarks/codec.py has the full table).
+   1 GB/s (benchmarks/codec.py has the full table);
+4. the bundled model (SmolLM2): a small trace locally and through a server, once with the per-job
+   resets and checks (``globalstate.py``, ``integrity.py``) and once without them
+   (``--no-job-checks``), with where the remote time went, from each job's final event: HTTP and
+   client (what the server did not spend), queue, hand-off to the job process and back, resets,
+   the trace itself, checks, and encoding the result. Goal (reported, not enforced): at most
+   10 ms over local.
 Exits non-zero if a target is missed.
 
     .venv/bin/python benchmarks/remote.py [--rounds N]
@@ -41,16 +47,16 @@ SPEC = "tiny=tests.remote.server.tiny_models:tiny_gpt2"
 BIG = 16 * 2**20  # float32 elements: 64 MiB
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(folder: Path, spec: str = SPEC, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, str]:
     """`nnsight-jupyter serve` in its own process, as it runs for real (it shares no GIL with the client)."""
     keys = folder / "keys.txt"
     key = create_api_key(keys, "bench")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", SPEC, "--port", str(port),
+    command = [sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", spec, "--port", str(port),
                "--api-key-file", str(keys), "--data-dir", str(folder / "data"), "--max-result-mb", "512",
-               "--max-job-memory-mb", "2048", "--threads", "1", "--log-level", "warning"]
+               "--max-job-memory-mb", "2048", "--threads", "1", "--log-level", "warning", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     server = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -132,9 +138,69 @@ def main(argv: list[str] | None = None) -> int:
         (transfer >= 300.0, f"saved-tensor transfer at least 300 MB/s: {transfer:.0f} MB/s"),
         (codec_rate >= 1.0, f"codec at least 1 GB/s: {codec_rate:.2f} GB/s"),
     ]
+    bundled(args.rounds)
     for ok, text in checks:
         print(("PASS  " if ok else "FAIL  ") + text)
     return 0 if all(ok for ok, _ in checks) else 1
+
+
+PARTS = ("queue", "to_worker", "wait", "reset", "run", "check", "encode", "from_worker")
+
+
+def bundled(rounds: int) -> None:
+    """Part 4: SmolLM2 locally and through a server with and without the per-job resets and checks."""
+    from nnsight_jupyter.models.language import LanguageModel
+
+    model = LanguageModel("smollm2")
+    prompt = "The capital of France is"
+
+    def small(remote):
+        start = time.perf_counter()
+        with torch.no_grad(), model.trace(prompt, remote=remote):
+            model.lm_head.output[0, -1].save()
+        return time.perf_counter() - start
+
+    ms = lambda v: statistics.median(v) * 1e3  # noqa: E731
+    rows = {}
+    for label, extra in (("with resets and checks", ()), ("without them", ("--no-job-checks",))):
+        with tempfile.TemporaryDirectory() as tmp:
+            server, url, key = start_server(Path(tmp), "smollm2", extra)
+            try:
+                client = RemoteClient(url, key, show_status=False)
+                finals: list[dict] = []
+                follow = client.follow
+
+                def recording(*a, _follow=follow, _finals=finals, **k):
+                    final = _follow(*a, **k)
+                    _finals.append(final)
+                    return final
+
+                client.follow = recording
+                for _ in range(3):
+                    small(False), small(client)
+                finals.clear()
+                local, remote = [], []
+                for _ in range(rounds):
+                    local.append(small(False))
+                    remote.append(small(client))
+            finally:
+                server.terminate()
+                server.wait(30)
+        timings = [f.get("timings", {}) for f in finals]
+        parts = {name: ms([t.get(name, 0.0) for t in timings]) for name in PARTS}
+        http = ms([r - sum(t.get(name, 0.0) for name in PARTS) for r, t in zip(remote, timings, strict=True)])
+        rows[label] = (ms(local), ms(remote), parts, http)
+    for label, (local_ms, remote_ms, parts, http) in rows.items():
+        print(f"SmolLM2 small trace {label}: local {local_ms:.2f} ms, remote {remote_ms:.2f} ms, "
+              f"extra {remote_ms - local_ms:.2f} ms (goal: at most 10)")
+        print("  breakdown (medians, ms): HTTP and client {:.2f}, queue {:.2f}, hand-off {:.2f} + {:.2f}, "
+              "waiting in the job process {:.2f}, resets {:.2f}, trace {:.2f}, checks {:.2f}, result encoding {:.2f}"
+              .format(http, parts["queue"], parts["to_worker"], parts["from_worker"], parts["wait"], parts["reset"],
+                      parts["run"], parts["check"], parts["encode"]))
+    with_checks, without = rows["with resets and checks"], rows["without them"]
+    print(f"per-job cost of the resets and checks: {with_checks[2]['reset'] + with_checks[2]['check']:.2f} ms "
+          f"measured inside the job; remote median {with_checks[1] - without[1]:+.2f} ms against a server "
+          "without them")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,18 @@ def build_parser(prog: str = "nnsight-jupyter serve") -> argparse.ArgumentParser
         action="store_true",
         help="skip the process-level sandbox layers (debugging only; the language layer stays)",
     )
+    parser.add_argument(
+        "--user-workers",
+        type=int,
+        default=d["user_workers"],
+        help="job processes each replica keeps for its most recent users (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-job-checks",
+        action="store_true",
+        help="skip putting back torch's settings and checking the model around each job (benchmarks only: "
+        "one job can then change what the next job of the same user computes)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -163,6 +175,8 @@ def config_from_args(args: argparse.Namespace):
         worker_threads=args.threads,
         start_method=args.start_method,
         os_sandbox=not args.no_os_sandbox,
+        user_workers=args.user_workers,
+        job_checks=not args.no_job_checks,
     )
 
 
