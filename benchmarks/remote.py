@@ -151,6 +151,7 @@ def bundled(rounds: int) -> None:
     """Part 4: SmolLM2 locally and through a server with and without the per-job resets and checks."""
     from nnsight_jupyter.models.language import LanguageModel
 
+    torch.set_num_threads(1)  # as the servers' workers (--threads 1)
     model = LanguageModel("smollm2")
     prompt = "The capital of France is"
 
