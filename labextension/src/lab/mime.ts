@@ -51,6 +51,8 @@ export class ViewRenderer extends Panel implements IRenderMime.IRenderer {
   private saved = new Widget();
   private cleanup: (() => void) | null = null;
   private observer: MutationObserver | null = null;
+  private live: Widget | null = null;
+  private timer: ReturnType<typeof setTimeout> | null = null;
 
   constructor(private renderers: WidgetRenderers | null) {
     super();
@@ -58,7 +60,12 @@ export class ViewRenderer extends Panel implements IRenderMime.IRenderer {
     this.addWidget(this.saved);
   }
 
+  /**
+   * Called again when the output is updated in place (`display(..., display_id=...)` then
+   * `handle.update(...)`): the earlier live widget is disposed first, so the output holds one view.
+   */
   async renderModel(model: IRenderMime.IMimeModel): Promise<void> {
+    this.dropLive();
     if (model.data[WIDGET_MIME] && this.renderers?.getFactory(WIDGET_MIME)) this.tryLive(model);
     else this.drawSaved(model);
   }
@@ -90,13 +97,16 @@ export class ViewRenderer extends Panel implements IRenderMime.IRenderer {
   private tryLive(model: IRenderMime.IMimeModel): void {
     const live = this.renderers!.createRenderer(WIDGET_MIME) as unknown as Widget & IRenderMime.IRenderer;
     live.hide();
+    this.live = live;
     this.addWidget(live);
-    const timer = setTimeout(() => {
+    this.timer = setTimeout(() => {
+      this.timer = null;
       if (!this.isDisposed && !live.node.querySelector(".nnsj-view")) this.drawSaved(model);
     }, SAVED_AFTER_MS);
     const check = () => {
-      if (!live.node.querySelector(".nnsj-view")) return;
-      clearTimeout(timer);
+      if (this.live !== live || !live.node.querySelector(".nnsj-view")) return;
+      if (this.timer !== null) clearTimeout(this.timer);
+      this.timer = null;
       this.observer?.disconnect();
       this.observer = null;
       this.cleanup?.();
@@ -110,7 +120,18 @@ export class ViewRenderer extends Panel implements IRenderMime.IRenderer {
     void live.renderModel(model).then(check, () => undefined);
   }
 
+  /** Forget the live widget of an earlier `renderModel`, with its observer and timer. */
+  private dropLive(): void {
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    this.observer?.disconnect();
+    this.observer = null;
+    this.live?.dispose();
+    this.live = null;
+  }
+
   dispose(): void {
+    if (this.timer !== null) clearTimeout(this.timer);
     this.observer?.disconnect();
     this.cleanup?.();
     super.dispose();
