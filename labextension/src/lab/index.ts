@@ -128,8 +128,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
       caption: "Open the nnsight sidebar with a model's module tree",
       execute: async (args) => {
         app.shell.activateById(SIDEBAR_ID);
+        // Opening the sidebar opens its link: wait for the kernel's models before choosing one.
+        const state = await link.settled();
+        if (state.kind !== "connected" || !state.snapshot) return; // the sidebar says why
         let model = typeof args.model === "string" ? args.model : null;
-        const names = snapshot()?.models.map((m) => m.name) ?? [];
+        const names = state.snapshot.models.map((m) => m.name);
         if (!model && names.length === 1) model = names[0];
         if (!model && names.length > 1) {
           const result = await InputDialog.getItem({ title: "Module tree of", items: names });

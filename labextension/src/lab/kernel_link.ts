@@ -56,6 +56,26 @@ export class KernelLink {
     else this.dropComm("the sidebar was closed");
   }
 
+  /**
+   * The link's state once it has settled: connected with a first snapshot, or a state that waits on
+   * the user (no notebook, no kernel, extension not loaded). A command that opened the sidebar
+   * waits here instead of reading the state it had a moment before (`connecting`, no models).
+   */
+  settled(timeoutMs = 10_000): Promise<LinkState> {
+    const done = (s: LinkState) => s.kind !== "connecting" && (s.kind !== "connected" || s.snapshot !== null);
+    if (done(this._state)) return Promise.resolve(this._state);
+    return new Promise((resolve) => {
+      const finish = () => {
+        clearTimeout(timer);
+        this._stateChanged.disconnect(onChange);
+        resolve(this._state);
+      };
+      const onChange = (_link: this, s: LinkState) => done(s) && finish();
+      const timer = setTimeout(finish, timeoutMs);
+      this._stateChanged.connect(onChange);
+    });
+  }
+
   /** Ask the kernel something; resolves with its answer. */
   request(content: Record<string, unknown>): Promise<Answer> {
     if (!this.comm || this.comm.isDisposed) {
