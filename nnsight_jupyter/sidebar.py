@@ -159,6 +159,8 @@ def snapshot(shell: Any) -> dict[str, Any]:
                 "class": type(module).__name__,
                 "modules": sum(1 for _ in module.modules()),
                 "params": sum(p.numel() for p in module.parameters()),
+                # a notebook name (code can use it as is), or a name only `%%trace` knows
+                "variable": shell.user_ns.get(name) is model,
             }
         )
         record = last_trace(model)

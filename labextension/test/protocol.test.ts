@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
-  canCancel, compact, jobLabel, pathWithRoot, Pending, rootForCell, saveLine, saveName, traceCell, versionMismatch,
+  canCancel, compact, jobLabel, pathWithRoot, Pending, rootForCell, saveLine, saveName, sweepTemplate, traceCell,
+  versionMismatch,
 } from "../src/lab/protocol";
 
 test("an answer settles the request with its id, and only that one", async () => {
@@ -53,6 +54,17 @@ test("save lines bind a name derived from the path", () => {
 test("a %%trace cell quotes its prompt as a Python string", () => {
   const cell = traceCell("smollm2", 'say "hi"\\');
   assert.equal(cell.split("\n")[0], '%%trace smollm2 "say \\"hi\\"\\\\"');
+});
+
+test("the sweep template uses a notebook variable as is and loads a name only %%trace knows", () => {
+  const own = sweepTemplate("gpt", true);
+  assert.match(own, /^sweep = live_sweep\(gpt, clean, corrupted, /m);
+  assert.doesNotMatch(own, /LanguageModel/);
+  const alias = sweepTemplate("smollm2", false);
+  assert.match(alias, /^model = LanguageModel\("smollm2"\)$/m);
+  assert.match(alias, /^sweep = live_sweep\(model, clean, corrupted, /m);
+  // A Hugging Face id goes in as a Python string, quotes and all.
+  assert.match(sweepTemplate('org/a"b', false), /^model = LanguageModel\("org\/a\\"b"\)$/m);
 });
 
 test("job lines say where a queued job stands and why one failed", () => {

@@ -2,20 +2,27 @@
 
 One notebook holds a random two-layer GPT-2 (`gpt`). "Show a model's module tree", from the
 toolbar and from the command palette, must open that model's tree in the sidebar with every
-module's path, name, class and parameter count as `named_modules()` has them.
+module's path, name, class and parameter count as `named_modules()` has them. "Insert a patching
+sweep", with `gpt` chosen in its dialog, must insert a cell that runs as inserted and draws a
+PatchingHeatmap whose every cell and both baselines match plain forwards patched by a
+`register_forward_hook`.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import GPT2_SETUP, ROOT, NotebookPage, build_gpt2, screenshot
 
 pytestmark = pytest.mark.slow
 
 SIDEBAR = "#nnsight-jupyter-sidebar"
+CLEAN, CORRUPTED = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"
 BUILD = ROOT / "nnsight_jupyter" / "labextension" / "package.json"
 
 
@@ -27,6 +34,25 @@ def notebook(lab, browser):
     yield page
     page.close()
     lab.shutdown_kernels()
+
+
+def run_active_cell(page) -> None:
+    """Run the notebook's active cell and wait until it has run; a cell that raised fails the test."""
+    index = page.evaluate("""() => {
+        const panel = window.jupyterapp.shell.currentWidget;
+        const index = panel.content.activeCellIndex;
+        window.jupyterapp.commands.execute('notebook:run-cell');
+        return index;
+    }""")
+    page.wait_for_function("""(index) => {
+        const panel = window.jupyterapp.shell.currentWidget;
+        const kernel = panel.sessionContext.session.kernel;
+        const cell = panel.content.widgets[index];
+        return kernel.status === 'idle' && cell.model.executionCount !== null;
+    }""", arg=index, timeout=240_000, polling=250)
+    errors = page.evaluate("""(index) => window.jupyterapp.shell.currentWidget.content.widgets[index].model.outputs
+        .toJSON().filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)""", index)
+    assert not errors, errors
 
 
 def tree_rows(view) -> dict[str, dict[str, str]]:
@@ -115,3 +141,79 @@ def test_show_module_tree_from_the_toolbar_and_the_palette(notebook):
     item.click()
     page.locator(SIDEBAR).wait_for(state="visible")
     check_tree(page, model)
+
+
+@pytest.fixture(scope="module")
+def sweep_reference():
+    """logit(" Paris") - logit(" Rome") of the corrupted run with one block output cell patched from the clean run."""
+    model, tokenizer = build_gpt2()
+    clean = tokenizer(CLEAN, return_tensors="pt").input_ids
+    corrupted = tokenizer(CORRUPTED, return_tensors="pt").input_ids
+    assert clean.shape == corrupted.shape
+    paris, rome = tokenizer.encode(" Paris")[0], tokenizer.encode(" Rome")[0]
+
+    def diff(logits):
+        return float(logits[0, -1, paris] - logits[0, -1, rome])
+
+    blocks = model.transformer.h
+    with torch.no_grad():
+        saved = []
+        handles = [b.register_forward_hook(lambda m, a, out: saved.append(out[0].clone())) for b in blocks]
+        clean_value = diff(model(clean).logits)
+        for handle in handles:
+            handle.remove()
+        corrupted_value = diff(model(corrupted).logits)
+        values = torch.zeros(len(blocks), clean.shape[1])
+        for layer, block in enumerate(blocks):
+            for position in range(clean.shape[1]):
+                def patch(m, a, out, layer=layer, position=position):
+                    out = out.clone()
+                    out[0, position] = saved[layer][position]
+                    return out
+                handle = block.register_forward_hook(patch)
+                values[layer, position] = diff(model(corrupted).logits)
+                handle.remove()
+    return {"values": values, "clean": clean_value, "corrupted": corrupted_value}
+
+
+def test_the_inserted_patching_sweep_runs_and_matches_plain_patching(notebook, sweep_reference, tmp_path):
+    page = notebook.page
+    before = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets.length")
+    page.evaluate("() => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = 0; }")
+    page.locator(".jp-NotebookPanel-toolbar [data-jp-item-name='nnsight-insert-sweep']").click()
+    dialog = page.locator(".jp-Dialog")
+    dialog.wait_for()
+    # The dialog offers the kernel's model first, then the registry's.
+    options = dialog.locator("datalist option, select option").evaluate_all("(os) => os.map((o) => o.value)")
+    assert options[0] == "gpt" and "smollm2" in options, options
+    dialog.locator(".jp-Dialog-body input, .jp-Dialog-body select").first.fill("gpt")
+    dialog.locator(".jp-mod-accept").click()
+    page.wait_for_function(f"() => window.jupyterapp.shell.currentWidget.content.widgets.length === {before + 1}")
+    source = page.evaluate(
+        "() => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel.getSource()")
+    assert "live_sweep(gpt, clean, corrupted" in source, source
+    assert "LanguageModel(" not in source  # the notebook's own model, not a second copy
+    run_active_cell(page)
+
+    cell = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCellIndex")
+    view = notebook.output(cell).locator('.nnsj-view[data-view="patching_heatmap"]')
+    view.wait_for(timeout=60_000)
+    values = sweep_reference["values"]
+    page.wait_for_function("([root, n]) => root.dataset.done === n && root.dataset.running !== 'true'",
+                           arg=[view.element_handle(), str(values.numel())], timeout=60_000)
+    assert view.locator(".nnsj-hm-rows .nnsj-hm-label").count() == values.shape[0]
+    assert view.locator(".nnsj-hm-cols .nnsj-hm-label").count() == values.shape[1]
+    clean = float(view.locator('[data-field="clean"]').inner_text())
+    corrupted = float(view.locator('[data-field="corrupted"]').inner_text())
+    assert clean == pytest.approx(sweep_reference["clean"], rel=1e-4, abs=1e-5)
+    assert corrupted == pytest.approx(sweep_reference["corrupted"], rel=1e-4, abs=1e-5)
+    # Every cell's number, as the SVG export writes it.
+    with page.expect_download() as download:
+        view.locator('button[data-export="svg"]').click()
+    path = tmp_path / download.value.suggested_filename
+    download.value.save_as(path)
+    cells = re.findall(r'data-row="(\d+)" data-col="(\d+)" data-value="([^"]+)"', Path(path).read_text())
+    assert len(cells) == values.numel()
+    for row, col, value in cells:
+        assert float(value) == pytest.approx(float(values[int(row), int(col)]), rel=1e-4, abs=1e-5), (row, col)
+    screenshot(view, "sidebar_sweep_template")

@@ -73,6 +73,7 @@ def test_snapshot_lists_models_and_what_their_last_trace_saved(shell, net):
             "class": "Sequential",
             "modules": len(list(module.modules())),
             "params": sum(p.numel() for p in module.parameters()),
+            "variable": True,
         }
     ]
     saved = {s["name"]: s for s in snap["saved"] if s["model"] == "net"}
@@ -81,6 +82,19 @@ def test_snapshot_lists_models_and_what_their_last_trace_saved(shell, net):
     assert saved["hidden"]["shape"] == list(shell.user_ns["hidden"].shape)
     assert saved["hidden"]["dtype"] == "float32"
     assert "plain" not in saved  # a tensor no trace saved
+
+
+def test_a_model_only_trace_magic_holds_is_not_a_notebook_name(shell, net):
+    """The patching-sweep template uses a notebook name as is and loads a `%%trace` alias itself."""
+    magics = shell._nnsight_jupyter[0]
+    alias = NNsight(torch.nn.Linear(2, 2))
+    magics._models["tiny-alias"] = alias
+    try:
+        listed = {m["name"]: m for m in sidebar.snapshot(shell)["models"]}
+        assert listed["tiny-alias"]["variable"] is False
+        assert listed["net"]["variable"] is True
+    finally:
+        del magics._models["tiny-alias"]
 
 
 def test_requests_answer_by_id_with_tree_and_tensor_state(shell, net):

@@ -116,10 +116,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
       label: "Insert a patching sweep",
       caption: "Insert a cell that patches each layer and position from a clean run into a corrupted one",
       isEnabled: () => current() !== null,
-      execute: (args) => {
+      execute: async (args) => {
         const panel = current();
         if (!panel) return;
-        insertCell(panel, sweepTemplate(typeof args.model === "string" ? args.model : "smollm2"));
+        const loaded = snapshot()?.models ?? [];
+        let model = typeof args.model === "string" ? args.model : null;
+        if (!model) {
+          const names = [...new Set([...loaded.map((m) => m.name), ...(await registryModels())])];
+          const result = names.length
+            ? await InputDialog.getItem({ title: "Model for the patching sweep", items: names, editable: true })
+            : await InputDialog.getText({ title: "Model for the patching sweep (a registry name or Hugging Face id)", text: "smollm2" });
+          if (!result.button.accept || !result.value) return;
+          model = result.value;
+        }
+        const variable = loaded.find((m) => m.name === model)?.variable === true;
+        insertCell(panel, sweepTemplate(model, variable));
       },
     });
 

@@ -15,6 +15,8 @@ export interface ModelEntry {
   class: string;
   modules: number;
   params: number;
+  /** Whether `name` is a notebook variable; otherwise only `%%trace` knows the model by it. */
+  variable?: boolean;
 }
 
 export interface SavedEntry {
@@ -138,31 +140,22 @@ export function traceCell(model: string, prompt: string): string {
 }
 
 /**
- * A patching sweep: the clean run's hidden states patched, one layer and position at a time, into
- * the corrupted run; the logit difference of the answer tokens per (layer, position).
+ * A patching sweep: the clean run's residual stream patched into the corrupted run, one layer and
+ * position at a time, drawn as a PatchingHeatmap that fills in while it runs. `model` is used as
+ * is when it is a notebook variable; a registry alias or Hugging Face id (all `%%trace` may know a
+ * model by) is loaded under the name `model`.
  */
-export function sweepTemplate(model: string): string {
+export function sweepTemplate(model: string, variable: boolean): string {
+  const name = variable ? model : "model";
   return [
-    "import torch",
-    "from nnsight_jupyter import LanguageModel, show",
+    "from nnsight_jupyter.analysis import logit_diff",
+    "from nnsight_jupyter.widgets import live_sweep",
+    ...(variable ? [] : ["from nnsight_jupyter import LanguageModel", "", `model = LanguageModel(${pyString(model)})`]),
     "",
-    `lm = LanguageModel(${pyString(model)})`,
-    'clean, corrupt = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"',
-    'answer, other = lm.tokenizer(" Paris").input_ids[-1], lm.tokenizer(" Rome").input_ids[-1]',
-    "layers = lm.model.layers",
-    "",
-    "with lm.trace(clean):",
-    "    clean_h = [layer.output.save() for layer in layers]",
-    "positions = clean_h[0].shape[1]",
-    "",
-    "sweep = torch.zeros(len(layers), positions)",
-    "for i in range(len(layers)):",
-    "    for p in range(positions):",
-    "        with lm.trace(corrupt):",
-    "            layers[i].output[:, p] = clean_h[i][:, p]",
-    "            logits = lm.output.logits[0, -1].save()",
-    "        sweep[i, p] = logits[answer] - logits[other]",
-    "show(sweep, name=\"logit difference (layer x position)\")",
+    "# Both prompts must be the same number of tokens: cells are patched position by position.",
+    'clean = "The Eiffel Tower is in the city of"',
+    'corrupted = "The Colosseum is in the city of"',
+    `sweep = live_sweep(${name}, clean, corrupted, logit_diff(" Paris", " Rome"), over=("layer", "position"))`,
     "",
   ].join("\n");
 }
