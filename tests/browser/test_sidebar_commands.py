@@ -1,11 +1,12 @@
-"""The extension's commands in a real JupyterLab, against the model they act on.
+"""The extension's commands and version check in a real JupyterLab, against the model they act on.
 
 One notebook holds a random two-layer GPT-2 (`gpt`). "Show a model's module tree", from the
 toolbar and from the command palette, must open that model's tree in the sidebar with every
 module's path, name, class and parameter count as `named_modules()` has them. "Insert a patching
 sweep", with `gpt` chosen in its dialog, must insert a cell that runs as inserted and draws a
 PatchingHeatmap whose every cell and both baselines match plain forwards patched by a
-`register_forward_hook`.
+`register_forward_hook`. A second notebook's kernel reports another package version than the
+extension's: the sidebar must say so and how to fix it, and say nothing while they agree.
 """
 
 from __future__ import annotations
@@ -217,3 +218,56 @@ def test_the_inserted_patching_sweep_runs_and_matches_plain_patching(notebook, s
     for row, col, value in cells:
         assert float(value) == pytest.approx(float(values[int(row), int(col)]), rel=1e-4, abs=1e-5), (row, col)
     screenshot(view, "sidebar_sweep_template")
+
+
+def mismatch(page):
+    return page.locator(f"{SIDEBAR} .nnsj-sb-mismatch")
+
+
+def open_sidebar_connected(page) -> None:
+    page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
+    page.wait_for_function(f"() => document.querySelector('{SIDEBAR}').dataset.state === 'connected'",
+                           timeout=30_000)
+    # The first snapshot has been drawn once the models section says something.
+    page.locator(f"{SIDEBAR} .nnsj-sb-models > *").first.wait_for(timeout=30_000)
+
+
+def test_the_sidebar_says_when_kernel_and_extension_versions_differ(lab, browser):
+    extension = json.loads((ROOT / "labextension" / "package.json").read_text())["version"]
+    lab.write_notebook("versions.ipynb", ["%load_ext nnsight_jupyter\nimport nnsight_jupyter\n"
+                                          "print(nnsight_jupyter.__version__)"])
+    nb = NotebookPage(lab, browser, "versions.ipynb").open()
+    page = nb.page
+    try:
+        nb.run_all()
+        kernel_version = page.evaluate("""() => window.jupyterapp.shell.currentWidget.content.widgets[0].model
+            .outputs.toJSON()[0].text.trim()""")
+        assert kernel_version == extension  # the packages agree here, as installed
+        open_sidebar_connected(page)
+        assert mismatch(page).count() == 0
+        assert page.locator(f"{SIDEBAR} .nnsj-sb-warning").inner_text().strip() == ""
+
+        # Another version in the kernel, set while the sidebar is closed (so before it connects again).
+        hide_sidebar(page)
+        page.evaluate("""() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel
+            .requestExecute({code: 'import nnsight_jupyter.sidebar\\nnnsight_jupyter.sidebar.__version__ = "9.8.7"'})
+            .done.then(() => undefined)""")
+        open_sidebar_connected(page)
+        mismatch(page).wait_for(timeout=10_000)
+        text = mismatch(page).inner_text()
+        assert "9.8.7" in text and extension in text, text
+        assert "pip install -U nnsight-jupyter" in text and "restart the kernel" in text, text
+        screenshot(page.locator(SIDEBAR), "sidebar_version_mismatch")
+        # The sidebar still works beside the warning.
+        assert page.locator(f"{SIDEBAR} .nnsj-sb-models", has_text="No model in this kernel yet").count() == 1
+
+        # Put back, the next cell's snapshot clears the warning.
+        page.evaluate("""() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel
+            .requestExecute({code: 'nnsight_jupyter.sidebar.__version__ = nnsight_jupyter.__version__'})
+            .done.then(() => undefined)""")
+        mismatch(page).wait_for(state="detached", timeout=10_000)
+        errors = [line for line in nb.console if "pageerror" in line]
+        assert not errors, errors
+    finally:
+        nb.close()
+        lab.shutdown_kernels()
