@@ -9,13 +9,18 @@ few hundred names).
 
 Requests are `{id, kind, ...}` answered with `{id, ok, ...}` and binary buffers, as the views do:
 `snapshot`, `tree` (a model's ModuleTree state), `open` (a saved tensor's TensorView state), `tiles`
-and other TensorView requests with `target` (the opened tensor), `cancel` (a remote job), and
-`registry` (the models `%%trace` knows by name). A failed request answers `{id, ok: false, error}`.
+and other TensorView requests with `target` (the opened tensor), `cancel` (a remote job),
+`registry` (the models `%%trace` knows by name) and `health` (each remote server's `/health`). A
+failed request answers `{id, ok: false, error}`.
+
+`health` is answered from a thread: an unreachable server costs its connect timeout, which would
+otherwise hold up the next cell; the snapshot after each cell only lists the servers (no network).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from ._version import __version__
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TARGET = "nnsight_jupyter.sidebar"
 PROTOCOL = 1
+HEALTH_TIMEOUT_S = 3.0
 _FINAL = set(FINAL_STATES)
 # The last status seen of each job, so a finished job is not asked about again.
 _known: dict[str, dict[str, Any]] = {}
@@ -66,6 +72,9 @@ class SidebarSession:
         if not isinstance(content, dict) or not isinstance(content.get("id"), str):
             return
         request_id = content["id"]
+        if content.get("kind") == "health":
+            threading.Thread(target=self._health, args=(request_id,), name="sidebar-health", daemon=True).start()
+            return
         try:
             reply, buffers = self.handle(content)
         except Exception as exc:  # noqa: BLE001 - the failure goes back to the sidebar, the kernel keeps serving
@@ -73,6 +82,13 @@ class SidebarSession:
             self.comm.send({"id": request_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return
         self.comm.send({**reply, "id": request_id, "ok": True}, buffers=buffers)
+
+    def _health(self, request_id: str) -> None:
+        try:
+            self.comm.send({"id": request_id, "ok": True, "hosts": health(remote_hosts())})
+        except Exception as exc:  # noqa: BLE001 - the failure goes back to the sidebar
+            log.debug("sidebar health check failed", exc_info=True)
+            self.comm.send({"id": request_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     def handle(self, content: dict[str, Any]) -> tuple[dict[str, Any], list]:
         kind = content.get("kind")
@@ -94,7 +110,9 @@ class SidebarSession:
             from .models.registry import available
 
             return {"models": [{"name": m.name, "description": m.description} for m in available()]}, []
-        raise ValueError(f"the sidebar answers snapshot, tree, open, cancel and registry requests, not {kind!r}")
+        raise ValueError(
+            f"the sidebar answers snapshot, tree, open, cancel, registry and health requests, not {kind!r}"
+        )
 
     def _tree(self, name: str) -> tuple[dict[str, Any], list]:
         from .widgets.module_tree import TreeData
@@ -184,7 +202,69 @@ def snapshot(shell: Any) -> dict[str, Any]:
         "models": listed,
         "saved": saved,
         "jobs": job_list(),
+        "remote": remote_hosts(),
     }
+
+
+def remote_hosts() -> list[dict[str, str]]:
+    """The servers this kernel's remote traces use: the configured host (else the local daemon, if one
+    runs), then any other host its jobs went to. Read from settings and files only, no network."""
+    from .remote import daemon, submitted
+    from .settings import CONFIG
+
+    hosts: list[dict[str, str]] = []
+    configured = CONFIG.resolved_host()
+    if configured:
+        hosts.append({"host": configured.rstrip("/"), "source": "configured"})
+    else:
+        local = daemon.recorded_host()
+        if local:
+            hosts.append({"host": local, "source": "local daemon"})
+    for handle in submitted.jobs():
+        host = handle.client.host
+        if all(h["host"] != host for h in hosts):
+            hosts.append({"host": host, "source": "jobs"})
+    return hosts
+
+
+def health(hosts: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Each server's `/health` (no key needed): reachable or not, its versions, whether it speaks our protocol."""
+    import httpx
+
+    from .remote.protocol import PROTOCOL_VERSION
+
+    out = []
+    for entry in hosts:
+        row: dict[str, Any] = dict(entry)
+        try:
+            response = httpx.get(f"{entry['host']}/health", timeout=HEALTH_TIMEOUT_S)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            row.update({"status": "unreachable", "error": f"{type(exc).__name__}: {exc}"})
+            out.append(row)
+            continue
+        try:
+            response.raise_for_status()
+            answer = response.json()
+            if not isinstance(answer, dict):
+                raise ValueError("the answer is not a JSON object")
+        except (httpx.HTTPStatusError, ValueError) as exc:
+            detail = f"HTTP {response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else str(exc)
+            row.update({"status": "error", "error": f"/health answered {detail}: is this an nnsight-jupyter server?"})
+        else:
+            protocol = answer.get("protocol_version")
+            row.update(
+                {
+                    "status": "ok" if protocol == PROTOCOL_VERSION else "incompatible",
+                    "package_version": answer.get("package_version"),
+                    "protocol_version": protocol,
+                    "error": None
+                    if protocol == PROTOCOL_VERSION
+                    else f"the server speaks protocol {protocol}, this kernel {PROTOCOL_VERSION}: "
+                    "install one nnsight-jupyter version on both",
+                }
+            )
+        out.append(row)
+    return out
 
 
 def job_list() -> list[dict[str, Any]]:

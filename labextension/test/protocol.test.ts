@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
-  canCancel, compact, jobLabel, pathWithRoot, Pending, rootForCell, saveLine, saveName, sweepTemplate, traceCell,
+  canCancel, compact, healthLabel, jobLabel, pathWithRoot, Pending, rootForCell, saveLine, saveName, sweepTemplate, traceCell,
   versionMismatch,
 } from "../src/lab/protocol";
 
@@ -65,6 +65,15 @@ test("the sweep template uses a notebook variable as is and loads a name only %%
   assert.match(alias, /^sweep = live_sweep\(model, clean, corrupted, /m);
   // A Hugging Face id goes in as a Python string, quotes and all.
   assert.match(sweepTemplate('org/a"b', false), /^model = LanguageModel\("org\/a\\"b"\)$/m);
+});
+
+test("server lines say whether it answers, its version, or why not", () => {
+  const host = { host: "http://h:1", source: "configured" };
+  assert.equal(healthLabel(host), "checking…");
+  assert.equal(healthLabel({ ...host, status: "ok", package_version: "0.1.0" }), "ok (server 0.1.0)");
+  assert.equal(healthLabel({ ...host, status: "unreachable", error: "ConnectError: refused" }),
+    "unreachable: ConnectError: refused");
+  assert.equal(healthLabel({ ...host, status: "error" }), "error: no reason given");
 });
 
 test("job lines say where a queued job stands and why one failed", () => {

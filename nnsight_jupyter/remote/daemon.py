@@ -40,6 +40,12 @@ def _read_state() -> dict[str, Any] | None:
         return None
 
 
+def recorded_host() -> str | None:
+    """Where the local daemon was last started, from `daemon.json` (it may have stopped since)."""
+    state = _read_state()
+    return f"http://127.0.0.1:{state['port']}" if state and "port" in state else None
+
+
 def _write_state(state: dict[str, Any]) -> None:
     fd = os.open(_state_file(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:

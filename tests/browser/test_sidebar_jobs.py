@@ -101,3 +101,41 @@ print(busy.job.job_id, waiting.job.job_id)
             http.post(f"/jobs/{busy}/cancel")
         nb.close()
         lab.shutdown_kernels()
+
+
+def test_the_sidebar_shows_the_servers_health(lab, browser, server):
+    from ..remote.server.conftest import free_port
+
+    http, _key = server
+    host = str(http.base_url).rstrip("/")
+    closed = f"http://127.0.0.1:{free_port()}"
+    lab.write_notebook("health.ipynb", ["%load_ext nnsight_jupyter\nfrom nnsight_jupyter.settings import CONFIG\n"
+                                        f"CONFIG.host = {host!r}"])
+    nb = NotebookPage(lab, browser, "health.ipynb").open()
+    page = nb.page
+    try:
+        page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
+        nb.run_all()
+        row = page.locator(f"{SIDEBAR} .nnsj-sb-host[data-host='{host}']")
+        page.wait_for_function(f"() => document.querySelector(\"{SIDEBAR} .nnsj-sb-host[data-host='{host}']\")"
+                               "?.dataset.health === 'ok'", timeout=30_000)
+        version = http.get("/health").json()["package_version"]
+        assert f"ok (server {version})" in row.inner_text()
+        assert "(configured)" in row.inner_text()
+        screenshot(page.locator(SIDEBAR), "sidebar-health")
+
+        # Another host, where nothing listens: the next cell's snapshot names it and it is checked at once.
+        page.evaluate("""(code) => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel
+            .requestExecute({code}).done.then(() => undefined)""", f"CONFIG.host = {closed!r}")
+        down = page.locator(f"{SIDEBAR} .nnsj-sb-host[data-host='{closed}'][data-health='unreachable']")
+        down.wait_for(timeout=30_000)
+        assert "unreachable: ConnectError" in down.inner_text()
+        assert page.locator(f"{SIDEBAR} .nnsj-sb-host").count() == 1
+        errors = [line for line in nb.console if "pageerror" in line]
+        assert not errors, errors
+    except Exception:
+        print("\n".join(nb.console))
+        raise
+    finally:
+        nb.close()
+        lab.shutdown_kernels()

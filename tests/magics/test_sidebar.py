@@ -165,3 +165,128 @@ def test_jobs_show_the_server_status_and_cancel_asks_the_server():
         assert answer["status"] == "cancelled" and client.states["j1"] == {"status": "cancelled"}
     finally:
         submitted.clear()
+
+
+@pytest.fixture
+def no_remote_settings(monkeypatch, tmp_path):
+    """No host from this machine's environment or config file, and a daemon folder of the test's own."""
+    from nnsight_jupyter.settings import CONFIG
+
+    monkeypatch.setattr(CONFIG, "host", None)
+    monkeypatch.delenv("NNSIGHT_JUPYTER_HOST", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("NNSIGHT_JUPYTER_DAEMON_DIR", str(tmp_path / "daemon"))
+    submitted.clear()
+    yield tmp_path / "daemon"
+    submitted.clear()
+
+
+def test_remote_hosts_are_the_configured_server_or_the_local_daemon_then_those_jobs_went_to(no_remote_settings):
+    import json
+
+    from nnsight_jupyter.remote.client import JobHandle
+    from nnsight_jupyter.settings import CONFIG
+
+    class Client:
+        def __init__(self, host: str) -> None:
+            self.host = host
+
+    assert sidebar.remote_hosts() == []
+    no_remote_settings.mkdir()
+    (no_remote_settings / "daemon.json").write_text(json.dumps({"port": 4567, "pid": 1, "api_key": "k"}))
+    assert sidebar.remote_hosts() == [{"host": "http://127.0.0.1:4567", "source": "local daemon"}]
+    CONFIG.host = "http://server:8000/"
+    submitted.record(JobHandle(Client("http://server:8000"), "j1", "tiny"))
+    submitted.record(JobHandle(Client("http://other:9000"), "j2", "tiny"))
+    assert sidebar.remote_hosts() == [
+        {"host": "http://server:8000", "source": "configured"},
+        {"host": "http://other:9000", "source": "jobs"},
+    ]
+    assert sidebar.snapshot(type("Shell", (), {"user_ns": {}})())["remote"] == sidebar.remote_hosts()
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """The real server app under uvicorn on 127.0.0.1, in a thread of this process."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from nnsight_jupyter.remote.server.app import create_app
+
+    from ..remote.server.conftest import free_port, make_config
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(make_config(tmp_path / "server", None)), host="127.0.0.1",
+                                       port=port, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=15)
+
+
+@pytest.fixture
+def stranger():
+    """An HTTP server that is not an nnsight-jupyter server: every path is 404."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the standard library's name
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_health_says_which_servers_answer_with_their_versions(live_server, stranger):
+    import httpx
+
+    import nnsight_jupyter
+    from nnsight_jupyter.remote.protocol import PROTOCOL_VERSION
+
+    from ..remote.server.conftest import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    rows = sidebar.health([{"host": live_server, "source": "configured"}, {"host": closed, "source": "jobs"},
+                           {"host": stranger, "source": "jobs"}])
+    ok, down, other = rows
+    assert httpx.get(f"{live_server}/health").json()["package_version"] == nnsight_jupyter.__version__
+    assert ok == {"host": live_server, "source": "configured", "status": "ok", "error": None,
+                  "package_version": nnsight_jupyter.__version__, "protocol_version": PROTOCOL_VERSION}
+    assert down["status"] == "unreachable" and "ConnectError" in down["error"]
+    assert other["status"] == "error" and "HTTP 404" in other["error"] and "nnsight-jupyter server" in other["error"]
+    assert sidebar.health([{"host": "not a url", "source": "configured"}])[0]["status"] == "unreachable"
+
+
+def test_a_health_request_is_answered_by_id_from_a_thread(shell, no_remote_settings, stranger):
+    import time
+
+    from nnsight_jupyter.settings import CONFIG
+
+    CONFIG.host = stranger
+    comm = FakeComm()
+    session = sidebar.SidebarSession(shell, comm)
+    try:
+        comm.handler({"content": {"data": {"id": "h", "kind": "health"}}})
+        deadline = time.monotonic() + 10
+        while not any(data.get("id") == "h" for data, _ in comm.sent):
+            assert time.monotonic() < deadline, comm.sent
+            time.sleep(0.02)
+        answer = next(data for data, _ in comm.sent if data.get("id") == "h")
+        assert answer["ok"] is True
+        assert [(h["host"], h["status"]) for h in answer["hosts"]] == [(stranger, "error")]
+    finally:
+        session.close()

@@ -35,12 +35,23 @@ export interface JobEntry {
   error?: string | null;
 }
 
+/** A server this kernel's remote traces use; `status` and the rest come from a `health` request. */
+export interface RemoteHost {
+  host: string;
+  source: string;
+  status?: string;
+  package_version?: string | null;
+  protocol_version?: number | null;
+  error?: string | null;
+}
+
 export interface Snapshot {
   version: string;
   protocol: number;
   models: ModelEntry[];
   saved: SavedEntry[];
   jobs: JobEntry[];
+  remote?: RemoteHost[];
 }
 
 export interface Answer {
@@ -171,6 +182,18 @@ export function jobLabel(job: JobEntry): string {
       return `unknown: ${job.error ?? "the server did not answer"}`;
     default:
       return job.status;
+  }
+}
+
+/** A server's line in the sidebar: `ok (server 0.1.0)`, `unreachable: reason`, `checking…`. */
+export function healthLabel(host: RemoteHost): string {
+  switch (host.status) {
+    case undefined:
+      return "checking…";
+    case "ok":
+      return `ok (server ${host.package_version ?? "of unknown version"})`;
+    default:
+      return `${host.status}: ${host.error ?? "no reason given"}`;
   }
 }
 

@@ -15,10 +15,13 @@ import { putBuffers, StateSource } from "../views/source";
 import { renderTensorView } from "../views/tensor_view";
 import { KernelLink, LinkState } from "./kernel_link";
 import {
-  Answer, canCancel, compact, jobLabel, pathWithRoot, rootForCell, saveLine, Snapshot, versionMismatch,
+  Answer, canCancel, compact, healthLabel, jobLabel, pathWithRoot, RemoteHost, rootForCell, saveLine, Snapshot,
+  versionMismatch,
 } from "./protocol";
 
 export const SIDEBAR_ID = "nnsight-jupyter-sidebar";
+/** How often an open sidebar asks the kernel for its servers' health. */
+const HEALTH_EVERY_MS = 30_000;
 
 /** The state and buffers of a view sent in an answer, put back together. */
 export function viewState(answer: Answer): Record<string, unknown> {
@@ -35,6 +38,12 @@ export class Sidebar extends Widget {
   private modelsEl = h("div", { class: "nnsj-sb-models" });
   private savedEl = h("div", { class: "nnsj-sb-saved" });
   private jobsEl = h("div", { class: "nnsj-sb-jobs" });
+  private remoteEl = h("div", { class: "nnsj-sb-remote" });
+  /** The latest health of each server, by host; `hostsKey` is the server list it was asked for. */
+  private health = new Map<string, RemoteHost>();
+  private hostsKey: string | null = null;
+  private healthTimer: ReturnType<typeof setInterval> | null = null;
+  private lastSnapshot: Snapshot | null = null;
   private selection = h("div", { class: "nnsj-sb-selection" });
   private trees = new Map<string, { el: HTMLElement; cleanup: () => void }>();
   private openModel: string | null = null;
@@ -54,6 +63,7 @@ export class Sidebar extends Widget {
     this.body.append(
       h("h3", { text: "Models" }), this.modelsEl, this.selection,
       h("h3", { text: "Saved values" }), this.savedEl,
+      h("h3", { text: "Remote backend" }), this.remoteEl,
       h("h3", { text: "Remote jobs" }), this.jobsEl);
     this.node.addEventListener("nnsj-module-select", (event) => this.onSelect(event as CustomEvent));
     link.stateChanged.connect(this.onState, this);
@@ -62,10 +72,13 @@ export class Sidebar extends Widget {
 
   protected onAfterShow(): void {
     this.link.setActive(true);
+    this.healthTimer ??= setInterval(() => this.checkHealth(), HEALTH_EVERY_MS);
   }
 
   protected onAfterHide(): void {
     this.link.setActive(false);
+    if (this.healthTimer !== null) clearInterval(this.healthTimer);
+    this.healthTimer = null;
   }
 
   private onState(_link: KernelLink, state: LinkState): void {
@@ -110,6 +123,10 @@ export class Sidebar extends Widget {
     this.trees.forEach((t) => t.cleanup());
     this.trees.clear();
     this.openModel = null;
+    this.health.clear();
+    this.hostsKey = null;
+    this.lastSnapshot = null;
+    this.remoteEl.replaceChildren();
     this.modelsEl.replaceChildren();
     this.savedEl.replaceChildren();
     this.jobsEl.replaceChildren();
@@ -121,7 +138,53 @@ export class Sidebar extends Widget {
     if (mismatch) this.warning.replaceChildren(h("div", { class: "nnsj-sb-mismatch", text: mismatch }));
     this.drawModels(snapshot);
     this.drawSaved(snapshot);
+    this.drawRemote(snapshot);
     this.drawJobs(snapshot);
+  }
+
+  /** The servers from the snapshot, with their health; a changed server list is checked at once. */
+  private drawRemote(snapshot: Snapshot): void {
+    this.lastSnapshot = snapshot;
+    const hosts = snapshot.remote ?? [];
+    const key = JSON.stringify(hosts.map((r) => r.host));
+    if (key !== this.hostsKey) {
+      this.hostsKey = key;
+      if (hosts.length) this.checkHealth();
+    }
+    if (!hosts.length) {
+      this.remoteEl.replaceChildren(h("div", {
+        class: "nnsj-muted",
+        text: "No server set: remote traces start a local one when first used (%nnsight config host=URL sets one).",
+      }));
+      return;
+    }
+    const check = h("button", { class: "jp-mod-styled nnsj-sb-check", text: "check again" });
+    check.addEventListener("click", () => this.checkHealth());
+    this.remoteEl.replaceChildren(...hosts.map((entry) => {
+      const known = { ...entry, ...(this.health.get(entry.host) ?? {}) };
+      return h("div", { class: "nnsj-sb-host", "data-host": entry.host, "data-health": known.status ?? "checking" },
+        h("code", { text: entry.host }), " ",
+        h("span", { class: "nnsj-muted", text: `(${entry.source})` }), " ",
+        h("span", { class: "nnsj-sb-health", text: healthLabel(known) }));
+    }), check);
+  }
+
+  /** Ask the kernel for each server's health (it answers from a thread: no cell waits on a slow server). */
+  private checkHealth(): void {
+    if (this.link.state.kind !== "connected") return;
+    this.link.request({ kind: "health" }).then(
+      (answer) => {
+        for (const entry of answer.content.hosts as RemoteHost[]) this.health.set(entry.host, entry);
+        if (this.lastSnapshot) this.drawRemote(this.lastSnapshot);
+      },
+      (error: Error) => {
+        if (this.lastSnapshot) {
+          for (const entry of this.lastSnapshot.remote ?? []) {
+            this.health.set(entry.host, { ...entry, status: "unknown", error: error.message });
+          }
+          this.drawRemote(this.lastSnapshot);
+        }
+      });
   }
 
   private drawModels(snapshot: Snapshot): void {
@@ -268,6 +331,7 @@ export class Sidebar extends Widget {
   }
 
   dispose(): void {
+    if (this.healthTimer !== null) clearInterval(this.healthTimer);
     this.clear();
     this.link.stateChanged.disconnect(this.onState, this);
     super.dispose();
