@@ -307,7 +307,13 @@ def _matcher(shell: Any):
     def nnsight_module_paths(context: Any) -> dict:
         before = context.text_until_cursor
         names = complete_module_paths(shell, before, trace_cell_roots(shell, context.full_text))
-        return {"completions": [SimpleCompletion(text=n, type="module") for n in names], "suppress": bool(names)}
+        # The part a completion replaces is the name being typed; without saying so IPython replaces
+        # its whole token (`.ml` after `h[0]`, all of `m.transformer.ln`) and the path is lost.
+        return {
+            "completions": [SimpleCompletion(text=n, type="module") for n in names],
+            "matched_fragment": re.search(r"\w*$", before).group(0),
+            "suppress": bool(names),
+        }
 
     return nnsight_module_paths
 

@@ -271,3 +271,52 @@ def test_the_sidebar_says_when_kernel_and_extension_versions_differ(lab, browser
     finally:
         nb.close()
         lab.shutdown_kernels()
+
+
+def test_tab_completes_module_paths_in_a_trace_cell_body(notebook):
+    model, _ = build_gpt2()
+    children = [name for name, _ in model.transformer.h[0].named_children()]
+    page = notebook.page
+    page.evaluate("""() => {
+        const panel = window.jupyterapp.shell.currentWidget;
+        panel.content.activeCellIndex = panel.content.widgets.length - 1;
+        window.jupyterapp.commands.execute('notebook:insert-cell-below');
+    }""")
+    page.wait_for_function("() => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel"
+                           ".getSource() === ''")
+    page.evaluate("""() => {
+        const panel = window.jupyterapp.shell.currentWidget;
+        const cell = panel.content.activeCell;
+        cell.model.sharedModel.setSource('%%trace gpt "Hello"\\nh = model.transformer.h[0].');
+        panel.content.mode = 'edit';
+        cell.editor.focus();
+        cell.editor.setCursorPosition(cell.editor.getPositionAt(cell.model.sharedModel.getSource().length));
+    }""")
+    page.keyboard.press("Tab")
+    completer = page.locator(".jp-Completer")
+    completer.wait_for(timeout=30_000)
+    offered = completer.locator(".jp-Completer-item").evaluate_all(
+        "(items) => items.map((i) => i.dataset.value)")
+    # Every submodule of the block is offered, and nothing the block does not have (JupyterLab lists
+    # them alphabetically among the module's attributes and the envoy's output/input/...).
+    assert set(children) <= set(offered), offered
+    block = model.transformer.h[0]
+    assert all(hasattr(block, name) or name in ("output", "input", "inputs", "next", "call") for name in offered)
+    page.keyboard.press("Escape")
+    completer.wait_for(state="hidden")
+    page.evaluate("""() => {
+        const panel = window.jupyterapp.shell.currentWidget;
+        const cell = panel.content.activeCell;
+        cell.model.sharedModel.setSource(cell.model.sharedModel.getSource() + 'ml');
+        panel.content.mode = 'edit';
+        cell.editor.focus();
+        cell.editor.setCursorPosition(cell.editor.getPositionAt(cell.model.sharedModel.getSource().length));
+    }""")
+    page.keyboard.press("Tab")
+    completer.wait_for(timeout=30_000)
+    assert completer.locator(".jp-Completer-item").evaluate_all("(items) => items.map((i) => i.dataset.value)") \
+        == ["mlp"]
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel"
+                           ".getSource() === '%%trace gpt \"Hello\"\\nh = model.transformer.h[0].mlp'",
+                           timeout=30_000)

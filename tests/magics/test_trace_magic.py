@@ -47,7 +47,9 @@ def test_trace_cell_equals_with_block_and_forward_hooks(shell, gpt2):
     x = torch.randint(1, 97, (2, 6))
     model = NNsight(gpt2)
     shell.user_ns.update(net=model, x=x)
-    shell.run_cell("%%trace net x\nh = model.transformer.h[1].output.save()\nunsaved = model.lm_head.output\n").raise_error()
+    shell.run_cell(
+        "%%trace net x\nh = model.transformer.h[1].output.save()\nunsaved = model.lm_head.output\n"
+    ).raise_error()
     with model.trace(x):
         h_with = model.transformer.h[1].output.save()
     expected = _hooked(gpt2, x, "transformer.h.1")
@@ -244,3 +246,24 @@ def test_an_error_shows_the_cell_and_line_not_the_engine(shell, gpt2, capsys):
     finally:
         CONFIG.debug = None
     assert "interleave.py" in debug and "bad = len(h) + zero_of_wrong_kind" in debug
+
+
+
+@pytest.mark.parametrize(("cell", "accepted"), [
+    ('%%trace m "hello"\nh = model.transformer.h[0].ml', '%%trace m "hello"\nh = model.transformer.h[0].mlp'),
+    ("x = m.transformer.h[1].ml", "x = m.transformer.h[1].mlp"),
+    ("m.transformer.h[-1].at", "m.transformer.h[-1].attn"),
+    ("m.transformer.ln", "m.transformer.ln_f"),
+    ("m.lm", "m.lm_head"),
+])
+def test_an_accepted_completion_gives_the_path(shell, gpt2, cell, accepted):
+    """What a front end does with a completion (put its text in place of start:end) must give the path."""
+    assert accepted.rsplit(".", 1)[-1] in {name.rsplit(".", 1)[-1] for name, _ in gpt2.named_modules()}
+    shell.user_ns["m"] = NNsight(gpt2)
+    shell.user_ns.pop("model", None)
+    from IPython.core.completer import provisionalcompleter
+
+    with provisionalcompleter():
+        completions = list(shell.Completer.completions(cell, len(cell)))
+    applied = [cell[: c.start] + c.text + cell[c.end :] for c in completions]
+    assert accepted in applied, applied[:10]
