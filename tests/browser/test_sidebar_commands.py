@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -269,8 +270,11 @@ def test_the_sidebar_says_when_kernel_and_extension_versions_differ(lab, browser
         errors = [line for line in nb.console if "pageerror" in line]
         assert not errors, errors
     finally:
+        # Only this notebook's kernel: the module's notebook keeps its own for the tests after this one.
+        kernel_id = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.id")
         nb.close()
-        lab.shutdown_kernels()
+        urllib.request.urlopen(urllib.request.Request(f"{lab.url}/api/kernels/{kernel_id}", method="DELETE"),
+                               timeout=10).close()  # noqa: S310 - the test's own server
 
 
 def test_tab_completes_module_paths_in_a_trace_cell_body(notebook):
@@ -320,3 +324,54 @@ def test_tab_completes_module_paths_in_a_trace_cell_body(notebook):
     page.wait_for_function("() => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel"
                            ".getSource() === '%%trace gpt \"Hello\"\\nh = model.transformer.h[0].mlp'",
                            timeout=30_000)
+
+
+def kernel_output(page, code: str) -> str:
+    """What `code` prints when run in the notebook's kernel (outside the notebook's cells)."""
+    return page.evaluate("""async (code) => {
+        const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+        const future = kernel.requestExecute({code, store_history: false});
+        let text = '';
+        future.onIOPub = (msg) => {
+            if (msg.header.msg_type === 'stream') text += msg.content.text;
+            if (msg.header.msg_type === 'error') text += msg.content.ename + ': ' + msg.content.evalue;
+        };
+        await future.done;
+        return text;
+    }""", code)
+
+
+def test_insert_a_trace_cell_with_the_sidebar_closed(lab, notebook):
+    """The dialog still lists the kernel's and the registry's models; the kernel keeps no sidebar link after."""
+    model, tokenizer = build_gpt2()
+    prompt = "The capital of France is"
+    with torch.no_grad():
+        expected = model(tokenizer(prompt, return_tensors="pt").input_ids).logits[0, -1].topk(5)
+    page = notebook.page
+    hide_sidebar(page)
+    page.evaluate("() => { const nb = window.jupyterapp.shell.currentWidget.content; "
+                  "nb.activeCellIndex = nb.widgets.length - 1; }")
+    before = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets.length")
+    page.locator(".jp-NotebookPanel-toolbar [data-jp-item-name='nnsight-insert-trace']").click()
+    dialog = page.locator(".jp-Dialog")
+    dialog.wait_for()
+    options = dialog.locator("datalist option, select option").evaluate_all("(os) => os.map((o) => o.value)")
+    assert options[0] == "gpt" and "smollm2" in options, options
+    dialog.locator(".jp-Dialog-body input, .jp-Dialog-body select").first.fill("gpt")
+    dialog.locator(".jp-mod-accept").click()
+    page.wait_for_function(f"() => window.jupyterapp.shell.currentWidget.content.widgets.length === {before + 1}")
+    source = page.evaluate(
+        "() => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel.getSource()")
+    assert source.startswith(f'%%trace gpt "{prompt}"\n'), source
+    run_active_cell(page)
+    printed = kernel_output(page, "import json\ntop = logits.topk(5)\n"
+                                  "print(json.dumps([top.indices.tolist(), top.values.tolist()]))")
+    indices, values = json.loads(printed)
+    assert indices == expected.indices.tolist()
+    assert values == pytest.approx(expected.values.tolist(), rel=1e-5, abs=1e-5)
+
+    # The comm opened for the dialog is closed again: nothing of the sidebar's runs after cells.
+    assert kernel_output(page, "import nnsight_jupyter.sidebar as _s\nprint(len(_s._sessions))").strip() == "0"
+    kernel_id = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.id")
+    with urllib.request.urlopen(f"{lab.url}/api/kernels/{kernel_id}", timeout=10) as response:  # noqa: S310
+        assert json.loads(response.read())["connections"] == 1  # the notebook's own, no second one

@@ -12,7 +12,7 @@ import { LabIcon } from "@jupyterlab/ui-components";
 import pkg from "../../package.json";
 import { KernelLink } from "./kernel_link";
 import { viewRendererFactory } from "./mime";
-import { Snapshot, sweepTemplate, traceCell } from "./protocol";
+import { ModelEntry, sweepTemplate, traceCell } from "./protocol";
 import { Sidebar, SIDEBAR_ID } from "./sidebar";
 import { traceHighlight } from "./trace_syntax";
 
@@ -78,15 +78,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
     void labShell;
 
     const current = () => tracker.currentWidget;
-    const snapshot = (): Snapshot | null => (link.state.kind === "connected" ? link.state.snapshot : null);
 
-    const registryModels = async (): Promise<string[]> => {
-      try {
-        const answer = await link.request({ kind: "registry" });
-        return (answer.content.models as { name: string }[]).map((m) => m.name);
-      } catch {
-        return [];
-      }
+    /** Ask for a model: the kernel's first, then the registry's; a free text box when none is known. */
+    const chooseModel = async (title: string): Promise<{ name: string; entry?: ModelEntry } | null> => {
+      const { loaded, registry } = await link.models();
+      const names = [...new Set([...loaded.map((m) => m.name), ...registry])];
+      const result = names.length
+        ? await InputDialog.getItem({ title, items: names, editable: true })
+        : await InputDialog.getText({ title: `${title} (a registry name or Hugging Face id)`, text: "smollm2" });
+      if (!result.button.accept || !result.value) return null;
+      return { name: result.value, entry: loaded.find((m) => m.name === result.value) };
     };
 
     app.commands.addCommand(CommandIDs.insertTrace, {
@@ -99,13 +100,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
         if (!panel) return;
         let model = typeof args.model === "string" ? args.model : null;
         if (!model) {
-          const names = [...(snapshot()?.models.map((m) => m.name) ?? []), ...(await registryModels())];
-          const unique = [...new Set(names)];
-          const result = unique.length
-            ? await InputDialog.getItem({ title: "Model for the %%trace cell", items: unique, editable: true })
-            : await InputDialog.getText({ title: "Model for the %%trace cell (a registry name or Hugging Face id)", text: "smollm2" });
-          if (!result.button.accept || !result.value) return;
-          model = result.value;
+          model = (await chooseModel("Model for the %%trace cell"))?.name ?? null;
+          if (!model) return;
         }
         const prompt = typeof args.prompt === "string" ? args.prompt : "The capital of France is";
         insertCell(panel, traceCell(model, prompt));
@@ -119,17 +115,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
       execute: async (args) => {
         const panel = current();
         if (!panel) return;
-        const loaded = snapshot()?.models ?? [];
         let model = typeof args.model === "string" ? args.model : null;
+        let variable = args.variable === true;
         if (!model) {
-          const names = [...new Set([...loaded.map((m) => m.name), ...(await registryModels())])];
-          const result = names.length
-            ? await InputDialog.getItem({ title: "Model for the patching sweep", items: names, editable: true })
-            : await InputDialog.getText({ title: "Model for the patching sweep (a registry name or Hugging Face id)", text: "smollm2" });
-          if (!result.button.accept || !result.value) return;
-          model = result.value;
+          const chosen = await chooseModel("Model for the patching sweep");
+          if (!chosen) return;
+          model = chosen.name;
+          variable = chosen.entry?.variable === true;
         }
-        const variable = loaded.find((m) => m.name === model)?.variable === true;
         insertCell(panel, sweepTemplate(model, variable));
       },
     });

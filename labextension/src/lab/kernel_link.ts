@@ -12,7 +12,7 @@
 import { INotebookTracker, NotebookPanel } from "@jupyterlab/notebook";
 import { Kernel, KernelMessage } from "@jupyterlab/services";
 import { ISignal, Signal } from "@lumino/signaling";
-import { Answer, COMM_TARGET, Pending, Snapshot } from "./protocol";
+import { Answer, COMM_TARGET, ModelEntry, Pending, Snapshot } from "./protocol";
 
 export type LinkState =
   | { kind: "no-notebook" }
@@ -84,6 +84,53 @@ export class KernelLink {
     const { id, answer } = this.pending.add();
     this.comm.send({ ...content, id } as any);
     return answer;
+  }
+
+  /**
+   * The kernel's models and the registry's names, for the commands that insert cells. With the
+   * sidebar open they come over its comm; with it closed, over a comm opened for this question and
+   * closed after it, so a closed sidebar still costs the kernel nothing between commands. Empty
+   * lists when the kernel has not loaded the extension or does not answer.
+   */
+  async models(timeoutMs = 10_000): Promise<{ loaded: ModelEntry[]; registry: string[] }> {
+    const names = (answer: Answer) => (answer.content.models as { name: string }[]).map((m) => m.name);
+    if (this.comm && !this.comm.isDisposed) {
+      const loaded = this._state.kind === "connected" ? this._state.snapshot?.models ?? [] : [];
+      return { loaded, registry: await this.request({ kind: "registry" }).then(names, () => []) };
+    }
+    const kernel = this.panel?.sessionContext.session?.kernel;
+    if (!kernel) return { loaded: [], registry: [] };
+    const comm = kernel.createComm(COMM_TARGET);
+    const pending = new Pending(timeoutMs);
+    let first: (snapshot: Snapshot | null) => void = () => undefined;
+    const opened = new Promise<Snapshot | null>((resolve) => (first = resolve));
+    const timer = setTimeout(() => first(null), timeoutMs);
+    comm.onMsg = (msg) => {
+      const data = msg.content.data as Record<string, any>;
+      if (data?.event === "snapshot") first(data as unknown as Snapshot);
+      else pending.settle(data, []);
+    };
+    comm.onClose = () => {
+      first(null);
+      pending.failAll("the kernel closed the connection");
+    };
+    try {
+      comm.open({ protocol: 1 });
+      const snapshot = await opened;
+      if (!snapshot) return { loaded: [], registry: [] };
+      const { id, answer } = pending.add();
+      comm.send({ kind: "registry", id });
+      return { loaded: snapshot.models, registry: await answer.then(names, () => []) };
+    } finally {
+      clearTimeout(timer);
+      if (!comm.isDisposed) {
+        try {
+          comm.close();
+        } catch {
+          comm.dispose();
+        }
+      }
+    }
   }
 
   /** Run `%load_ext nnsight_jupyter` in the notebook's kernel (silently, outside the history). */
