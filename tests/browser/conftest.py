@@ -7,6 +7,11 @@ here with plain torch. Screenshots
 and exported pages are kept in `tests/browser/artifacts/`; with NNSIGHT_JUPYTER_README_IMAGES=1
 the screenshots the README shows are also written to `docs/images/`.
 
+JupyterLab serves the nnsight-jupyter extension installed in this virtualenv; to test a fresh
+`npm run build` without reinstalling, set JUPYTER_PATH to a folder whose
+`labextensions/nnsight-jupyter` links to `nnsight_jupyter/labextension/` (JupyterLab takes the
+first it finds; `test_sidebar_commands.py` checks that the build served is this checkout's).
+
 The browser is /usr/bin/chromium (`apt-get install chromium`; `scripts/setup.sh` installs it),
 or the one named by NNSIGHT_JUPYTER_CHROMIUM. Playwright's own browser downloads are never used.
 """
