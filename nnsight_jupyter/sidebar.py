@@ -3,6 +3,8 @@
 The sidebar talks over the notebook's own kernel connection (a second connection would not get
 comm messages: jupyterlab #7144). It opens a comm on target `TARGET` when it is shown and closes
 it when it is hidden or leaves the kernel, so a kernel whose sidebar is closed runs nothing for it.
+The comm opens with the extension's `{protocol, version}`; each snapshot carries the kernel's
+version and its own verdict on the extension's (`mismatch`), so either side can warn.
 While a comm is open, a `post_run_cell` hook pushes a fresh `snapshot` after each cell (a scan of
 the notebook's names for models and for tensors their latest traces saved: microseconds for a
 few hundred names).
@@ -20,6 +22,7 @@ otherwise hold up the next cell; the snapshot after each cell only lists the ser
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
@@ -45,9 +48,11 @@ def _remove_buffers(state: dict[str, Any]) -> tuple[dict[str, Any], list, list]:
 class SidebarSession:
     """One open sidebar comm: answers its requests and pushes snapshots after each cell."""
 
-    def __init__(self, shell: Any, comm: Any) -> None:
+    def __init__(self, shell: Any, comm: Any, opened_with: dict[str, Any] | None = None) -> None:
         self.shell = shell
         self.comm = comm
+        # What the extension says of itself when it opens the comm: {"protocol": n, "version": "x.y.z"}.
+        self.extension = opened_with or {}
         self.opened: dict[str, Any] = {}
         comm.on_msg(self._on_msg)
         comm.on_close(lambda _msg: self.close())
@@ -63,7 +68,7 @@ class SidebarSession:
 
     def _after_cell(self, _result: Any = None) -> None:
         try:
-            self.comm.send({"event": "snapshot", **snapshot(self.shell)})
+            self.comm.send({"event": "snapshot", **self.snapshot()})
         except Exception:  # noqa: BLE001 - the sidebar never breaks a cell
             log.debug("sidebar snapshot failed", exc_info=True)
 
@@ -83,6 +88,9 @@ class SidebarSession:
             return
         self.comm.send({**reply, "id": request_id, "ok": True}, buffers=buffers)
 
+    def snapshot(self) -> dict[str, Any]:
+        return {**snapshot(self.shell), "mismatch": version_mismatch(self.extension)}
+
     def _health(self, request_id: str) -> None:
         try:
             self.comm.send({"id": request_id, "ok": True, "hosts": health(remote_hosts())})
@@ -99,7 +107,7 @@ class SidebarSession:
                 raise KeyError(f"{target!r} is not open in the sidebar any more; click it again")
             return data.handle(content)
         if kind == "snapshot":
-            return snapshot(self.shell), []
+            return self.snapshot(), []
         if kind == "tree":
             return self._tree(str(content.get("model")))
         if kind == "open":
@@ -310,9 +318,31 @@ def cancel_job(job_id: str) -> dict[str, Any]:
     return {"job_id": job_id, **_job_fields(status), "answer": answer.get("status")}
 
 
+def version_mismatch(extension: dict[str, Any]) -> str | None:
+    """The kernel's side of the version check: what to tell the user when the extension that opened the
+    comm is another release or speaks another protocol (None when they agree, or it did not say)."""
+    version, protocol = extension.get("version"), extension.get("protocol")
+    if version is None:
+        return None
+
+    def release(v: Any) -> str:
+        match = re.match(r"\d+\.\d+\.\d+", str(v))
+        return match.group(0) if match else str(v)
+
+    if protocol == PROTOCOL and release(version) == release(__version__):
+        return None
+    return (
+        f"JupyterLab has the nnsight-jupyter extension {version} (sidebar protocol {protocol}) but this kernel "
+        f"runs nnsight-jupyter {__version__} (protocol {PROTOCOL}). Install one version in both (pip install -U "
+        "nnsight-jupyter in the kernel's and in JupyterLab's environment), then restart the kernel and reload "
+        "the page."
+    )
+
+
 def _open_handler(shell: Any):
-    def on_open(comm: Any, _msg: dict[str, Any]) -> None:
-        session = SidebarSession(shell, comm)
+    def on_open(comm: Any, msg: dict[str, Any]) -> None:
+        data = msg.get("content", {}).get("data") if isinstance(msg, dict) else None
+        session = SidebarSession(shell, comm, data if isinstance(data, dict) else None)
         _sessions.add(session)
         session._after_cell()
 

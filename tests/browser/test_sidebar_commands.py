@@ -246,6 +246,10 @@ def test_the_sidebar_says_when_kernel_and_extension_versions_differ(lab, browser
         assert kernel_version == extension  # the packages agree here, as installed
         open_sidebar_connected(page)
         assert mismatch(page).count() == 0
+        # The extension told the kernel its version when it opened the comm (the kernel checks it too).
+        opened_with = kernel_output(page, "import json, nnsight_jupyter.sidebar as _s\n"
+                                          "print(json.dumps([s.extension for s in _s._sessions]))")
+        assert json.loads(opened_with) == [{"protocol": 1, "version": extension}]
         assert page.locator(f"{SIDEBAR} .nnsj-sb-warning").inner_text().strip() == ""
 
         # Another version in the kernel, set while the sidebar is closed (so before it connects again).

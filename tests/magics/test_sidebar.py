@@ -290,3 +290,26 @@ def test_a_health_request_is_answered_by_id_from_a_thread(shell, no_remote_setti
         assert [(h["host"], h["status"]) for h in answer["hosts"]] == [(stranger, "error")]
     finally:
         session.close()
+
+
+def test_the_kernel_checks_the_version_the_extension_opens_the_comm_with(shell):
+    import nnsight_jupyter
+
+    ours = nnsight_jupyter.__version__
+    comm = FakeComm()
+    sidebar._open_handler(shell)(comm, {"content": {"data": {"protocol": sidebar.PROTOCOL, "version": "9.9.9"}}})
+    try:
+        text = comm.sent[-1][0]["mismatch"]
+        assert "extension 9.9.9" in text and f"nnsight-jupyter {ours}" in text and "pip install -U" in text
+    finally:
+        for session in list(sidebar._sessions):
+            session.close()
+    for opened_with, differs in [({"protocol": sidebar.PROTOCOL, "version": ours}, False),
+                                 ({"protocol": sidebar.PROTOCOL, "version": f"{ours}+local.3"}, False),
+                                 ({"protocol": sidebar.PROTOCOL + 1, "version": ours}, True),
+                                 ({}, False)]:  # an extension that does not say: only its own check runs
+        session = sidebar.SidebarSession(shell, FakeComm(), opened_with)
+        try:
+            assert (session.snapshot()["mismatch"] is not None) == differs, opened_with
+        finally:
+            session.close()

@@ -67,7 +67,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       rendermime.addFactory(viewRendererFactory(rendermime), -20);
     });
 
-    const link = new KernelLink(tracker);
+    const link = new KernelLink(tracker, pkg.version);
     const sidebar = new Sidebar(link, pkg.version, (widget: MainAreaWidget) => {
       app.shell.add(widget, "main", { mode: "split-right" });
       app.shell.activateById(widget.id);

@@ -12,7 +12,7 @@
 import { INotebookTracker, NotebookPanel } from "@jupyterlab/notebook";
 import { Kernel, KernelMessage } from "@jupyterlab/services";
 import { ISignal, Signal } from "@lumino/signaling";
-import { Answer, COMM_TARGET, ModelEntry, Pending, Snapshot } from "./protocol";
+import { Answer, COMM_TARGET, ModelEntry, Pending, PROTOCOL, Snapshot } from "./protocol";
 
 export type LinkState =
   | { kind: "no-notebook" }
@@ -32,7 +32,8 @@ export class KernelLink {
   private probing = false;
   private ranCode = false;
 
-  constructor(private tracker: INotebookTracker) {
+  /** `version`: the extension's, sent when a comm opens so that the kernel can check it too. */
+  constructor(private tracker: INotebookTracker, private version = "") {
     tracker.currentChanged.connect(() => this.follow(tracker.currentWidget), this);
   }
 
@@ -115,7 +116,7 @@ export class KernelLink {
       pending.failAll("the kernel closed the connection");
     };
     try {
-      comm.open({ protocol: 1 });
+      comm.open({ protocol: PROTOCOL, version: this.version });
       const snapshot = await opened;
       if (!snapshot) return { loaded: [], registry: [] };
       const { id, answer } = pending.add();
@@ -247,7 +248,7 @@ export class KernelLink {
         done(true);
       };
       comm.onClose = () => done(false);
-      comm.open({ protocol: 1 });
+      comm.open({ protocol: PROTOCOL, version: this.version });
     });
   }
 

@@ -52,6 +52,8 @@ export interface Snapshot {
   saved: SavedEntry[];
   jobs: JobEntry[];
   remote?: RemoteHost[];
+  /** The kernel's own version check of this extension (null when they agree). */
+  mismatch?: string | null;
 }
 
 export interface Answer {

@@ -134,7 +134,8 @@ export class Sidebar extends Widget {
   }
 
   private draw(snapshot: Snapshot): void {
-    const mismatch = versionMismatch(snapshot.version, this.extensionVersion, snapshot.protocol);
+    // The extension's check, else the kernel's (a kernel newer than this extension may know more).
+    const mismatch = versionMismatch(snapshot.version, this.extensionVersion, snapshot.protocol) ?? snapshot.mismatch;
     if (mismatch) this.warning.replaceChildren(h("div", { class: "nnsj-sb-mismatch", text: mismatch }));
     this.drawModels(snapshot);
     this.drawSaved(snapshot);
