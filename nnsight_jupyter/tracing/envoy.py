@@ -5,6 +5,9 @@ as they do on the torch model. Inside a trace, `.output`, `.input` and `.inputs`
 trace body until the forward pass reaches the module, then give the real value; assigning to them
 replaces the value for the rest of the forward pass. Outside a trace they explain how to get one.
 
+`.source` lists the operations inside the module's forward, each read and patched like a module
+(`operations.py`).
+
 Children whose names clash with these properties (BERT has a child module named `output`) stay
 reachable as `envoy.child("output")` or `envoy.output_`.
 """
@@ -22,7 +25,7 @@ from .hooks import ModuleWrappers
 from .interleave import Request, current_mediator
 from .paths import display_path
 
-_RESERVED = {"output", "input", "inputs"}
+_RESERVED = {"output", "input", "inputs", "source"}
 
 _PATH_RULES: list[Callable[[str], None]] = []
 
@@ -305,6 +308,18 @@ class Envoy:
         else:
             raise TraceError(f"{display_path(self._path)} was called with no arguments; it has no .input to set.")
         m.swap(m.location(self._path, "input"), new)
+
+    @property
+    def source(self) -> Any:
+        """The operations inside this module's forward: `.source.<name>.output`; print it to list them."""
+        src = self.__dict__.get("_source")
+        if src is None:
+            from .operations import SourceEnvoy, forward_source, module_forward
+
+            fs = forward_source(module_forward(self))
+            src = SourceEnvoy(self, f"{self._path}.source" if self._path else "source", fs, self._root)
+            object.__setattr__(self, "_source", src)
+        return src
 
     def skip(self, value: Any) -> None:
         """Do not run this module's forward in this call: `value` is its output (inside a trace).

@@ -100,9 +100,12 @@ def _make_wrapper(
         n_in[path] = call + 1
         if path in il.wait_in:
             args, kwargs = il.serve(path, "input", call, (args, kwargs))
-            out = il.skipped(forward, args, kwargs) if il.skips else forward(*args, **kwargs)
-        else:
+            run = forward if il.sourced is None else il.sourced.get(path, forward)
+            out = il.skipped(run, args, kwargs) if il.skips else run(*args, **kwargs)
+        elif il.sourced is None:
             out = forward(*args, **kwargs)
+        else:
+            out = il.sourced.get(path, forward)(*args, **kwargs)
         il.n_out[path] = call + 1
         if path in il.wait_out:
             out = il.serve(path, "output", call, out)

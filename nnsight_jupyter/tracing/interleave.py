@@ -296,6 +296,9 @@ class Interleaver:
         "pass_idx",
         "reads",
         "skips",
+        "sourced",
+        "callees",
+        "source_late",
     )
 
     def __init__(self, root: Any, block: Any = None) -> None:
@@ -322,11 +325,16 @@ class Interleaver:
         self.pass_idx = -1
         self.reads: list[tuple[str, Any]] = []  # (path, value handed out), for the trace record
         self.skips: list[tuple[Rows | None, Any]] = []  # `.skip(value)` requests served at the current input
+        # `module.source` (operations.py): module path -> its rewritten forward; operation path -> what
+        # swaps its callee for the rewritten callee; module path -> the pass in which it had run before.
+        self.sourced: dict[str, Any] | None = None
+        self.callees: dict[str, Any] | None = None
+        self.source_late: dict[str, int] = {}
 
     def _queues(self, key: Any) -> tuple[dict, Any]:
         """The waiting dict and slot for a request key."""
         if len(key) == 4:
-            return (self.wait_in if key[1] == "input" else self.wait_out), key[0]
+            return (self.wait_out if key[1] == "output" else self.wait_in), key[0]
         return self.wait_other, key
 
     def add(
@@ -367,7 +375,7 @@ class Interleaver:
 
     def serve(self, path: str, kind: str, call: int, value: Any) -> Any:
         """Called by a module wrapper: hand `value` to every mediator parked on this location."""
-        parked = (self.wait_in if kind == "input" else self.wait_out).pop(path, None)
+        parked = (self.wait_out if kind == "output" else self.wait_in).pop(path, None)
         if not parked:
             return value
         outer_here, outer_value = self.here, self.here_value
@@ -487,7 +495,7 @@ class Interleaver:
         if step > self.pass_idx:
             return None
         if step == self.pass_idx:
-            count = (self.n_in if kind == "input" else self.n_out).get(path, 0)
+            count = (self.n_out if kind == "output" else self.n_in).get(path, 0)
             if count <= call:
                 return None
         where = self.describe_path(path)
@@ -627,6 +635,20 @@ class Interleaver:
             return ModuleNotReachedError(
                 f"{where}.{kind} was requested for step {step}, but the run ended after "
                 f"{self.pass_idx + 1} forward pass(es). Ask for fewer steps or generate more tokens."
+            )
+        if ".source." in f".{path}":
+            owner = path[: path.rindex(".source.")] if ".source." in path else ""
+            ran = self.n_in.get(path, 0) if step == self.pass_idx else 0
+            if ran:
+                return ModuleNotReachedError(
+                    f"{where} ran {ran} time(s) in this forward pass, but call {call} was requested. "
+                    f"Calls are counted from 0; use .call(i) or .next() with i < {ran}."
+                )
+            return ModuleNotReachedError(
+                f"{where}.{kind} was never computed: the forward pass did not make that call"
+                + (f" (at step {step})" if step else "")
+                + f". {self.describe_path(owner)} may not have run, or that line of its source was not reached "
+                "for this input (a branch not taken); print(... .source) shows where each operation is."
             )
         ran = self.n_in.get(path, 0) if step == self.pass_idx else None
         if ran:

@@ -1,0 +1,259 @@
+"""`module.source`: operations inside a forward, checked against plain calls of the same functions.
+
+The references never touch the engine: the library function an operation calls is replaced, for
+one plain forward, by a recorder (or an editor) around the original, and plain module hooks read
+the values around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+from nnsight_jupyter import NNsight
+from nnsight_jupyter.errors import ModulePathError, OutOfOrderError
+
+from .conftest import _smollm2
+
+
+@pytest.fixture
+def smollm2(smollm2_dir) -> tuple[NNsight, torch.nn.Module, torch.Tensor]:
+    arch = _smollm2(smollm2_dir)
+    return NNsight(arch.module), arch.module, arch.make_input(1)
+
+
+@contextlib.contextmanager
+def replaced(module: Any, name: str, make: Callable[[Callable], Callable]) -> Iterator[None]:
+    """`module.name` replaced by `make(original)` for the block (a plain monkeypatch)."""
+    original = getattr(module, name)
+    setattr(module, name, make(original))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def rotary_calls(module: torch.nn.Module, x: torch.Tensor, edit: Callable | None = None) -> tuple[list, Any]:
+    """Every (q, k) `apply_rotary_pos_emb` returns in one plain forward, in call order, and the logits.
+
+    `edit(call_index, (q, k)) -> (q, k)` replaces what a call returns.
+    """
+    seen: list = []
+
+    def make(original: Callable) -> Callable:
+        def recorder(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if edit is not None:
+                out = edit(len(seen), out)
+            seen.append(tuple(t.detach().clone() for t in out))
+            return out
+
+        return recorder
+
+    with replaced(modeling_llama, "apply_rotary_pos_emb", make), torch.no_grad():
+        logits = module(x).logits
+    return seen, logits
+
+
+def test_rotary_output_matches_the_function_called_in_a_plain_forward(smollm2):
+    model, module, x = smollm2
+    expected, _ = rotary_calls(module, x)
+    assert len(expected) == 30  # one call per layer
+
+    with model.trace(x):
+        q0, k0 = model.model.layers[0].self_attn.source.apply_rotary_pos_emb_0.output
+        q0, k0 = q0.save(), k0.save()
+        q5 = model.model.layers[5].self_attn.source.apply_rotary_pos_emb_0.output[0].save()
+    assert torch.equal(q0, expected[0][0])
+    assert torch.equal(k0, expected[0][1])
+    assert torch.equal(q5, expected[5][0])
+
+
+def test_inputs_and_module_calls_inside_the_forward_match_plain_hooks(smollm2):
+    model, module, x = smollm2
+    attn = module.model.layers[2].self_attn
+    seen: dict[str, Any] = {}
+    handles = [
+        attn.q_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("q_proj", o.detach().clone())),
+        attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("o_in", a[0].detach().clone())),
+        attn.register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o[0].detach().clone())),
+    ]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+    src = model.model.layers[2].self_attn.source
+    with model.trace(x):
+        q_proj = src.self_q_proj_0.output.save()
+        heads = src.view_0.output.save()
+        (args, kwargs) = src.attention_interface_0.inputs
+        first_is_envoy = args[0] is model.model.layers[2].self_attn
+        scaling = kwargs["scaling"]
+        attn_out = src.attention_interface_0.output[0].save()
+        o_in = src.self_o_proj_0.input.save()
+    assert torch.equal(q_proj, seen["q_proj"])
+    assert torch.equal(heads, seen["q_proj"].view(*x.shape, -1, attn.head_dim))
+    assert first_is_envoy  # the module argument arrives as its envoy, not the raw module
+    assert scaling == attn.scaling
+    assert torch.equal(attn_out.reshape(*x.shape, -1), seen["o_in"])
+    assert torch.equal(o_in, seen["o_in"])
+
+
+def test_patching_an_operation_output_matches_a_plain_edit_of_that_call(smollm2):
+    model, module, x = smollm2
+
+    def halve_query(index: int, out: tuple) -> tuple:
+        return (out[0] * 0.5, out[1]) if index == 3 else out
+
+    _, expected = rotary_calls(module, x, edit=halve_query)
+    _, clean = rotary_calls(module, x)
+
+    with model.trace(x):
+        rot = model.model.layers[3].self_attn.source.apply_rotary_pos_emb_0
+        q, k = rot.output
+        rot.output = (q * 0.5, k)
+        logits = model.lm_head.output.save()
+    assert torch.equal(logits, expected)
+    assert not torch.equal(logits, clean)
+
+
+def test_in_place_patch_of_an_operation_input_matches_a_plain_pre_hook(smollm2):
+    model, module, x = smollm2
+
+    def zero_last(m, args):
+        patched = args[0].clone()
+        patched[:, -1] = 0
+        return (patched,)
+
+    handle = module.model.layers[4].self_attn.o_proj.register_forward_pre_hook(zero_last)
+    try:
+        with torch.no_grad():
+            expected = module(x).logits
+    finally:
+        handle.remove()
+
+    with model.trace(x):
+        model.model.layers[4].self_attn.source.self_o_proj_0.input[:, -1] = 0
+        logits = model.lm_head.output.save()
+    assert torch.equal(logits, expected)
+
+
+def _attention_codes(module: torch.nn.Module, run: Callable[[], Any]) -> list:
+    """The code objects of the frames running layer 0's attention forward, seen from inside its q_proj."""
+    codes = []
+    attn = module.model.layers[0].self_attn
+
+    def look(m, args, out):
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_locals.get("self") is attn and frame.f_code.co_name == "forward":
+                codes.append(frame.f_code)
+                break
+            frame = frame.f_back
+
+    handle = attn.q_proj.register_forward_hook(look)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return codes
+
+
+def test_the_plain_forward_runs_unless_source_is_used(smollm2):
+    model, module, x = smollm2
+    attn = module.model.layers[0].self_attn
+    original = inspect.unwrap(type(attn).forward).__code__
+    keys_before = {name: set(m.__dict__) for name, m in module.named_modules()}
+
+    def plain_trace():
+        with model.trace(x):
+            model.model.layers[0].self_attn.output[0].save()
+
+    def source_trace():
+        with model.trace(x):
+            model.model.layers[0].self_attn.source.apply_rotary_pos_emb_0.output[0].save()
+
+    print(model.model.layers[0].self_attn.source)  # building the listing changes nothing either
+    assert _attention_codes(module, plain_trace) == [original]
+    (rewritten,) = _attention_codes(module, source_trace)
+    assert rewritten is not original and rewritten.co_filename == original.co_filename
+    assert _attention_codes(module, plain_trace) == [original]
+    assert _attention_codes(module, lambda: module(x)) == [original]
+    assert inspect.unwrap(type(attn).forward).__code__ is original
+    assert {name: set(m.__dict__) for name, m in module.named_modules()} == keys_before
+
+
+def test_a_failed_source_trace_leaves_the_model_as_it_was(smollm2):
+    model, module, x = smollm2
+    with torch.no_grad():
+        before = module(x).logits
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    keys_before = {name: set(m.__dict__) for name, m in module.named_modules()}
+
+    with pytest.raises(RuntimeError):
+        with model.trace(x):
+            rot = model.model.layers[1].self_attn.source.apply_rotary_pos_emb_0
+            q, k = rot.output
+            rot.output = (q[..., :3], k)  # a wrong shape: the forward fails inside the rewritten code
+    with pytest.raises(ZeroDivisionError):
+        with model.trace(x):
+            model.model.layers[1].self_attn.source.apply_rotary_pos_emb_0.output[0].save()
+            raise ZeroDivisionError("in the body")
+    with pytest.raises(ModulePathError, match="apply_rotary_pos_emb_0"):
+        with model.trace(x):
+            model.model.layers[1].self_attn.source.apply_rotary_pos_emb.output.save()
+
+    with torch.no_grad():
+        after = module(x).logits
+    assert torch.equal(after, before)
+    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
+    assert {name: set(m.__dict__) for name, m in module.named_modules()} == keys_before
+    with model.trace(x):
+        logits = model.lm_head.output.save()
+    assert torch.equal(logits, before)
+
+
+def test_an_operation_asked_for_after_its_module_ran_is_out_of_order(smollm2):
+    model, _, x = smollm2
+    with pytest.raises(OutOfOrderError, match=r"model\.model\.layers\[0\]\.self_attn"):
+        with model.trace(x):
+            model.model.layers[1].output.save()
+            model.model.layers[0].self_attn.source.apply_rotary_pos_emb_0.output.save()
+
+
+def test_print_shows_the_forward_with_each_operation_beside_its_line(smollm2):
+    model, module, _ = smollm2
+    forward = inspect.unwrap(type(module.model.layers[0].self_attn).forward)
+    lines, first = inspect.getsourcelines(forward)
+    text = str(model.model.layers[0].self_attn.source)
+    shown = text.splitlines()
+    for offset, line in enumerate(lines):  # every line of the source, with its line number in the file
+        assert any(s.endswith(f"{first + offset:4d}  {line.rstrip()}") for s in shown), line
+
+    def line_of(name: str) -> str:
+        (row,) = [s for s in shown if s.split(" ->")[0].strip() == name]
+        return row
+
+    for name, called in [
+        ("self_q_proj_0", "self.q_proj("),
+        ("self_k_proj_0", "self.k_proj("),
+        ("apply_rotary_pos_emb_0", "apply_rotary_pos_emb("),
+        ("attention_interface_0", "attention_interface("),
+        ("self_o_proj_0", "self.o_proj("),
+    ]:
+        row = line_of(name)
+        number = int(row.split("->")[1].split()[0])
+        assert called in lines[number - first], (name, row)
+    assert line_of("view_1").endswith("+")  # a second call on the line of self_k_proj_0
+    for name in ("transpose_2", "cache_update_0", "ALL_ATTENTION_FUNCTIONS_get_interface_0", "contiguous_0"):
+        assert name in list(model.model.layers[0].self_attn.source)
