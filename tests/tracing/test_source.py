@@ -18,7 +18,7 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from nnsight_jupyter import NNsight
-from nnsight_jupyter.errors import ModulePathError, OutOfOrderError
+from nnsight_jupyter.errors import ModulePathError, OutOfOrderError, TraceError
 
 from .conftest import _smollm2
 
@@ -257,3 +257,74 @@ def test_print_shows_the_forward_with_each_operation_beside_its_line(smollm2):
     assert line_of("view_1").endswith("+")  # a second call on the line of self_k_proj_0
     for name in ("transpose_2", "cache_update_0", "ALL_ATTENTION_FUNCTIONS_get_interface_0", "contiguous_0"):
         assert name in list(model.model.layers[0].self_attn.source)
+
+
+def test_an_operation_in_a_loop_is_counted_per_call(looped):
+    model = NNsight(looped)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h = looped.inp(x)
+        pre, post = [], []
+        for _ in range(3):
+            pre.append(looped.block(h))
+            h = torch.tanh(pre[-1])
+            post.append(h)
+
+    src = model.source
+    with model.trace(x):
+        first = src.self_block_0.output.save()
+        tanh1 = src.torch_tanh_0.call(1).output.save()
+        third_in = src.torch_tanh_0.call(2).input.save()
+        last = src.torch_tanh_0.next(2).output.save()
+    assert torch.equal(first, pre[0])
+    assert torch.equal(tanh1, post[1])
+    assert torch.equal(third_in, pre[2])
+    assert torch.equal(last, post[2])
+
+
+def test_skipping_an_operation_uses_the_given_value(looped):
+    model = NNsight(looped)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # the first tanh left out, by hand
+        h = looped.block(looped.inp(x))
+        for _ in range(2):
+            h = torch.tanh(looped.block(h))
+        expected = looped.out(h)
+
+    with model.trace(x):
+        src = model.source
+        src.torch_tanh_0.skip(src.torch_tanh_0.input)
+        out = model.output.save()
+    assert torch.equal(out, expected)
+
+
+def _eager_gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=32, attn_implementation="eager")
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_nested_source_reads_inside_the_function_an_operation_calls():
+    module = _eager_gpt2()
+    model = NNsight(module)
+    x = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = module(x, output_attentions=True).attentions
+
+    with model.trace(x):
+        inner = model.transformer.h[1].attn.source.attention_interface_0.source
+        listing = str(inner)
+        weights = inner.nn_functional_softmax_0.output.save()
+    assert torch.equal(weights, expected[1])
+    assert "eager_attention_forward" in listing
+    assert any(row.startswith(" nn_functional_softmax_0") and "softmax(" in row for row in listing.splitlines())
+
+
+def test_source_of_an_operation_that_calls_a_module_names_the_modules_source():
+    model = NNsight(_eager_gpt2())
+    x = torch.randint(0, 97, (1, 5))
+    with pytest.raises(TraceError, match=r"model\.transformer\.h\[0\]\.attn\.c_proj\.source"):
+        with model.trace(x):
+            print(model.transformer.h[0].attn.source.self_c_proj_0.source)
