@@ -328,3 +328,58 @@ def test_source_of_an_operation_that_calls_a_module_names_the_modules_source():
     with pytest.raises(TraceError, match=r"model\.transformer\.h\[0\]\.attn\.c_proj\.source"):
         with model.trace(x):
             print(model.transformer.h[0].attn.source.self_c_proj_0.source)
+
+
+def test_operations_in_every_generation_step_match_plain_generate(smollm2_dir):
+    from nnsight_jupyter import LanguageModel
+
+    model = LanguageModel("smollm2")
+    prompt = "The capital of France is"
+
+    def plain_generate(edit: Callable | None = None) -> tuple[list, list, torch.Tensor]:
+        seen: list = []
+        logits: list = []
+
+        def make(original: Callable) -> Callable:
+            def recorder(*args: Any, **kwargs: Any) -> Any:
+                out = original(*args, **kwargs)
+                if edit is not None:
+                    out = edit(len(seen), out)
+                seen.append(out[0].detach().clone())
+                return out
+
+            return recorder
+
+        hf, tok = model._model, model.tokenizer  # loaded by the first trace
+        handle = hf.lm_head.register_forward_hook(lambda m, a, o: logits.append(o.detach().clone()))
+        try:
+            with replaced(modeling_llama, "apply_rotary_pos_emb", make), torch.no_grad():
+                ids = hf.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=3, do_sample=False)
+        finally:
+            handle.remove()
+        return seen, logits, ids
+
+    with model.generate(prompt, max_new_tokens=3) as tracer:
+        queries = [].save()
+        src = model.model.layers[0].self_attn.source
+        for _ in tracer.all():
+            queries.append(src.apply_rotary_pos_emb_0.output[0])
+        ids = tracer.result.save()
+    seen, _, plain_ids = plain_generate()
+    assert torch.equal(ids, plain_ids)
+    assert len(queries) == 3 and len(seen) == 90  # 30 layers, 3 forward passes
+    for step, q in enumerate(queries):
+        assert torch.equal(q, seen[30 * step]), step
+
+    # Layer 2's query zeroed at step 1 only (its 30 * 1 + 2 = 32nd call).
+    _, edited_logits, _ = plain_generate(lambda i, out: (out[0] * 0, out[1]) if i == 32 else out)
+    with model.generate(prompt, max_new_tokens=3) as tracer:
+        logits = [].save()
+        for step in tracer.all():
+            if step == 1:
+                rot = model.model.layers[2].self_attn.source.apply_rotary_pos_emb_0
+                q, k = rot.output
+                rot.output = (q * 0, k)
+            logits.append(model.lm_head.output)
+    assert all(torch.equal(a, b) for a, b in zip(logits, edited_logits, strict=True))
+    assert not torch.equal(edited_logits[1], plain_generate()[1][1])
