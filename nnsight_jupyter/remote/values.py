@@ -3,7 +3,8 @@
 Most values travel as they are (tensors, numbers, strings, containers). Four kinds are translated,
 on both sides by the same rules:
 - envoys (`layer = model.layers[5]` used inside a trace) travel as `ModuleRef(path)` and are
-  resolved against the server's own copy of the model; modules themselves never travel;
+  resolved against the server's own copy of the model; modules themselves never travel; so do a
+  module's `.source` and its operations (`...attn.source.attention_interface_0`);
 - Hugging Face `ModelOutput`s travel as a `Record` of their fields and are rebuilt on the client;
 - a name bound in the trace without `.save()` travels as a `Placeholder` and comes back as the
   same `NotSaved` object a local run gives;
@@ -25,6 +26,7 @@ from ..errors import NNsightError
 from ..tracing.cache import Cache, CachedCall, CacheEntry
 from ..tracing.envoy import Envoy
 from ..tracing.nested import TRUNCATED, leaves, map_structure
+from ..tracing.operations import OperationEnvoy, SourceEnvoy
 from ..tracing.saving import NotSaved
 from .codec.wire import FunctionSource, ModuleRef, Placeholder, Record
 
@@ -75,6 +77,8 @@ def _leaf_to_wire(value: Any, name: str, root: Any, lenient: bool) -> Any:
         if root is not None and value._root is not root:
             raise NNsightError(f"`{name}` refers to a module of a different model than the one being traced remotely.")
         return ModuleRef(value._path)
+    if isinstance(value, (SourceEnvoy, OperationEnvoy)):
+        return _source_ref(value, name, root, lenient)
     if isinstance(value, Unavailable):
         return Placeholder("omitted", value._name, value._line or "")
     if isinstance(value, NotSaved):
@@ -102,6 +106,21 @@ def _leaf_to_wire(value: Any, name: str, root: Any, lenient: bool) -> Any:
     if lenient and not _travels(value):
         return Placeholder("omitted", name, f"{type(value).__name__} objects are not sent")
     return value
+
+
+def _source_ref(value: Any, name: str, root: Any, lenient: bool) -> Any:
+    """`module.source` and its operations travel by path, like envoys (`transformer.h.0.attn.source.x_0`)."""
+    source = value if isinstance(value, SourceEnvoy) else value._source
+    if root is not None and source._root is not root:
+        raise NNsightError(f"`{name}` refers to operations of a different model than the one being traced remotely.")
+    if source._callee:
+        if lenient:
+            return Placeholder("omitted", name, "the .source of an operation is only known inside its trace")
+        raise NNsightError(
+            f"`{name}` is the .source of an operation, which is known only inside the trace that reached it; "
+            "spell it out inside the remote trace (`op.source.name_0.output`)."
+        )
+    return ModuleRef(value._path)
 
 
 def result_to_wire(name: str, value: Any) -> Any:
@@ -140,7 +159,7 @@ def _travels(value: Any) -> bool:
 
 
 def _leaf_travels(value: Any) -> bool:
-    if isinstance(value, (Envoy, Cache)) or _is_model_output(value):
+    if isinstance(value, (Envoy, Cache, SourceEnvoy, OperationEnvoy)) or _is_model_output(value):
         return True
     kind = type(value)
     return kind in _LEAVES or kind is torch.nn.Parameter or isinstance(value, (NotSaved, types.FunctionType))

@@ -498,12 +498,20 @@ class Interleaver:
             count = (self.n_out if kind == "output" else self.n_in).get(path, 0)
             if count <= call:
                 return None
+            if kind == "input" and self.here == (path, "fn", step, call):
+                return None  # an operation's callee is served just before its inputs
         where = self.describe_path(path)
         now = self._describe_location(m.last) if m.last else "a later module"
         if op == "skip":
             return OutOfOrderError(
                 f"{where}.skip() came after {where} had already run (the model was at {now}). Skip a module "
                 "before reading any value the model computes after it starts: move .skip() above that line."
+            )
+        if kind == "fn":
+            return OutOfOrderError(
+                f"{where}.source was asked for after that call had started (the model was at {now}). The function "
+                "an operation calls is known just before its inputs are: ask for .source first, then read the "
+                "operation's .input, .inputs or .output, or read it in a separate trace."
             )
         return OutOfOrderError(
             f"{where}.{kind} was requested after the forward pass had already computed it "
@@ -516,7 +524,7 @@ class Interleaver:
         if key == RESULT:
             return "the end of the run"
         path, kind, step, call = key
-        text = f"{self.describe_path(path)}.{kind}"
+        text = f"{self.describe_path(path)}.{'source' if kind == 'fn' else kind}"
         if call:
             text += f" (call {call})"
         if step:

@@ -383,3 +383,25 @@ def test_operations_in_every_generation_step_match_plain_generate(smollm2_dir):
             logits.append(model.lm_head.output)
     assert all(torch.equal(a, b) for a, b in zip(logits, edited_logits, strict=True))
     assert not torch.equal(edited_logits[1], plain_generate()[1][1])
+
+
+def test_an_operations_source_comes_before_its_inputs():
+    module = _eager_gpt2()
+    model = NNsight(module)
+    x = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = module(x, output_attentions=True).attentions[0]
+    with model.trace(x):
+        op = model.transformer.h[0].attn.source.attention_interface_0
+        inner = op.source
+        module_arg = op.input  # the same call, after its callee was asked for
+        weights = inner.nn_functional_softmax_0.output.save()
+        is_envoy = module_arg is model.transformer.h[0].attn
+    assert torch.equal(weights, expected)
+    assert is_envoy
+
+    with pytest.raises(OutOfOrderError, match=r"attention_interface_0\.source was asked for after"):
+        with model.trace(x):
+            op = model.transformer.h[0].attn.source.attention_interface_0
+            op.input.save()
+            print(op.source)

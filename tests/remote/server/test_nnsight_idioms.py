@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from nnsight_jupyter import NNsight
+
 from .conftest import Client, threads_like_workers, tokens, trace_request
 from .tiny_models import tiny_gpt2
 
@@ -121,3 +123,64 @@ def test_edits_sent_with_a_trace_apply_to_that_job_only(server: Client):
         clean = module(x).logits
     assert torch.equal(edited.saved["logits"], expected)
     assert torch.equal(plain.saved["logits"], clean)
+
+
+
+def test_source_operations_in_the_worker_match_plain_calls(server: Client):
+    x = tokens(7, batch=2)
+    source = (
+        "src = model.transformer.h[1].attn.source\n"
+        "listing = str(src)\n"
+        "inner = src.attention_interface_0.source\n"
+        "inner_names = list(inner)\n"
+        "module_is_envoy = src.attention_interface_0.input is model.transformer.h[1].attn\n"
+        "attn_in = src.self_c_proj_0.input.save()\n"
+        "src.self_c_proj_0.output = src.self_c_proj_0.output * 0.5\n"
+        "logits = model.lm_head.output.save()\n"
+    )
+    remote = server.run(trace_request(source, x))
+    assert remote.error is None, remote.error
+
+    module = tiny_gpt2()._model
+    seen = {}
+    c_proj = module.transformer.h[1].attn.c_proj
+    handles = [
+        c_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("in", args[0].detach().clone())),
+        c_proj.register_forward_hook(lambda m, args, out: out * 0.5),
+    ]
+    with torch.no_grad(), threads_like_workers():
+        expected = module(x).logits
+    for h in handles:
+        h.remove()
+    assert torch.equal(remote.saved["attn_in"], seen["in"])
+    assert torch.equal(remote.saved["logits"], expected)
+    assert remote.saved["module_is_envoy"] is True
+    assert "self_c_proj_0" in remote.saved["listing"] and "self.c_proj(" in remote.saved["listing"]
+    # The nested source was read in the worker, from the library's own file.
+    assert any("scaled_dot_product_attention" in name for name in remote.saved["inner_names"])
+
+
+def test_source_and_operations_named_outside_a_remote_trace_travel_by_path():
+    model = NNsight(tiny_gpt2()._model, remote_id="tiny")
+    x = tokens(6)
+    src = model.transformer.h[0].attn.source  # bound outside the trace: sent as a path, resolved remotely
+    proj = src.self_c_proj_0
+    with model.trace(x, remote="local"):
+        attn_in = proj.input.save()
+        out = model.transformer.h[0].attn.output[0].save()
+        same = src.self_c_proj_0 is proj
+
+    seen = {}
+    module = tiny_gpt2()._model
+    attn = module.transformer.h[0].attn
+    handles = [
+        attn.c_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("in", args[0].detach().clone())),
+        attn.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out[0].detach().clone())),
+    ]
+    with torch.no_grad():
+        module(x)
+    for h in handles:
+        h.remove()
+    assert torch.equal(attn_in, seen["in"])
+    assert torch.equal(out, seen["out"])
+    assert same is True
