@@ -78,6 +78,19 @@ ATTEMPTS = [
     Attempt("raw model through model.resolve", "engine", 'raw = model.resolve("_model")', SV, ("'_model'",)),
     Attempt("globals through model.resolve", "engine", 'g = model.resolve("transformer.forward.__globals__")',
             SV, ("__globals__",)),
+    Attempt("source internals through a private name", "source", "f = model.transformer.h[0].attn.source._fs", SV,
+            ("'_fs'",)),
+    Attempt("source internals through model.resolve", "engine",
+            'f = model.resolve("transformer.h.0.attn.source._fs")', SV, ("'_fs'",)),
+    Attempt("globals of the function an operation returns", "builtins",
+            "f = model.transformer.h[0].attn.source.ALL_ATTENTION_FUNCTIONS_get_interface_0.output\n"
+            'g = getattr(f, "__glob" + "als__")', SV, ("__globals__",)),
+    Attempt("patch the attention class from a trace function swapped in as an operation's callee", "integrity",
+            "def grab(module, query, *args, **kwargs):\n"
+            "    type(module).forward = None\n"
+            "    return query.transpose(1, 2), None\n"
+            "model.transformer.h[0].attn.source.ALL_ATTENTION_FUNCTIONS_get_interface_0.output = grab\n"
+            "out = model.output.save()\n", "ModelModifiedError", ("GPT2Attention",)),
     Attempt("generator frame", "source", "g = (i for i in [1])\nf = g.gi_frame.f_back.f_globals", SV,
             ("gi_frame", "frame")),
     Attempt("generator frame through getattr", "builtins", 'g = (i for i in [1])\nf = getattr(g, "gi_" + "frame")',
