@@ -306,6 +306,7 @@ class SourceEnvoy:
         self._root = root
         self._callee = callee
         self._ops: dict[str, OperationEnvoy] = {}
+        self._bound: Any = None  # the module's rewritten forward, built at the first trace that needs it
 
     # ----- listing ----------------------------------------------------------------------------
     def __getattr__(self, name: str) -> OperationEnvoy:
@@ -356,12 +357,16 @@ class SourceEnvoy:
         sourced = il.sourced
         if sourced is not None and path in sourced:
             return
-        forward = self._fs.instantiate(make_caller(owner._root._wrappers.holder, self._path + "."))
+        module = owner._module
+        bound = self._bound
+        if bound is None or bound.__self__ is not module:
+            forward = self._fs.instantiate(make_caller(owner._root._wrappers.holder, self._path + "."))
+            bound = self._bound = types.MethodType(forward, module)
         started = il.n_in.get(path, 0)
         here = il.here
         if here is not None and here[:2] == (path, "input") and here[2] == il.pass_idx:
             started -= 1  # being served at its input: this very call runs rewritten
-        il.sourced = {**(sourced or {}), path: types.MethodType(forward, owner._module)}
+        il.sourced = {**(sourced or {}), path: bound}
         if started > 0 and il.pass_idx >= 0:
             il.source_late[path] = il.pass_idx
 

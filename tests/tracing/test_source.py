@@ -405,3 +405,35 @@ def test_an_operations_source_comes_before_its_inputs():
             op = model.transformer.h[0].attn.source.attention_interface_0
             op.input.save()
             print(op.source)
+
+
+def test_each_invoke_reads_and_patches_its_own_rows_of_an_operation(gpt2):
+    model = NNsight(gpt2.module)
+    a, b = gpt2.make_input(1), gpt2.make_input(1)
+    proj = gpt2.module.transformer.h[1].attn.c_proj
+    seen = {}
+
+    def halve_second_row(m, args):
+        seen["in"] = args[0].detach().clone()
+        patched = args[0].clone()
+        patched[1] = patched[1] * 0.5
+        return (patched,)
+
+    handle = proj.register_forward_pre_hook(halve_second_row)
+    try:
+        with torch.no_grad():
+            expected = gpt2.module(torch.cat([a, b])).logits
+    finally:
+        handle.remove()
+
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            first = model.transformer.h[1].attn.source.self_c_proj_0.input.save()
+        with tracer.invoke(b):
+            op = model.transformer.h[1].attn.source.self_c_proj_0
+            second = op.input.clone().save()
+            op.input = op.input * 0.5
+            logits = model.lm_head.output.save()
+    assert torch.equal(first, seen["in"][:1])
+    assert torch.equal(second, seen["in"][1:])
+    assert torch.equal(logits, expected[1:])
