@@ -13,6 +13,8 @@ Cases, all with grad enabled (a trace does not turn grad off, so neither does th
 - plain-nograd the same under torch.no_grad(), for reference only
 - ours-1       `with model.trace(ids): h = model.transformer.h[k].output.save()`
 - ours-all     the same, saving every layer's output (a list comprehension, list saved too)
+- ours-source  `model.transformer.h[k].attn.source.attention_interface_0.output[0].save()`: one operation
+               inside layer k's attention (that layer's forward runs rewritten in this trace)
 - nns-1, nns-all  the same two traces with nnsight 0.8.1 (skipped when nnsight is not importable)
 
 Method: warm-up, then many rounds; each round runs every case once in a freshly shuffled order, so
@@ -83,6 +85,12 @@ def ours_all(model: Any, ids: torch.Tensor, n: int) -> Any:
     return hs
 
 
+def ours_source(model: Any, ids: torch.Tensor, k: int) -> Any:
+    with model.trace(ids):
+        a = model.transformer.h[k].attn.source.attention_interface_0.output[0].save()
+    return a
+
+
 def nns_one(model: Any, ids: torch.Tensor, k: int) -> Any:
     with model.trace(ids):
         h = model.transformer.h[k].output.save()
@@ -145,6 +153,7 @@ def make_cases(size: str, use_nnsight: bool) -> tuple[dict[str, Callable[[], Any
         "plain-nograd": plain_nograd,
         "ours-1": lambda: ours_one(ours, ids, k),
         "ours-all": lambda: ours_all(ours, ids, n),
+        "ours-source": lambda: ours_source(ours, ids, k),
     }
     # correctness: the traced values are the real layer outputs
     captured: list[torch.Tensor] = []
@@ -154,6 +163,12 @@ def make_cases(size: str, use_nnsight: bool) -> tuple[dict[str, Callable[[], Any
     got_one, got_all = first_tensor(cases["ours-1"]()), cases["ours-all"]()
     assert torch.equal(got_one, captured[0]), "ours-1 saved a different value than a forward hook sees"
     assert len(got_all) == n and torch.equal(first_tensor(got_all[k]), captured[0]), "ours-all is wrong"
+    proj_in: list[torch.Tensor] = []
+    handle = base.transformer.h[k].attn.c_proj.register_forward_pre_hook(lambda m, a: proj_in.append(a[0]))
+    plain()
+    handle.remove()
+    attn = cases["ours-source"]()
+    assert torch.equal(attn.reshape(proj_in[0].shape), proj_in[0]), "ours-source read a different value"
     assert not {"forward", "_call_impl"} & base.__dict__.keys(), "a module wrapper was left on the model after a trace"
     info = {"layers": n, "saved_layer": k, "params_M": sum(p.numel() for p in base.parameters()) / 1e6}
 

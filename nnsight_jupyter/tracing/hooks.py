@@ -17,6 +17,11 @@ trace — finished, failed or interrupted — the model is the object it was.
 
 The wrappers are built once per model (`ModuleWrappers`), so a trace installs them with one
 dictionary store per module.
+
+A trace that asks for an operation inside a module's forward (`module.source`, see
+`operations.py`) lists that module's rewritten forward in `Interleaver.sourced`, and the wrapper
+calls it instead of `forward`; in every other trace that dictionary is None, which costs the
+wrapper one test per call.
 """
 
 from __future__ import annotations
