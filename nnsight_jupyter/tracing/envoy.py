@@ -319,6 +319,7 @@ class Envoy:
             fs = forward_source(module_forward(self))
             src = SourceEnvoy(self, f"{self._path}.source" if self._path else "source", fs, self._root)
             object.__setattr__(self, "_source", src)
+        src._activate_if_tracing()
         return src
 
     def skip(self, value: Any) -> None:

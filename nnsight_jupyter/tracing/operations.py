@@ -318,6 +318,7 @@ class SourceEnvoy:
             if name not in self._fs.names:
                 raise self._unknown(name)
             op = ops[name] = OperationEnvoy(self, name)
+        self._activate_if_tracing()
         return op
 
     def _unknown(self, name: str) -> ModulePathError:
@@ -347,6 +348,16 @@ class SourceEnvoy:
     __repr__ = __str__
 
     # ----- inside a trace ---------------------------------------------------------------------
+    def _activate_if_tracing(self) -> None:
+        """Naming an operation inside a trace switches its forward over at once, before any value is read.
+
+        So `op = model.source.self_lm_head_0` at the top of a body lets a later line read
+        `model.lm_head.output` before `op.output`, although the root module starts first.
+        """
+        m = current_mediator()
+        if m is not None and m.interleaver is not None and m.interleaver.root is self._root:
+            self._activate(m)
+
     def _activate(self, m: Any) -> None:
         """Make the forward (or the callee) run rewritten from now on in this trace."""
         if self._callee:
@@ -415,10 +426,11 @@ class OperationEnvoy:
         if owner_path is not None and il.source_late.get(owner_path) == step == il.pass_idx:
             module = display_path(owner_path)
             raise OutOfOrderError(
-                f"{display_path(path)}.{kind} was requested after the forward pass had already run {module} "
-                f"in this pass, before any operation inside it was asked for. Ask for operations of {module} "
-                "in the order the model runs them (before reading anything computed after it starts), or in a "
-                "separate trace."
+                f"{display_path(path)}.{kind} was requested after the forward pass had already started {module} "
+                f"in this pass, before any operation inside it was named, so its operations were not watched. "
+                f"Name the operation before the first line that reads a value computed once {module} has "
+                f"started (e.g. `op = {display_path(path)}` at the top of the trace body, then `op.{kind}` "
+                "where you need it), or read it in a separate trace."
             )
         return (path, kind, step, m.cursor.get(path, 0) if index is None else index)
 

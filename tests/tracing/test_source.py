@@ -437,3 +437,19 @@ def test_each_invoke_reads_and_patches_its_own_rows_of_an_operation(gpt2):
     assert torch.equal(first, seen["in"][:1])
     assert torch.equal(second, seen["in"][1:])
     assert torch.equal(logits, expected[1:])
+
+
+def test_an_operation_named_first_is_watched_even_in_a_module_that_starts_earlier(smollm2):
+    model, module, x = smollm2
+    with torch.no_grad():
+        expected = module(x).logits
+    with pytest.raises(OutOfOrderError, match=r"op = model\.source\.self_lm_head_0"):
+        with model.trace(x):
+            model.lm_head.output.save()
+            model.source.self_lm_head_0.output.save()  # the root module had started unwatched
+    with model.trace(x):
+        op = model.source.self_lm_head_0  # named before anything is read: the root forward runs rewritten
+        logits = model.lm_head.output.save()
+        from_op = op.output.save()
+    assert torch.equal(logits, expected)
+    assert torch.equal(from_op, expected)
