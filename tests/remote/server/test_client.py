@@ -268,3 +268,24 @@ def test_a_large_result_is_downloaded_and_callbacks_never_see_result_bytes(model
     assert final["type"] == "completed" and "result" in final
     assert events and all("result" not in event for event in events)
     assert client.result(handle.job_id).saved["y"] == 3
+
+
+def test_source_operations_in_generation_steps(model, client):
+    src = model.transformer.h[1].attn.source  # travels by path
+
+    def gen(remote):
+        with model.generate(Y, max_new_tokens=3, do_sample=False, pad_token_id=0, remote=remote) as tracer:
+            heads = nnsight_jupyter.save([])
+            logits = nnsight_jupyter.save([])
+            for step in tracer.all():
+                proj = src.self_c_proj_0
+                heads.append(proj.input.clone())
+                if step == 1:
+                    proj.output = proj.output * 2
+                logits.append(model.lm_head.output)
+            ids = tracer.result.save()
+        return {"heads": heads, "logits": logits, "ids": ids}
+
+    local, remote = _both(gen, client)
+    assert_identical(local, remote)
+    assert [h.shape[1] for h in local["heads"]] == [Y.shape[1], 1, 1]  # one entry per step, with the cache
