@@ -31,6 +31,7 @@ from .errors import MagicUsageError, NNsightError
 from .models.base import NNsight
 from .settings import debug_tracebacks
 from .tracing.envoy import Envoy
+from .tracing.operations import SourceEnvoy
 from .tracing.source import compile_invokes, compile_source
 from .tracing.tracer import Tracer, user_traceback
 
@@ -249,7 +250,8 @@ _PATH_RE = re.compile(r"([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*|\[\s*-?\d+\s*\]|\[\s*['
 
 
 def complete_module_paths(shell: Any, text_before_cursor: str, roots: dict[str, Any] | None = None) -> list[str]:
-    """Completions for `model.x.layers[0].<tab>`: child modules, aliases and attributes of the envoy.
+    """Completions for `model.x.layers[0].<tab>`: child modules, aliases and attributes of the envoy (after
+    `.source.`, the operations of its forward).
 
     `roots` names envoys that are not in the notebook's namespace (`model` in a `%%trace` cell).
     """
@@ -273,9 +275,11 @@ def complete_module_paths(shell: Any, text_before_cursor: str, roots: dict[str, 
                 obj = obj[key]
         except Exception:
             return []
-        if not isinstance(obj, Envoy):
+        if not isinstance(obj, (Envoy, SourceEnvoy)):
             return []
-    names = list(obj._children) + list(obj._aliases) + ["output", "input", "inputs", "next", "call"]
+    if isinstance(obj, SourceEnvoy):  # `.source.<tab>`: the forward's operations, in source order
+        return [n for n in obj if n.startswith(prefix)]
+    names = list(obj._children) + list(obj._aliases) + ["output", "input", "inputs", "next", "call", "source"]
     names += [n for n in dir(obj._module) if not n.startswith("_")]
     return sorted(
         {n for n in names if n.startswith(prefix) and n.isidentifier()},

@@ -175,6 +175,10 @@ def test_module_path_completion(shell, gpt2):
     assert complete_module_paths(shell, "m.transformer.h[0].")[:4] == ["attn", "ln_1", "ln_2", "mlp"]
     assert complete_module_paths(shell, "x = m.transformer.h[1].a")[0] == "attn"
     assert complete_module_paths(shell, "m.transformer.zz[0].") == []
+    assert "source" in complete_module_paths(shell, "m.transformer.h[0].attn.so")
+    # GPT2Attention.forward calls self.c_attn twice (cross- and self-attention branches), then self.c_proj
+    assert complete_module_paths(shell, "m.transformer.h[0].attn.source.self_c") == [
+        "self_c_attn_0", "self_c_attn_1", "self_c_proj_0"]
     from IPython.core.completer import provisionalcompleter
 
     text = "m.transformer.h[0].ml"
