@@ -453,3 +453,33 @@ def test_an_operation_named_first_is_watched_even_in_a_module_that_starts_earlie
         from_op = op.output.save()
     assert torch.equal(logits, expected)
     assert torch.equal(from_op, expected)
+
+
+def test_patching_inside_an_operations_function_matches_a_plain_recomputation():
+    from transformers.models.gpt2 import modeling_gpt2
+
+    module = _eager_gpt2()
+    model = NNsight(module)
+    x = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(8))
+    calls: list = []
+
+    def make(original: Callable) -> Callable:
+        def uniform_first(m: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+            out, weights = original(m, query, key, value, *args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:  # layer 0: every query attends to every key equally
+                weights = torch.full_like(weights, 1 / weights.shape[-1])
+                out = torch.matmul(weights, value).transpose(1, 2)
+            return out, weights
+
+        return uniform_first
+
+    with replaced(modeling_gpt2, "eager_attention_forward", make), torch.no_grad():
+        expected = module(x).logits
+    assert len(calls) == 2
+
+    with model.trace(x):
+        soft = model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0
+        soft.output = torch.full_like(soft.output, 1 / soft.output.shape[-1])
+        logits = model.lm_head.output.save()
+    assert torch.equal(logits, expected)
