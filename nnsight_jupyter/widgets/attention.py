@@ -7,25 +7,67 @@ Each head's thumbnail carries its previous-token score (mean attention from a po
 one before it) and first-token score (mean attention to position 0, the "attention sink"), so
 induction-style and sink heads stand out before any is opened. Hovering a thumbnail shows that
 head large, clicking locks it; in the large pattern, hovering a query token colours the keys it
-attends to, clicking locks that query.
+attends to, clicking locks that query. Cells the causal mask hides (a key after its query) are
+drawn hatched and read "masked", never as a probability of 0.
 
-Only the layer on screen travels: its `[head, query, key]` probabilities as float32 bytes in the
-first message, another layer when the view asks for it (`{kind: "layer", index}`). The scores of
-every head of every layer come with the first message (two floats a head).
+Every message is bounded, whatever the prompt's length. A whole layer as float32 is
+`heads x n x n x 4` bytes: 12.6 MB for 12 heads and 512 tokens, over the websocket's 10 MB
+message limit, and most of it never on screen. So the first message holds:
+
+- the layer's thumbnails, one byte a pixel (`round(p * 254)`, 255 for masked), each head shrunk
+  to at most `THUMB` x `THUMB` pixels by block maximum (torch's `adaptive_max_pool2d`: a sharp
+  previous-token diagonal stays visible where a block mean would fade it), the side shrinking
+  further when many heads would pass `THUMB_BYTES`;
+- the top-left `TILE` x `TILE` tile of the shown head as float32 (64 KB), or of every head of the
+  layer when those fit in `PRELOAD_BYTES` (a short prompt then needs no request at all);
+- the scores of every head of every layer as float32 bytes.
+
+For 12 heads and 512 tokens that is 110 KB. The rest of the large pattern travels as exact float32
+tiles when it scrolls into view (`{kind: "tiles", layer, head, tiles}`, at most `MAX_TILES` a
+request), the hovered query's row when its tiles are not there (`{kind: "row", ...}`, 4 bytes a
+key), and another layer's thumbnails when it is picked (`{kind: "layer", index}`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import traitlets
 
+from .buffers import tile as tile_of
 from .view import Buffers, View
 
+THUMB = 64
+THUMB_BYTES = 96 * 1024
+TILE = 128
+PRELOAD_BYTES = 96 * 1024
+MAX_TILES = 16
+MASKED = 255
 
-def _layer_bytes(patterns: Any, index: int) -> memoryview:
-    return memoryview(patterns.patterns[index].detach().to("cpu", torch.float32, copy=True).numpy()).cast("B")
+
+def _float_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())).cast("B")
+
+
+def causal_mask(n: int) -> torch.Tensor:
+    """`[query, key]`: True where the key comes after the query, which a causal LM never attends to."""
+    return torch.ones(n, n, dtype=torch.bool).triu(1)
+
+
+def thumb_size(heads: int, n: int) -> int:
+    """The thumbnails' side: at most THUMB and n, and small enough that a layer's fit in THUMB_BYTES."""
+    return max(1, min(THUMB, n, int((THUMB_BYTES / max(heads, 1)) ** 0.5)))
+
+
+def thumbnails(layer: torch.Tensor, size: int) -> torch.Tensor:
+    """`[head, size, size]` uint8: each block's largest probability in 0..254, MASKED where all its cells are masked."""
+    values = torch.nn.functional.adaptive_max_pool2d(layer.detach().float().cpu(), size)
+    open_ = torch.nn.functional.adaptive_max_pool2d((~causal_mask(layer.shape[-1])).float()[None], size)[0]
+    out = (values.clamp(0, 1) * 254).round().to(torch.uint8)
+    out[:, open_ == 0] = MASKED
+    return out
 
 
 class AttentionView(View):
@@ -35,11 +77,16 @@ class AttentionView(View):
     layers = traitlets.List(traitlets.Int()).tag(sync=True)
     tokens = traitlets.List(traitlets.Unicode()).tag(sync=True)
     n_heads = traitlets.Int(0).tag(sync=True)
-    prev_scores = traitlets.List(traitlets.List(traitlets.Float())).tag(sync=True)
-    first_scores = traitlets.List(traitlets.List(traitlets.Float())).tag(sync=True)
+    mask = traitlets.Unicode("causal").tag(sync=True)
+    prev_scores = traitlets.Any(None, allow_none=True).tag(sync=True)
+    first_scores = traitlets.Any(None, allow_none=True).tag(sync=True)
     layer = traitlets.Int(0).tag(sync=True)
     head = traitlets.Int(0).tag(sync=True)
-    pattern = traitlets.Any(None, allow_none=True).tag(sync=True)
+    thumb_size = traitlets.Int(0).tag(sync=True)
+    thumbs = traitlets.Any(None, allow_none=True).tag(sync=True)
+    tile = traitlets.Int(TILE).tag(sync=True)
+    preload_heads = traitlets.List(traitlets.Int()).tag(sync=True)
+    preload = traitlets.Any(None, allow_none=True).tag(sync=True)
 
     def __init__(self, patterns: Any, *, layer: int | None = None, head: int = 0) -> None:
         from ..analysis.attention import AttentionPatterns
@@ -48,18 +95,25 @@ class AttentionView(View):
             raise TypeError(f"AttentionView shows what attention_patterns(...) returns, not {type(patterns).__name__}.")
         self._patterns = patterns
         index = self._layer_index(patterns.layers[0] if layer is None else layer)
-        n_heads = int(patterns.patterns.shape[1])
+        _, n_heads, n, _ = patterns.patterns.shape
         if not 0 <= head < n_heads:
             raise ValueError(f"head={head}: the model has {n_heads} heads per layer (0 to {n_heads - 1}).")
+        side = min(TILE, n)
+        heads = list(range(n_heads)) if n_heads * side * side * 4 <= PRELOAD_BYTES else [head]
+        size = thumb_size(n_heads, n)
         super().__init__(
             layers=list(patterns.layers),
             tokens=list(patterns.tokens),
             n_heads=n_heads,
-            prev_scores=patterns.previous_token_scores().tolist(),
-            first_scores=patterns.first_token_scores().tolist(),
+            prev_scores=_float_bytes(patterns.previous_token_scores()),
+            first_scores=_float_bytes(patterns.first_token_scores()),
             layer=index,
             head=head,
-            pattern=_layer_bytes(patterns, index),
+            thumb_size=size,
+            thumbs=memoryview(thumbnails(patterns.patterns[index], size).numpy()).cast("B"),
+            tile=TILE,
+            preload_heads=heads,
+            preload=_float_bytes(patterns.patterns[index, heads, :side, :side]),
         )
 
     def _layer_index(self, layer: int) -> int:
@@ -68,13 +122,37 @@ class AttentionView(View):
             raise ValueError(f"layer={layer} was not read; these patterns have layers {layers}.")
         return layers.index(layer)
 
+    def _head(self, content: dict[str, Any]) -> torch.Tensor:
+        layers, heads = self._patterns.patterns.shape[:2]
+        index, head = int(content["layer"]), int(content["head"])
+        if not 0 <= index < layers:
+            raise ValueError(f"layer index {index} is outside 0..{layers - 1}")
+        if not 0 <= head < heads:
+            raise ValueError(f"head {head} is outside 0..{heads - 1}")
+        return self._patterns.patterns[index, head]
+
     def _handle(self, content: dict[str, Any], buffers: Buffers) -> tuple[dict[str, Any], Buffers]:
-        if content.get("kind") != "layer":
-            raise ValueError(f"an attention view answers 'layer' requests, not {content.get('kind')!r}")
-        index = int(content["index"])
-        if not 0 <= index < len(self._patterns.layers):
-            raise ValueError(f"layer index {index} is outside 0..{len(self._patterns.layers) - 1}")
-        return {"index": index}, [_layer_bytes(self._patterns, index)]
+        kind = content.get("kind")
+        if kind == "layer":
+            index = int(content["index"])
+            if not 0 <= index < len(self._patterns.layers):
+                raise ValueError(f"layer index {index} is outside 0..{len(self._patterns.layers) - 1}")
+            thumbs = thumbnails(self._patterns.patterns[index], self.thumb_size)
+            return {"index": index}, [memoryview(thumbs.numpy()).cast("B")]
+        if kind == "tiles":
+            pattern = self._head(content)
+            wanted = [(int(r), int(c)) for r, c in content["tiles"]]
+            if len(wanted) > MAX_TILES:
+                raise ValueError(f"{len(wanted)} tiles asked for at once; a request takes at most {MAX_TILES}")
+            out = [tile_of(pattern, [0, 0], 0, 1, r, c, (TILE, TILE), "float32")[2] for r, c in wanted]
+            return {"tiles": [list(t) for t in wanted]}, [memoryview(v).cast("B") for v in out]
+        if kind == "row":
+            pattern = self._head(content)
+            query = int(content["query"])
+            if not 0 <= query < pattern.shape[0]:
+                raise ValueError(f"query {query} is outside 0..{pattern.shape[0] - 1}")
+            return {"query": query}, [_float_bytes(pattern[query])]
+        raise ValueError(f"an attention view answers 'layer', 'tiles' and 'row' requests, not {kind!r}")
 
     def _text(self) -> str:
         return repr(self._patterns)
@@ -83,4 +161,4 @@ class AttentionView(View):
         return f'<div class="nnsj-static nnsj-static-attention">{self._patterns._repr_html_()}</div>'
 
 
-__all__ = ["AttentionView"]
+__all__ = ["AttentionView", "causal_mask", "thumbnails"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -141,7 +142,7 @@ def test_attention_thumbnails_scores_hover_and_lock(notebook, reference):
         assert float(thumb.get_attribute("data-first")) == pytest.approx(float(attn[0, head, :, 0].mean()), abs=1e-6)
     heatmap = view.locator(".nnsj-heatmap")
     labels = heatmap.locator(".nnsj-hm-rows .nnsj-hm-label").evaluate_all("(ls) => ls.map((l) => l.title)")
-    assert labels == [f"{i} {shown(t)}" for i, t in enumerate(reference[PROMPT]["tokens"])]
+    assert labels == [f"{i} {json.dumps(t)}" for i, t in enumerate(reference[PROMPT]["tokens"])]
     # hovering a thumbnail shows that head large; clicking locks it
     thumbs.nth(2).hover()
     page.wait_for_function("(root) => root.dataset.shown === '2'", arg=view.element_handle())

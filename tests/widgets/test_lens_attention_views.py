@@ -74,7 +74,22 @@ def plain_attention(hf, tokenizer, prompt):
     return torch.stack([a[0] for a in out.attentions])
 
 
-def test_attention_view_sends_one_layer_and_the_others_on_request(tiny_gpt2, gpt2_tokenizer):
+def block_max(pattern, size):
+    """[size, size] block maxima of a [n, n] pattern, blocks from floor(i*n/size) to ceil((i+1)*n/size), by loops."""
+    n = pattern.shape[-1]
+    edges = [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
+    return torch.tensor([[float(pattern[a:b, c:d].max()) for c, d in edges] for a, b in edges])
+
+
+def state_size(view):
+    """Bytes of the view's first message: its JSON state and its binary buffers."""
+    import json
+
+    state, _, buffers = _remove_buffers(view.get_state())
+    return len(json.dumps(state).encode()) + sum(memoryview(b).nbytes for b in buffers)
+
+
+def test_attention_view_sends_thumbnails_and_tiles_on_request(tiny_gpt2, gpt2_tokenizer):
     model, hf = tiny_gpt2
     patterns = attention_patterns(model, PROMPT)
     expected = plain_attention(hf, gpt2_tokenizer, PROMPT)
@@ -82,22 +97,84 @@ def test_attention_view_sends_one_layer_and_the_others_on_request(tiny_gpt2, gpt
     view = view_for(patterns, layer=1, head=1)
     assert isinstance(view, AttentionView) and (view.layer, view.head, view.n_heads) == (1, 1, heads)
     assert view.tokens == [gpt2_tokenizer.decode([i]) for i in gpt2_tokenizer(PROMPT).input_ids]
-    np.testing.assert_allclose(np.frombuffer(view.pattern, dtype=np.float32).reshape(heads, n, n),
+    # a short prompt: thumbnails at full size, every head's whole pattern in the first message
+    assert view.thumb_size == n and view.preload_heads == list(range(heads))
+    np.testing.assert_allclose(np.frombuffer(view.preload, dtype=np.float32).reshape(heads, n, n),
                                expected[1].numpy(), atol=1e-6)
-    _, paths, _ = _remove_buffers(view.get_state())
-    assert paths == [["pattern"]]  # one layer in the first message
+    thumbs = np.frombuffer(view.thumbs, dtype=np.uint8).reshape(heads, n, n)
+    above = np.triu(np.ones((n, n), dtype=bool), 1)
+    assert (thumbs[:, above] == 255).all()
+    np.testing.assert_allclose(thumbs[:, ~above], np.round(expected[1].numpy()[:, ~above] * 254), atol=1)
     q = torch.arange(1, n)
-    np.testing.assert_allclose(view.prev_scores, expected[..., q, q - 1].mean(-1).numpy(), atol=1e-6)
-    np.testing.assert_allclose(view.first_scores, expected[..., 0].mean(-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.frombuffer(view.prev_scores, dtype=np.float32).reshape(layers, heads),
+                               expected[..., q, q - 1].mean(-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.frombuffer(view.first_scores, dtype=np.float32).reshape(layers, heads),
+                               expected[..., 0].mean(-1).numpy(), atol=1e-6)
     replies = []
     view.send = lambda content, buffers=None: replies.append((content, buffers))
     view._on_request(view, {"id": "x", "kind": "layer", "index": 0}, [])
     content, buffers = replies[-1]
     assert content == {"index": 0, "id": "x", "ok": True}
-    np.testing.assert_allclose(np.frombuffer(buffers[0], dtype=np.float32).reshape(heads, n, n),
-                               expected[0].numpy(), atol=1e-6)
+    layer0 = np.frombuffer(buffers[0], dtype=np.uint8).reshape(heads, n, n)
+    np.testing.assert_allclose(layer0[:, ~above], np.round(expected[0].numpy()[:, ~above] * 254), atol=1)
     view._on_request(view, {"id": "y", "kind": "layer", "index": 9}, [])
     assert replies[-1][0]["ok"] is False and "outside" in replies[-1][0]["error"]
     assert "previous-token score" in view._repr_mimebundle_()[0]["text/html"]
     with pytest.raises(ValueError, match="was not read"):
         AttentionView(patterns, layer=5)
+
+
+def test_a_long_prompts_attention_view_bounds_every_message(gpt2_tokenizer):
+    """512 tokens x 12 heads: a whole layer is 12.6 MB; the first message stays under 256 KB, the rest on request."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nnsight_jupyter import LanguageModel
+    from nnsight_jupyter.widgets.attention import MAX_TILES, TILE
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=12, n_positions=1024)).eval()
+    model = LanguageModel(hf, tokenizer=gpt2_tokenizer)
+    ids = torch.randint(0, 50000, (520,), generator=torch.Generator().manual_seed(1))
+    patterns = attention_patterns(model, ids)
+    hf.config._attn_implementation = "eager"
+    with torch.no_grad():
+        expected = torch.stack([a[0] for a in hf(ids[None], output_attentions=True).attentions])
+    n, heads = 520, 12
+    view = AttentionView(patterns, layer=1, head=3)
+    assert expected[1].numel() * 4 > 10 * 2**20  # what the whole layer would have been
+    assert state_size(view) <= 256 * 1024
+    assert view.preload_heads == [3]
+    np.testing.assert_allclose(np.frombuffer(view.preload, dtype=np.float32).reshape(TILE, TILE),
+                               expected[1, 3, :TILE, :TILE].numpy(), atol=1e-6)
+    size = view.thumb_size
+    assert size == 64
+    thumbs = np.frombuffer(view.thumbs, dtype=np.uint8).reshape(heads, size, size)
+    for head in (0, 7):
+        reference = block_max(expected[1, head], size)
+        edges = [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
+        all_masked = torch.tensor([[c > b - 1 for c, _ in edges] for _, b in edges])
+        assert (thumbs[head][all_masked.numpy()] == 255).all()
+        np.testing.assert_allclose(thumbs[head][~all_masked.numpy()],
+                                   np.round(reference[~all_masked].numpy() * 254), atol=1)
+    replies = []
+    view.send = lambda content, buffers=None: replies.append((content, buffers))
+    view._on_request(view, {"id": "t", "kind": "tiles", "layer": 0, "head": 5, "tiles": [[1, 0], [4, 4], [4, 2]]}, [])
+    content, buffers = replies[-1]
+    assert content["ok"] and content["tiles"] == [[1, 0], [4, 4], [4, 2]]
+    for (r, c), data in zip(content["tiles"], buffers):
+        block = expected[0, 5, r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE]
+        np.testing.assert_allclose(np.frombuffer(data, dtype=np.float32).reshape(block.shape), block.numpy(), atol=1e-6)
+    assert max(memoryview(b).nbytes for b in buffers) <= TILE * TILE * 4
+    view._on_request(view, {"id": "r", "kind": "row", "layer": 1, "head": 11, "query": 400}, [])
+    np.testing.assert_allclose(np.frombuffer(replies[-1][1][0], dtype=np.float32), expected[1, 11, 400].numpy(),
+                               atol=1e-6)
+    too_many = [[0, 0]] * (MAX_TILES + 1)
+    for bad, words in [({"kind": "tiles", "layer": 0, "head": 0, "tiles": too_many}, "at most"),
+                       ({"kind": "tiles", "layer": 0, "head": 12, "tiles": [[0, 0]]}, "head 12 is outside"),
+                       ({"kind": "tiles", "layer": 0, "head": 0, "tiles": [[9, 0]]}, "outside the 520 x 520"),
+                       ({"kind": "row", "layer": 2, "head": 0, "query": 0}, "layer index 2"),
+                       ({"kind": "pixels"}, "not 'pixels'")]:
+        view._on_request(view, {"id": "b", **bad}, [])
+        assert replies[-1][0]["ok"] is False and words in replies[-1][0]["error"], replies[-1][0]
+    view._on_request(view, {"id": "ok", "kind": "row", "layer": 0, "head": 0, "query": 0}, [])
+    assert replies[-1][0]["ok"]  # still serving after the bad requests

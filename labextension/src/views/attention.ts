@@ -5,43 +5,58 @@
  * Hovering a thumbnail shows that head large, clicking it locks it. In the large pattern,
  * hovering a cell names the query, the key and the probability; the token strip under it colours
  * every key by how much the hovered query attends to it, and clicking a query token locks it.
+ * Cells the causal mask hides are hatched and read "masked".
  *
- * State (from `nnsight_jupyter/widgets/attention.py`): `layers`, `tokens`, `n_heads`,
- * `prev_scores` / `first_scores` ([layer][head]), the shown `layer` (an index into `layers`) and
- * `head`, and `pattern`: that layer's `[head, query, key]` float32. Another layer is asked for
- * with `{kind: "layer", index}` and arrives as one buffer.
+ * State (from `nnsight_jupyter/widgets/attention.py`): `layers`, `tokens`, `n_heads`, `mask`,
+ * `prev_scores` / `first_scores` (float32 [layer, head]), the shown `layer` (an index into
+ * `layers`) and `head`, `thumb_size` and `thumbs` (uint8 [head, size, size] of the shown layer,
+ * 0..254 for probabilities, 255 masked), `tile` (the side of the large pattern's tiles) and
+ * `preload` (float32 top-left tiles of the heads in `preload_heads`). Everything else is asked
+ * for: `{kind: "tiles", layer, head, tiles}`, `{kind: "row", layer, head, query}` and
+ * `{kind: "layer", index}` (that layer's thumbnails).
  */
 
 import { asDataView, Numbers, typed } from "./core/binary";
 import { Scale } from "./core/colour";
 import { h } from "./core/dom";
-import { formatExact, formatNumber, tokenText } from "./core/format";
+import { formatExact, formatNumber, tokenExact, tokenText } from "./core/format";
 import { colourbar } from "./core/histogram";
 import { Heatmap } from "./core/heatmap";
 import { isDark, onThemeChange } from "./core/theme";
 import { ensureAnalysisStyles } from "./patching_heatmap";
 import { DataSource } from "./source";
 
-const show = (text: string) => JSON.stringify(tokenText(text)).slice(1, -1);
+const MASKED = 255;
+const MAX_TILES = 16;
 
 export function renderAttention(el: HTMLElement, source: DataSource): () => void {
   ensureAnalysisStyles(el.ownerDocument);
   const layers = source.get<number[]>("layers");
   const tokens = source.get<string[]>("tokens");
   const heads = source.get<number>("n_heads");
-  const prev = source.get<number[][]>("prev_scores");
-  const first = source.get<number[][]>("first_scores");
+  const prev = typed(asDataView(source.get("prev_scores")), "float32");
+  const first = typed(asDataView(source.get("first_scores")), "float32");
+  const side = source.get<number>("thumb_size");
+  const tileSide = source.get<number>("tile");
   const n = tokens.length;
+  const masked = (q: number, k: number) => k > q;  // the only mask the view is given: "causal"
   let layer = source.get<number>("layer");
   let locked = source.get<number>("head");
   let shown = locked;
   let query: number | null = null;
   let lockedQuery: number | null = null;
-  const cache = new Map<number, Numbers>();
-  cache.set(layer, typed(asDataView(source.get("pattern")), "float32"));
+  const thumbCache = new Map<number, Numbers>([[layer, typed(asDataView(source.get("thumbs")), "uint8")]]);
+  /** Tiles of the large pattern, by `layer/head/tileRow,tileCol`; rows of it by `layer/head/query`. */
+  const tiles = new Map<string, Numbers>();
+  const rows = new Map<string, Numbers>();
+  {
+    const preload = typed(asDataView(source.get("preload")), "float32");
+    const t = Math.min(tileSide, n);
+    source.get<number[]>("preload_heads").forEach((head, i) =>
+      tiles.set(`${layer}/${head}/0,0`, preload.subarray(i * t * t, (i + 1) * t * t)));
+  }
   const scale = () => new Scale("sequential", 0, 1, isDark(root));
-  const values = () => cache.get(layer);
-  const at = (head: number, q: number, k: number) => values()![(head * n + q) * n + k];
+  const score = (scores: Numbers, head: number) => scores[layer * heads + head];
 
   const root = h("div", { class: "nnsj-view nnsj-attention", "data-view": "attention" });
   el.append(root);
@@ -49,6 +64,10 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
     ...layers.map((l, i) => h("option", { value: i, text: `layer ${l}` })));
   layerSelect.value = String(layer);
   const status = h("div", { class: "nnsj-status" });
+  const fail = (error: Error) => {
+    status.classList.add("nnsj-error");
+    status.textContent = error.message;
+  };
   const headTitle = h("div", { class: "nnsj-ph-where" });
   root.append(h("div", { class: "nnsj-header" },
     h("div", { class: "nnsj-header-left" },
@@ -59,18 +78,17 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
   // ----- thumbnails -----
   const thumbs = h("div", { class: "nnsj-attn-thumbs" });
   const drawThumb = (canvas: HTMLCanvasElement, head: number) => {
-    const data = values();
+    const data = thumbCache.get(layer);
     if (!data) return;
-    canvas.width = n;
-    canvas.height = n;
-    const image = new ImageData(n, n);
+    canvas.width = side;
+    canvas.height = side;
+    const image = new ImageData(side, side);
     const s = scale();
-    for (let q = 0; q < n; q++) {
-      for (let k = 0; k < n; k++) {
-        const [r, g, b] = k > q ? [0, 0, 0].map(() => (isDark(root) ? 30 : 245)) as [number, number, number] : s.rgb(at(head, q, k));
-        const o = (q * n + k) * 4;
-        image.data[o] = r; image.data[o + 1] = g; image.data[o + 2] = b; image.data[o + 3] = 255;
-      }
+    const blank = isDark(root) ? 30 : 245;
+    for (let i = 0; i < side * side; i++) {
+      const v = data[head * side * side + i];
+      const [r, g, b] = v === MASKED ? [blank, blank, blank] : s.rgb(v / 254);
+      image.data[i * 4] = r; image.data[i * 4 + 1] = g; image.data[i * 4 + 2] = b; image.data[i * 4 + 3] = 255;
     }
     canvas.getContext("2d")!.putImageData(image, 0, 0);
   };
@@ -78,8 +96,8 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
     thumbs.replaceChildren(...Array.from({ length: heads }, (_, head) => {
       const canvas = h("canvas", {});
       drawThumb(canvas, head);
-      const p = prev[layer][head];
-      const f = first[layer][head];
+      const p = score(prev, head);
+      const f = score(first, head);
       const box = h("div", {
         class: head === locked ? "nnsj-attn-thumb nnsj-selected" : "nnsj-attn-thumb",
         "data-head": head, "data-prev": p, "data-first": f, title: `head ${head}: click to keep it open`,
@@ -98,47 +116,95 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
     }));
   };
 
-  // ----- the large pattern -----
+  // ----- the large pattern, in tiles asked for as they come into view -----
   const describe = (q: number, k: number, value: number | undefined) =>
-    `head ${shown} · query ${q} "${show(tokens[q])}" → key ${k} "${show(tokens[k])}"\n` +
-    (value === undefined ? "…" : k > q ? "masked (a token sees only the ones before it)" : `attention ${formatExact(value)}`);
-  const slice = (): Numbers => {
-    const data = values();
-    return data ? data.subarray(shown * n * n, (shown + 1) * n * n) : new Float32Array(n * n);
+    `head ${shown} · query ${q} ${tokenExact(tokens[q])} → key ${k} ${tokenExact(tokens[k])}\n` +
+    (masked(q, k) ? "masked (a token sees only itself and the ones before it)"
+      : value === undefined ? "…" : `attention ${formatExact(value)}`);
+  const fetchTiles = (wanted: [number, number][]): Promise<Numbers[]> => {
+    const at = { layer, head: shown };
+    const key = ([r, c]: [number, number]) => `${at.layer}/${at.head}/${r},${c}`;
+    const missing = wanted.filter((t) => !tiles.has(key(t)));
+    const batches: [number, number][][] = [];
+    for (let i = 0; i < missing.length; i += MAX_TILES) batches.push(missing.slice(i, i + MAX_TILES));
+    return Promise.all(batches.map((batch) =>
+      source.request({ kind: "tiles", layer: at.layer, head: at.head, tiles: batch }).then((reply) =>
+        batch.forEach((t, i) => tiles.set(key(t), typed(reply.buffers[i], "float32"))))))
+      .then(() => wanted.map((t) => tiles.get(key(t))!));
   };
+  const known = () => {
+    const map = new Map<string, Numbers>();
+    const prefix = `${layer}/${shown}/`;
+    tiles.forEach((values, key) => {
+      if (key.startsWith(prefix)) map.set(key.slice(prefix.length), values);
+    });
+    return map;
+  };
+  const label = (i: number) => `${i} ${tokenText(tokens[i])}`;
+  const title = (i: number) => `${i} ${tokenExact(tokens[i])}`;
   const heatmap = new Heatmap({
-    rows: n, cols: n, tile: [n, n],
-    fetch: () => Promise.resolve([slice()]),
-    scale, describe, maxHeight: 520,
-    rowLabel: (q) => `${q} ${tokenText(tokens[q])}`, colLabel: (k) => `${k} ${tokenText(tokens[k])}`,
+    rows: n, cols: n, tile: [tileSide, tileSide],
+    fetch: fetchTiles, scale, describe, maxHeight: 520, masked,
+    rowLabel: label, colLabel: label, rowTitle: title, colTitle: title,
     onDrawn: () => {
       root.dataset.shown = String(shown);
       root.dataset.layer = String(layer);
     },
+    onError: fail,
   });
+
+  // ----- the hovered (or locked) query's row, as a strip of key tokens -----
   const strip = h("div", { class: "nnsj-attn-strip", "data-role": "tokens" });
+  /** The query's attention over every key: from the tiles when they are all here, else asked for. */
+  const rowOf = (q: number): Numbers | Promise<Numbers> => {
+    const key = `${layer}/${shown}/${q}`;
+    const cached = rows.get(key);
+    if (cached) return cached;
+    const out = new Float32Array(n);
+    let complete = true;
+    for (let k = 0; k <= q && complete; k++) {
+      const v = heatmap.value(q, k);
+      if (v === undefined) complete = false;
+      else out[k] = v;
+    }
+    if (complete) return out;
+    return source.request({ kind: "row", layer, head: shown, query: q }).then((reply) => {
+      const values = typed(reply.buffers[0], "float32");
+      rows.set(key, values);
+      return values;
+    });
+  };
   const drawStrip = () => {
     const q = query ?? lockedQuery;
-    const s = scale();
-    strip.replaceChildren(h("span", { class: "nnsj-muted", text: q === null ? "hover a token: " : `query ${q} attends to: ` }),
-      ...tokens.map((t, k) => {
-        const span = h("span", {
-          class: k === q ? "nnsj-attn-token nnsj-selected" : "nnsj-attn-token", "data-pos": k,
-          text: show(t) || "\u00a0",
-        });
-        if (q !== null && k <= q && values()) {
-          const v = at(shown, q, k);
-          const rgb = s.rgb(v);
-          span.style.background = `rgb(${rgb.join(", ")})`;
-          span.style.color = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2] > 140 ? "#111111" : "#ffffff";
-          span.dataset.value = String(v);
-        }
-        span.addEventListener("mouseenter", () => { query = k; drawStrip(); });
-        span.addEventListener("mouseleave", () => { query = null; drawStrip(); });
-        span.addEventListener("click", () => { lockedQuery = lockedQuery === k ? null : k; drawStrip(); });
-        return span;
-      }));
-    root.dataset.query = q === null ? "" : String(q);
+    const at = `${layer}/${shown}/${q}`;
+    const paint = (values: Numbers | null) => {
+      if (`${layer}/${shown}/${query ?? lockedQuery}` !== at) return;  // the mouse moved on
+      const s = scale();
+      strip.replaceChildren(
+        h("span", { class: "nnsj-muted", text: q === null ? "hover a token: " : `query ${q} attends to: ` }),
+        ...tokens.map((t, k) => {
+          const span = h("span", {
+            class: k === q ? "nnsj-attn-token nnsj-selected" : "nnsj-attn-token", "data-pos": k,
+            text: tokenText(t) || "\u00a0", title: `${k} ${tokenExact(t)}`,
+          });
+          if (q !== null && values && !masked(q, k)) {
+            const v = values[k];
+            const rgb = s.rgb(v);
+            span.style.background = `rgb(${rgb.join(", ")})`;
+            span.style.color = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2] > 140 ? "#111111" : "#ffffff";
+            span.dataset.value = String(v);
+          }
+          span.addEventListener("mouseenter", () => { query = k; drawStrip(); });
+          span.addEventListener("mouseleave", () => { query = null; drawStrip(); });
+          span.addEventListener("click", () => { lockedQuery = lockedQuery === k ? null : k; drawStrip(); });
+          return span;
+        }));
+      root.dataset.query = q === null ? "" : String(q);
+    };
+    if (q === null) return paint(null);
+    const values = rowOf(q);
+    if (values instanceof Promise) values.then(paint, fail);
+    else paint(values);
   };
   heatmap.root.addEventListener("mousemove", () => {
     const row = heatmap.root.dataset.hoverRow;
@@ -159,9 +225,9 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
 
   const showHead = (head: number) => {
     shown = head;
-    headTitle.textContent = `layer ${layers[layer]}, head ${head}: previous-token ${formatNumber(prev[layer][head], 3)}, ` +
-      `first-token ${formatNumber(first[layer][head], 3)}`;
-    heatmap.reset({}, new Map([["0,0", slice()]]));
+    headTitle.textContent = `layer ${layers[layer]}, head ${head}: previous-token ${formatNumber(score(prev, head), 3)}, ` +
+      `first-token ${formatNumber(score(first, head), 3)}`;
+    heatmap.reset({}, known());
     drawStrip();
   };
   const legend = h("div", { class: "nnsj-legend" }, colourbar(scale()));
@@ -177,16 +243,13 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
       buildThumbs();
       showHead(locked);
     };
-    if (cache.has(index)) return done();
+    if (thumbCache.has(index)) return done();
     status.textContent = "loading…";
     source.request({ kind: "layer", index }).then((reply) => {
-      cache.set(index, typed(reply.buffers[0], "float32"));
+      thumbCache.set(index, typed(reply.buffers[0], "uint8"));
       status.textContent = "";
       done();
-    }, (error: Error) => {
-      status.classList.add("nnsj-error");
-      status.textContent = error.message;
-    });
+    }, fail);
   });
 
   const stopTheme = onThemeChange(root, () => {

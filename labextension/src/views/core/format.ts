@@ -41,7 +41,20 @@ export function formatInt(value: number): string {
   return Math.round(value).toLocaleString("en-US");
 }
 
-/** A token as shown on an axis: newlines and tabs made visible, nothing else changed. */
+const WHITESPACE: Record<string, string> = { " ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍" };
+
+/**
+ * A token as a label: a token of whitespace alone is drawn as symbols (␣ space, ↵ newline,
+ * ⇥ tab, ␍ carriage return, · any other), so it is never a blank label; in other tokens only
+ * newlines, tabs and carriage returns are (they would break the line), and " Paris" keeps its
+ * plain leading space. `tokenExact` gives the token itself, for titles and hover.
+ */
 export function tokenText(token: string): string {
-  return token.replace(/\n/g, "↵").replace(/\t/g, "→");
+  if (token.length > 0 && /^\s+$/.test(token)) return Array.from(token, (c) => WHITESPACE[c] ?? "·").join("");
+  return token.replace(/[\n\t\r]/g, (c) => WHITESPACE[c]);
+}
+
+/** The token exactly, quoted with JSON's escapes: `" "`, `"\\n"`, `"\\t"`. */
+export function tokenExact(token: string): string {
+  return JSON.stringify(token);
 }

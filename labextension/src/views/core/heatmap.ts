@@ -32,6 +32,14 @@ export interface HeatmapOptions {
   /** Label of a row or column, or null for a plain index tick. */
   rowLabel?(row: number): string | null;
   colLabel?(col: number): string | null;
+  /** The label's title (hover text), when it should say more than the label: the exact token. */
+  rowTitle?(row: number): string;
+  colTitle?(col: number): string;
+  /**
+   * Cells with no value to show (attention a causal mask forbids): drawn hatched over the page's
+   * background, never in the scale's colours, so a masked cell does not pass for a value of 0.
+   */
+  masked?(row: number, col: number): boolean;
   /** Tooltip text for a cell (value is undefined while its tile is loading). */
   describe(row: number, col: number, value: number | undefined): string;
   /** Largest height of the scrolling area in CSS pixels. */
@@ -228,6 +236,7 @@ export class Heatmap {
       this.root.dataset.palette = scale.kind + (scale.dark && scale.kind === "diverging" ? "-dark" : "");
       const [tr, tc] = tile;
       const missing = this.missingColour();
+      const masked = this.options.masked;
       for (let tRow = Math.floor(r0 / tr); tRow * tr < r1; tRow++) {
         for (let tCol = Math.floor(c0 / tc); tCol * tc < c1; tCol++) {
           const key = `${tRow},${tCol}`;
@@ -246,7 +255,10 @@ export class Heatmap {
             const base = (r - tRow * tr) * width - tCol * tc;
             for (let c = colStart; c < colEnd; c++, o += 4) {
               let rgb0: number, rgb1: number, rgb2: number;
-              if (!values) {
+              if (masked && masked(r, c)) {
+                px[o + 3] = 0;  // left clear; the hatching below fills it
+                continue;
+              } else if (!values) {
                 [rgb0, rgb1, rgb2] = missing;
               } else {
                 const i = scale.index(values[base + c]);
@@ -267,6 +279,7 @@ export class Heatmap {
       off.getContext("2d")!.putImageData(image, 0, 0);
       ctx.imageSmoothingEnabled = false;
       ctx.drawImage(off, 0, 0, w, hgt, c0 * cw - sl, r0 * ch - st, w * cw, hgt * ch);
+      if (masked) this.hatch(ctx, masked, r0, r1, c0, c1, sl, st);
       if (cw >= 10 && ch >= 10) {
         ctx.strokeStyle = cssVar(this.root, "--jp-layout-color0", "#ffffff");
         ctx.lineWidth = 1;
@@ -291,6 +304,42 @@ export class Heatmap {
       this.root.dataset.drawn = String(this.generation);
       this.options.onDrawn?.();
     }
+  }
+
+  /** Hatch the masked cells of the visible range, a run of masked cells per row at a time. */
+  private hatch(ctx: CanvasRenderingContext2D, masked: (row: number, col: number) => boolean,
+                r0: number, r1: number, c0: number, c1: number, sl: number, st: number): void {
+    const tile = document.createElement("canvas");
+    tile.width = tile.height = 6;
+    const t = tile.getContext("2d")!;
+    t.strokeStyle = cssVar(this.root, "--jp-border-color1", "#bdbdbd");
+    t.lineWidth = 1.5;
+    t.beginPath();
+    t.moveTo(-1, 7);
+    t.lineTo(7, -1);
+    t.stroke();
+    const lines = ctx.createPattern(tile, "repeat");
+    const background = cssVar(this.root, "--jp-layout-color2", "#eeeeee");
+    const { cw, ch } = this;
+    let count = 0;
+    for (let r = r0; r < r1; r++) {
+      for (let c = c0; c < c1; c++) {
+        if (!masked(r, c)) continue;
+        let end = c + 1;
+        while (end < c1 && masked(r, end)) end++;
+        const x = c * cw - sl;
+        const y = r * ch - st;
+        ctx.fillStyle = background;
+        ctx.fillRect(x, y, (end - c) * cw, ch);
+        if (lines) {
+          ctx.fillStyle = lines;
+          ctx.fillRect(x, y, (end - c) * cw, ch);
+        }
+        count += end - c;
+        c = end;
+      }
+    }
+    this.root.dataset.maskedShown = String(count);
   }
 
   /**
@@ -324,7 +373,8 @@ export class Heatmap {
     const rowStep = rowText && this.ch >= 12 ? 1 : nice(Math.ceil(16 / this.ch));
     for (let r = Math.ceil(r0 / rowStep) * rowStep; r < r1; r += rowStep) {
       const text = rowText ? rowLabel!(r) ?? "" : String(r);
-      const node = h("div", { class: "nnsj-hm-label", "data-row": r, title: text, text: rowText ? short(text) : text });
+      const title = this.options.rowTitle?.(r) ?? text;
+      const node = h("div", { class: "nnsj-hm-label", "data-row": r, title, text: rowText ? short(text) : text });
       node.style.top = `${r * this.ch - st}px`;
       node.style.height = `${this.ch}px`;
       node.style.lineHeight = `${this.ch}px`;
@@ -343,7 +393,7 @@ export class Heatmap {
       const text = colText ? colLabel!(c) ?? "" : String(c);
       const node = h("div", {
         class: colText ? "nnsj-hm-label nnsj-hm-vertical" : "nnsj-hm-label nnsj-hm-tick",
-        "data-col": c, title: text, text: colText ? short(text) : text,
+        "data-col": c, title: this.options.colTitle?.(c) ?? text, text: colText ? short(text) : text,
       });
       node.style.left = `${c * this.cw - sl}px`;
       node.style.width = colText ? `${this.cw}px` : "";
