@@ -136,3 +136,28 @@ def test_user_metrics_meet_the_sandbox(model, client):
         _run(model, "export_weights", {}, {}, remote=client, timeout=30)
     with pytest.raises(TypeError, match="def or lambda"):
         patching_sweep(model, CLEAN, CORRUPTED, torch.nn.Identity(), over="layer", progress=False, remote=client)
+
+
+def view_state(view):
+    """A view's first message: its JSON state and its binary buffers, as bytes."""
+    from ipywidgets.widgets.widget import _remove_buffers
+
+    state, paths, buffers = _remove_buffers(view.get_state())
+    for ref in ("_bundle", "layout"):  # references to other widget models, new ones per view
+        state.pop(ref)
+    return state, paths, [bytes(memoryview(b).cast("B")) for b in buffers]
+
+
+def test_views_of_remote_results_equal_those_of_local_ones(model, client):
+    from nnsight_jupyter.widgets import AttentionView, LogitLensView, PatchingHeatmap
+
+    with threads_like_workers():
+        local = [patching_sweep(model, CLEAN, CORRUPTED, logit_diff(7, 9), progress=False),
+                 logit_lens(model, CLEAN, top_k=3, target=7), attention_patterns(model, CLEAN)]
+    remote = [patching_sweep(model, CLEAN, CORRUPTED, logit_diff(7, 9), progress=False, remote=client),
+              logit_lens(model, CLEAN, top_k=3, target=7, remote=client),
+              attention_patterns(model, CLEAN, remote=client)]
+    for kind, a, b in zip((PatchingHeatmap, LogitLensView, AttentionView), local, remote):
+        here, there = view_state(kind(a)), view_state(kind(b))
+        differ = {k for k in here[0] if here[0][k] != there[0].get(k)}
+        assert here[2] and not differ and here[1:] == there[1:], (kind.__name__, differ)
