@@ -134,6 +134,33 @@ def test_hover_shows_the_exact_probability_and_masked_cells(notebook, reference)
     screenshot(view, "attention_long")
 
 
+def visible(token: str) -> str:
+    """A whitespace-only token as the views draw it (␣ ↵ ⇥); other tokens with newlines and tabs as arrows."""
+    symbols = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+    if token and token.isspace():
+        return "".join(symbols.get(c, "·") for c in token)
+    return "".join(symbols[c] if c in "\n\t\r" else c for c in token)
+
+
+def test_whitespace_tokens_are_visible_with_the_exact_token_in_the_title(notebook, reference):
+    view = notebook.output(1).locator('.nnsj-view[data-view="attention"]')
+    heatmap = view.locator(".nnsj-heatmap")
+    hover(notebook.page, heatmap, 8, 0)
+    tokens = reference["tokens"]
+    labels = heatmap.locator(".nnsj-hm-rows .nnsj-hm-label").evaluate_all(
+        "(ls) => ls.map((l) => [+l.dataset.row, l.textContent, l.title])")
+    seen = set()
+    for row, text, title in labels:
+        assert title == f"{row} {json.dumps(tokens[row])}"
+        assert text == f"{row} {visible(tokens[row])}"[:16] or text.endswith("…")
+        seen.add(tokens[row])
+    assert {" ", "\n", "\t"} <= seen  # all three kinds were among the labels checked
+    strip = view.locator(".nnsj-attn-token").evaluate_all("(ts) => ts.map((t) => [t.textContent, t.title])")
+    assert strip == [[visible(t), f"{k} {json.dumps(t)}"] for k, t in enumerate(tokens)]
+    assert {"␣", "↵", "⇥"} <= {text for text, _ in strip}
+    notebook.page.mouse.move(0, 0)
+
+
 def cell_colours(heatmap, row, col) -> set[tuple[int, int, int]]:
     """The distinct colours drawn inside one cell (its border pixels left out)."""
     heatmap.evaluate("() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
