@@ -202,3 +202,51 @@ def test_readme_pictures_on_smollm2(notebook):
     hover(page, attention.locator(".nnsj-heatmap"), 11, 10)
     page.mouse.move(0, 0)
     screenshot(attention, "attention", readme=True)
+
+
+def test_dark_theme(notebook, reference):
+    """Both views in JupyterLab Dark: dark backgrounds, light text, the same value colours, dark masked cells."""
+    from .test_attention_long import cell_colours
+    from .views import colours, luminance
+
+    page = notebook.page
+    notebook.set_theme(dark=True)
+    try:
+        lens = notebook.output(1).locator('.nnsj-view[data-view="logit_lens"]')
+        lens.locator('select[data-role="mode"]').select_option("top")
+        assert luminance(lens.evaluate("(el) => getComputedStyle(el).backgroundColor")) < 80
+        head = lens.locator("table.nnsj-lens-grid").first.locator("thead th").first
+        assert colours(head)[1] > 150  # light axis text
+        ref = reference[PROMPT]
+        scale = Scale(0.0, 1.0, dark=True)
+        for layer, position in [(0, 0), (1, 3)]:
+            cell = lens.locator(f'table[data-panel="0"] td[data-layer="{layer}"][data-pos="{position}"]')
+            colour = cell.evaluate("(td) => getComputedStyle(td).backgroundColor")
+            assert colour == "rgb({}, {}, {})".format(*scale.rgb(float(ref["probs"][layer, position, 0])))
+            cell.hover()
+            tip = lens.locator(".nnsj-lens-tip")
+            page.wait_for_function("(tip) => tip.style.display === 'block'", arg=tip.element_handle())
+            background, text = colours(tip)
+            assert background < 80 and text > 150
+        page.mouse.move(0, 0)
+        screenshot(lens, "logit_lens_dark")
+        attention = notebook.output(2).locator('.nnsj-view[data-view="attention"]')
+        assert luminance(attention.evaluate("(el) => getComputedStyle(el).backgroundColor")) < 80
+        attention.locator('select[data-role="layer"]').select_option("0")
+        attention.locator(".nnsj-attn-thumb").nth(1).click()
+        page.wait_for_function("(root) => root.dataset.layer === '0' && root.dataset.shown === '1'",
+                               arg=attention.element_handle())
+        heatmap = attention.locator(".nnsj-heatmap")
+        attn = reference["attention"]
+        text = hover(page, heatmap, 5, 2)
+        assert float(re.search(r"attention (\S+)", text).group(1)) == pytest.approx(float(attn[0, 1, 5, 2]), abs=1e-6)
+        assert max(abs(a - b) for a, b in zip(pixel(heatmap, 5, 2), scale.rgb(float(attn[0, 1, 5, 2])))) <= 1
+        masked = cell_colours(heatmap, 1, 6)
+        assert len(masked) >= 2 and all(r == g == b and r < 120 for r, g, b in masked), masked
+        corner = attention.locator(".nnsj-attn-thumb canvas").nth(1).evaluate(
+            "(c) => Array.from(c.getContext('2d').getImageData(c.width - 1, 0, 1, 1).data.slice(0, 3))")
+        assert corner == [30, 30, 30]  # a masked thumbnail pixel sinks into the dark background
+        page.mouse.move(0, 0)
+        screenshot(attention, "attention_dark")
+    finally:
+        notebook.set_theme(dark=False)
