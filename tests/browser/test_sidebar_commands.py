@@ -309,7 +309,8 @@ def test_tab_completes_module_paths_in_a_trace_cell_body(notebook):
     # them alphabetically among the module's attributes and the envoy's output/input/...).
     assert set(children) <= set(offered), offered
     block = model.transformer.h[0]
-    assert all(hasattr(block, name) or name in ("output", "input", "inputs", "next", "call") for name in offered)
+    assert all(hasattr(block, name) or name in ("output", "input", "inputs", "next", "call", "source")
+               for name in offered)
     page.keyboard.press("Escape")
     completer.wait_for(state="hidden")
     page.evaluate("""() => {
