@@ -48,7 +48,7 @@ MASKED = 255
 
 
 def _float_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())).cast("B")
+    return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy()).data.cast("B")
 
 
 def causal_mask(n: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ class AttentionView(View):
             layer=index,
             head=head,
             thumb_size=size,
-            thumbs=memoryview(thumbnails(patterns.patterns[index], size).numpy()).cast("B"),
+            thumbs=thumbnails(patterns.patterns[index], size).numpy().data.cast("B"),
             tile=TILE,
             preload_heads=heads,
             preload=_float_bytes(patterns.patterns[index, heads, :side, :side]),
@@ -138,14 +138,14 @@ class AttentionView(View):
             if not 0 <= index < len(self._patterns.layers):
                 raise ValueError(f"layer index {index} is outside 0..{len(self._patterns.layers) - 1}")
             thumbs = thumbnails(self._patterns.patterns[index], self.thumb_size)
-            return {"index": index}, [memoryview(thumbs.numpy()).cast("B")]
+            return {"index": index}, [thumbs.numpy().data.cast("B")]
         if kind == "tiles":
             pattern = self._head(content)
             wanted = [(int(r), int(c)) for r, c in content["tiles"]]
             if len(wanted) > MAX_TILES:
                 raise ValueError(f"{len(wanted)} tiles asked for at once; a request takes at most {MAX_TILES}")
             out = [tile_of(pattern, [0, 0], 0, 1, r, c, (TILE, TILE), "float32")[2] for r, c in wanted]
-            return {"tiles": [list(t) for t in wanted]}, [memoryview(v).cast("B") for v in out]
+            return {"tiles": [list(t) for t in wanted]}, [v.data.cast("B") for v in out]
         if kind == "row":
             pattern = self._head(content)
             query = int(content["query"])
