@@ -72,14 +72,6 @@ def build_parser(prog: str = "nnsight-jupyter serve") -> argparse.ArgumentParser
         help="how long results stay downloadable (default %(default)g)",
     )
     parser.add_argument(
-        "--result-write-delay",
-        type=float,
-        default=d["result_write_delay_s"],
-        metavar="SECONDS",
-        help="results of 1 MiB or more reach disk this long after their job, so writing "
-        "does not slow their download; smaller ones at once (default %(default)g)",
-    )
-    parser.add_argument(
         "--max-request-mb",
         type=float,
         default=d["max_request_bytes"] / MiB,
@@ -164,7 +156,6 @@ def config_from_args(args: argparse.Namespace):
         auth=not args.insecure_no_auth,
         replicas=args.replicas,
         result_ttl_s=args.result_ttl,
-        result_write_delay_s=args.result_write_delay,
         max_request_bytes=int(args.max_request_mb * MiB),
         max_result_bytes=int(args.max_result_mb * MiB),
         max_job_seconds=args.max_job_seconds,

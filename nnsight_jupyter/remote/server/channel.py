@@ -25,7 +25,8 @@ map with the payload's total size, then the parts' bytes straight onto the pipe,
 them into one buffer that becomes ``message[field]``. The bytes are copied once on each side (by
 the kernel), instead of into and out of a msgpack map and a framed message as well. A large
 payload lands in fresh huge-page memory (`fresh_buffer`): a zero-filled ``bytearray`` of 64 MiB
-costs as much again as reading into it.
+costs as much again as reading into it. The server's end of a job process's pipe passes its own
+``receiver`` instead, which puts a large result straight into its file (``store.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -50,9 +51,16 @@ class BrokenChannel(Exception):
 class Channel:
     """One end of a worker pipe, speaking msgpack maps."""
 
-    def __init__(self, connection: Any, *, max_bytes: int) -> None:
+    def __init__(
+        self,
+        connection: Any,
+        *,
+        max_bytes: int,
+        receiver: Callable[[int], bytearray | mmap.mmap] = fresh_buffer,
+    ) -> None:
         self.connection = connection
         self.max_bytes = max_bytes
+        self.receiver = receiver
         self._send_lock = threading.Lock()
 
     def send(self, message: dict[str, Any], *, payload: tuple[str, Sequence[bytes | memoryview]] | None = None) -> None:
@@ -94,17 +102,28 @@ class Channel:
         return message
 
     def _read_exactly(self, size: int) -> bytearray | mmap.mmap:
-        buffer = fresh_buffer(size)
+        try:
+            buffer = self.receiver(size)
+        except OSError as exc:
+            raise BrokenChannel(f"no room for a {size}-byte payload: {exc}") from None
         view = memoryview(buffer)
         fd = self.connection.fileno()
-        while view.nbytes:
-            try:
-                got = os.readv(fd, [view])
-            except OSError as exc:
-                raise BrokenChannel(f"unreadable payload: {exc}") from None
-            if got == 0:
-                raise BrokenChannel("the other side closed the pipe in the middle of a payload")
-            view = view[got:]
+        try:
+            while view.nbytes:
+                try:
+                    got = os.readv(fd, [view])
+                except OSError as exc:
+                    raise BrokenChannel(f"unreadable payload: {exc}") from None
+                if got == 0:
+                    raise BrokenChannel("the other side closed the pipe in the middle of a payload")
+                view = view[got:]
+        except BrokenChannel:
+            view.release()
+            discard = getattr(buffer, "discard", None)
+            if discard is not None:
+                discard()
+            raise
+        view.release()
         return buffer
 
     def poll(self, timeout: float) -> bool:

@@ -33,7 +33,6 @@ FLAGS: dict[str, str] = {
     "max_log_bytes": "--max-log-kb",
     "max_queued_jobs": "--max-queued-jobs",
     "result_ttl_s": "--result-ttl",
-    "result_write_delay_s": "--result-write-delay",
     "cancel_grace_s": "--cancel-grace",
 }
 """The command-line flag behind each limit, quoted in the messages that enforce it."""
@@ -101,10 +100,6 @@ class ServerConfig:
         user_workers: job processes a replica keeps for its most recent users, each serving
             one user only (a spare fork that no job has used is kept as well).
         result_ttl_s: how long a finished job's result stays downloadable.
-        result_write_delay_s: a finished job's result is served from memory at once; one of 1 MiB
-            or more is written to disk this long after the job ends, so that writing it does not
-            slow its download (a server killed within that window loses it; a stopped server
-            writes it). Smaller results are written at once.
         max_request_bytes, max_result_bytes: message size limits.
         max_job_seconds: wall-clock limit per job; a request's ``timeout`` option may lower it.
         max_job_memory_bytes: memory a job may add to its worker's size after loading the model.
@@ -130,7 +125,6 @@ class ServerConfig:
     replicas: int = 1
     user_workers: int = 2
     result_ttl_s: float = 3600.0
-    result_write_delay_s: float = 1.0
     max_request_bytes: int = 64 * MiB
     max_result_bytes: int = 256 * MiB
     max_job_seconds: float = 600.0
@@ -175,10 +169,6 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {value!r} ({FLAGS.get(name, name)})")
         if self.cancel_grace_s < 0:
             raise ValueError(f"cancel_grace_s must be >= 0, got {self.cancel_grace_s!r} (--cancel-grace)")
-        if not self.result_write_delay_s >= 0:
-            raise ValueError(
-                f"result_write_delay_s must be >= 0, got {self.result_write_delay_s!r} (--result-write-delay)"
-            )
         if self.worker_threads is not None and self.worker_threads < 1:
             raise ValueError(f"worker_threads must be >= 1, got {self.worker_threads!r} (--threads)")
         if self.start_method not in ("forkserver", "spawn"):

@@ -229,6 +229,8 @@ class JobStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "announced" not in columns:  # a queue written before positions were announced per job
             self._db.execute("ALTER TABLE jobs ADD COLUMN announced INTEGER")
+        if "result" not in columns:  # a queue written before small results lived in the job table
+            self._db.execute("ALTER TABLE jobs ADD COLUMN result BLOB")
         self._closed = False
 
     def close(self) -> None:
@@ -475,6 +477,7 @@ class JobStore:
         status: str,
         *,
         result_bytes: int | None = None,
+        result: bytes | None = None,
         ttl_s: float | None = None,
         error: tuple[str, str, str] | None = None,
         reason: str | None = None,
@@ -482,7 +485,9 @@ class JobStore:
     ) -> bool:
         """Move a pending job to a final state, with its final event; False if it already was final.
 
-        ``timings`` (where the job's time went, see ``pool.py``) ride along in the final event.
+        ``result`` is a small result's bytes (``store.py``), committed in the same transaction, so
+        a job is never final without its result. ``timings`` (where the job's time went, see
+        ``pool.py``) ride along in the final event.
         """
         if status not in FINAL:
             raise ValueError(f"{status!r} is not a final state")
@@ -495,9 +500,18 @@ class JobStore:
             now = self.clock()
             expires = now + ttl_s if result_bytes is not None and ttl_s is not None else None
             db.execute(
-                "UPDATE jobs SET status = ?, finished = ?, request = NULL, result_bytes = ?, expires = ?, "
+                "UPDATE jobs SET status = ?, finished = ?, request = NULL, result_bytes = ?, result = ?, expires = ?, "
                 "error_type = ?, error_message = ? WHERE id = ?",
-                (status, now, result_bytes, expires, error[0] if error else None, error[1] if error else None, job_id),
+                (
+                    status,
+                    now,
+                    result_bytes,
+                    result,
+                    expires,
+                    error[0] if error else None,
+                    error[1] if error else None,
+                    job_id,
+                ),
             )
             data: dict[str, Any] = {}
             if result_bytes is not None:
@@ -623,11 +637,17 @@ class JobStore:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def stored_result(self, job_id: str) -> bytes | None:
+        """A small result kept in the job table (``store.py``); None for a large one or none."""
+        with self._lock:
+            row = self._db.execute("SELECT result FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else row[0]
+
     def mark_expired(self, job_id: str) -> None:
         """Record that the result is gone; drop the job's log lines, keep its lifecycle events."""
 
         def work(db: sqlite3.Connection, touched: list[str]) -> None:
-            db.execute("UPDATE jobs SET expired = 1 WHERE id = ?", (job_id,))
+            db.execute("UPDATE jobs SET expired = 1, result = NULL WHERE id = ?", (job_id,))
             db.execute("DELETE FROM events WHERE job_id = ? AND type = 'log'", (job_id,))
 
         self._transaction(work)

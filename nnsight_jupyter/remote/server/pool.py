@@ -348,21 +348,27 @@ class Replica:
 
     def _on_done(self, message: dict[str, Any]) -> None:
         running = self.running
+        data = message.get("result")
         if running is None or message.get("job_id") != running.job.id:
+            self.pool.results.discard(data)
             return
         arrived = time.monotonic()
         self._flush_logs()
         process = running.process
-        data = message.get("result")
         stopped = message.get("stopped")
         error = message.get("error")
-        if running.stop == "cancelled" or stopped == "cancelled":
-            self._finish_cancelled()
-        elif running.stop == "timeout" or stopped == "timeout":
-            self._finish_error(TimeoutError, self._timeout_message(running.job), store=True)
-        elif (
+        cancelled = running.stop == "cancelled" or stopped == "cancelled"
+        timed_out = running.stop == "timeout" or stopped == "timeout"
+        malformed = (
             not isinstance(data, (bytes, bytearray, mmap.mmap)) or len(data) > self.pool.config.max_result_bytes + 2**20
-        ):
+        )
+        if cancelled or timed_out or malformed:
+            self.pool.results.discard(data)
+        if cancelled:
+            self._finish_cancelled()
+        elif timed_out:
+            self._finish_error(TimeoutError, self._timeout_message(running.job), store=True)
+        elif malformed:
             self._finish_error(ServerError, "the worker sent a malformed result; it was replaced", store=True)
             self._retire(process, "it sent a malformed result")
             return
@@ -370,19 +376,25 @@ class Replica:
             err = None
             if isinstance(error, list) and len(error) == 3 and all(isinstance(e, str) for e in error):
                 err = (error[0], error[1], error[2])
-            self.pool.results.put(running.job.id, data, later=self.pool.config.result_write_delay_s)
-            self.pool.jobs.finish(
-                running.job.id,
-                "error" if err else "completed",
-                result_bytes=len(data),
-                ttl_s=self.pool.config.result_ttl_s,
-                error=err,
-                timings=_timings(running, message.get("timings"), arrived),
-            )
-            self.jobs_done += 1
-            process.jobs_done += 1
-            self.job = None
-            self.running = None
+            try:
+                kept = self.pool.results.put(running.job.id, data)
+            except OSError as exc:
+                self.pool.results.discard(data)
+                self._finish_error(ServerError, f"the server could not store the job's result: {exc}", store=False)
+            else:
+                self.pool.jobs.finish(
+                    running.job.id,
+                    "error" if err else "completed",
+                    result_bytes=len(data),
+                    result=kept,
+                    ttl_s=self.pool.config.result_ttl_s,
+                    error=err,
+                    timings=_timings(running, message.get("timings"), arrived),
+                )
+                self.jobs_done += 1
+                process.jobs_done += 1
+                self.job = None
+                self.running = None
         if self.state == "busy":
             self.state = "ready"
         restart = message.get("restart")
@@ -532,13 +544,18 @@ class Replica:
             self.state = "ready"
         if job is None:
             return
-        size = None
+        size = kept = None
         if store:
             data = encode_result(TraceResult(logs=logs, error=TraceErrorInfo(type_name, message, "")))
-            self.pool.results.put(job.id, data)
+            kept = self.pool.results.put(job.id, data)
             size = len(data)
         self.pool.jobs.finish(
-            job.id, "error", result_bytes=size, ttl_s=self.pool.config.result_ttl_s, error=(type_name, message, "")
+            job.id,
+            "error",
+            result_bytes=size,
+            result=kept,
+            ttl_s=self.pool.config.result_ttl_s,
+            error=(type_name, message, ""),
         )
 
     def _finish_cancelled(self, reason: str = "cancelled by the client") -> None:
@@ -646,11 +663,12 @@ class WorkerPool:
         with self._failed_lock:
             for job_id in self.jobs.queued_ids(model):
                 data = encode_result(TraceResult(error=TraceErrorInfo(wire_name(ModelLoadError), reason, "")))
-                self.results.put(job_id, data)
+                kept = self.results.put(job_id, data)
                 self.jobs.finish(
                     job_id,
                     "error",
                     result_bytes=len(data),
+                    result=kept,
                     ttl_s=self.config.result_ttl_s,
                     error=(wire_name(ModelLoadError), reason, ""),
                 )

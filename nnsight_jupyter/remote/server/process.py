@@ -126,7 +126,9 @@ class JobProcess:
         self.rss_limit: int | None = None
         self.jobs_done = 0
         self.channel = Channel(
-            multiprocessing.connection.Connection(fd), max_bytes=replica.pool.config.max_result_bytes + 4 * 2**20
+            multiprocessing.connection.Connection(fd),
+            max_bytes=replica.pool.config.max_result_bytes + 4 * 2**20,
+            receiver=replica.pool.results.receiver,
         )
         self.reader = threading.Thread(target=self._read, name=f"nnsj-read-{replica.label}-{pid}", daemon=True)
         self.reader.start()

@@ -49,7 +49,7 @@ from .events import INLINE_RESULT_BYTES, KEEPALIVE, format_event
 from .jobs import FINAL, Job, QueueFull, iso
 from .responses import ApiError
 from .service import Service
-from .store import DELAY_MIN_BYTES, iter_file
+from .store import iter_file
 
 __all__ = ["ROUTES"]
 
@@ -309,12 +309,14 @@ async def job_result(request: Request) -> Response:
         return StreamingResponse(_memory_chunks(held), media_type="application/x-msgpack", headers=headers)
     handle = await run_in_threadpool(service.results.open, job.id)
     if handle is None:
+        stored = await run_in_threadpool(service.jobs.stored_result, job.id)
+        if stored is not None:
+            return Response(stored, media_type="application/x-msgpack")
         raise ApiError(
             410,
             "result lost",
-            f"job {job.id}'s result is not on this server: it stopped abruptly right after the job "
-            f"finished, before the result reached disk (results of {describe_bytes(DELAY_MIN_BYTES)} or "
-            f"more are written {config.result_write_delay_s:g} s after a job ends). Run the trace again.",
+            f"job {job.id}'s result file is missing from the server's results folder: something outside "
+            f"the server removed it before it expired. Run the trace again.",
         )
     return StreamingResponse(
         iterate_in_threadpool(iter_file(handle)), media_type="application/x-msgpack", headers=headers

@@ -72,8 +72,6 @@ class Service:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.stop()
-        if self._results is not None:
-            self._results.flush()
         if self._jobs is not None:
             self._jobs.close()
 

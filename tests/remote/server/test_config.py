@@ -31,8 +31,8 @@ def test_config_validation(tmp_path):
         ServerConfig(models=models, data_dir=tmp_path, auth=False, max_request_bytes=0)
     with pytest.raises(ValueError, match="start_method"):
         ServerConfig(models=models, data_dir=tmp_path, auth=False, start_method="fork")
-    with pytest.raises(ValueError, match="--result-write-delay"):
-        ServerConfig(models=models, data_dir=tmp_path, auth=False, result_write_delay_s=-1.0)
+    with pytest.raises(ValueError, match="--cancel-grace"):
+        ServerConfig(models=models, data_dir=tmp_path, auth=False, cancel_grace_s=-1.0)
     config = ServerConfig(models=models, data_dir=str(tmp_path), auth=False)
     assert config.database == tmp_path / "jobs.sqlite3" and config.model("smollm2") is models[0]
 

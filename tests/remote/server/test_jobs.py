@@ -112,7 +112,8 @@ def test_expiry(store: JobStore, clock: Clock):
     for job_id in (a, b):
         store.claim("m", ready=True, worker="w")
         store.add_events(job_id, [("log", {"line": "hi"})])
-        store.finish(job_id, "completed", result_bytes=1, ttl_s=100 if job_id == a else 500)
+        store.finish(job_id, "completed", result_bytes=1, result=job_id.encode(), ttl_s=100 if job_id == a else 500)
+    assert store.stored_result(a) == a.encode() and store.stored_result(b) == b.encode()
     clock.now += 200
     assert store.due_for_expiry(clock.now) == [a]
     store.mark_expired(a)
@@ -120,6 +121,7 @@ def test_expiry(store: JobStore, clock: Clock):
     assert store.get(a).expired and "log" not in [e.type for e in store.events_after(a, 0)]
     assert store.get(a).describe(position=None, now=clock.now)["result"]["expired"] is True
     assert store.get(b).describe(position=None, now=clock.now)["result"]["expired"] is False
+    assert store.stored_result(a) is None and store.stored_result(b) == b.encode()  # expired: its bytes go too
 
 
 def test_describe(store: JobStore, clock: Clock):
@@ -131,14 +133,15 @@ def test_describe(store: JobStore, clock: Clock):
 
 def test_result_store(tmp_path):
     results = ResultStore(tmp_path / "results")
-    (tmp_path / "results" / "x.tmp").write_bytes(b"partial")
+    (tmp_path / "results" / "x.part").write_bytes(b"partial")
     results = ResultStore(tmp_path / "results")
-    assert not (tmp_path / "results" / "x.tmp").exists()
-    results.put("abc", b"data")
-    assert results.read("abc") == b"data" and results.ids() == ["abc"]
+    assert not (tmp_path / "results" / "x.part").exists()
+    data = bytes(range(256)) * 4096  # 1 MiB: kept in a file
+    assert results.put("abc", data) is None
+    assert results.read("abc") == data and results.ids() == ["abc"]
     handle = results.open("abc")
     results.delete("abc")
-    assert handle.read() == b"data"
+    assert handle.read() == data
     handle.close()
     assert results.open("abc") is None and results.read("abc") is None
     with pytest.raises(ValueError):

@@ -1,5 +1,5 @@
-"""Kill -9 the server with jobs queued, one running and one just finished; restart on the same folder;
-nothing is lost."""
+"""Kill -9 the server with jobs queued, one running and a small and a large one just finished; restart on
+the same folder; nothing is lost."""
 
 from __future__ import annotations
 
@@ -12,19 +12,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from .conftest import TINY, Client, free_port, trace_request
 
 ROOT = Path(__file__).resolve().parents[3]
 SLOW = "t = 0\nfor i in range(4_000_000):\n    t += i\nx = t\n"
+# A 2 MiB result: one of those kept in files.
+BIG = "import torch\nx = (torch.arange(2**19, dtype=torch.float32) * 3).save()\n"
 
 
 def _start(data_dir: Path, key_file: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", TINY, "--port", str(port),
-         "--data-dir", str(data_dir), "--api-key-file", str(key_file), "--threads", "1", "--log-level", "warning",
-         "--result-write-delay", "60"],
+         "--data-dir", str(data_dir), "--api-key-file", str(key_file), "--threads", "1", "--log-level", "warning"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
@@ -66,6 +68,7 @@ def test_kill_9_loses_no_job(tmp_path, key_file):
             models = _ready(http, client.headers, first)
             worker_pid = models[0]["replicas"][0]["pid"]
             done = client.submit(trace_request("x = 'finished just before the kill'"))
+            big = client.submit(trace_request(BIG))
             slow = client.submit(trace_request(SLOW))
             quick = [client.submit(trace_request(f"x = {i} * 2")) for i in range(8)]
             deadline = time.monotonic() + 30
@@ -73,13 +76,11 @@ def test_kill_9_loses_no_job(tmp_path, key_file):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             assert all(client.status(j)["status"] == "queued" for j in quick)
-            finished = client.status(done)
-            assert finished["status"] == "completed"
-            written = data_dir / "results" / f"{done}.msgpack"
-            deadline = time.monotonic() + 10  # a small result is written at once, not after the 60 s delay
-            while not written.exists():
-                assert time.monotonic() < deadline, "a small result was not written to disk at once"
-                time.sleep(0.01)
+            assert client.status(done)["status"] == "completed" and client.status(big)["status"] == "completed"
+            # Downloaded before the kill, so served from the server's memory; the same bytes must come
+            # from disk after it.
+            before = client.http.get(f"/jobs/{big}/result", headers=client.headers)
+            assert before.status_code == 200 and len(before.content) >= 2**21
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
             assert _gone(worker_pid), "the worker outlived the killed server"
@@ -95,6 +96,9 @@ def test_kill_9_loses_no_job(tmp_path, key_file):
                 assert client.wait(job_id)["status"] == "completed"
                 assert client.result(job_id).saved["x"] == i * 2
             assert client.result(done).saved["x"] == "finished just before the kill"
+            after = client.http.get(f"/jobs/{big}/result", headers=client.headers)
+            assert after.status_code == 200 and after.content == before.content
+            assert torch.equal(client.result(big).saved["x"], torch.arange(2**19, dtype=torch.float32) * 3)
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:

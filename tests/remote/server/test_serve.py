@@ -36,11 +36,11 @@ def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys, monkeypa
 def test_config_from_flags(tmp_path):
     args = serve.build_parser().parse_args(["--models", "tiny=pkg.m:f", "--insecure-no-auth", "--data-dir",
                                             str(tmp_path), "--max-request-mb", "2", "--result-ttl", "5",
-                                            "--replicas", "2", "--threads", "1", "--result-write-delay", "7.5"])
+                                            "--replicas", "2", "--threads", "1", "--cancel-grace", "7.5"])
     config = serve.config_from_args(args)
     assert config.models[0].name == "tiny" and not config.auth and config.max_request_bytes == 2 * 2**20
     assert config.result_ttl_s == 5 and config.replicas == 2 and config.worker_threads == 1
-    assert config.result_write_delay_s == 7.5
+    assert config.cancel_grace_s == 7.5
 
 
 def test_module_entry_point():

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import mmap
-import os
 import multiprocessing
+import os
 import socket
+import subprocess
+import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from starlette.testclient import TestClient
 
+from nnsight_jupyter.remote.client import RemoteClient, RemoteConnectionError
 from nnsight_jupyter.remote.codec.arrays import ADOPT_MIN_BYTES
 from nnsight_jupyter.remote.codec.memory import BUFFER_ALIGNMENT, aligned_buffer
-from nnsight_jupyter.remote.client import RemoteClient, RemoteConnectionError
 from nnsight_jupyter.remote.protocol import (
     TraceResult,
     buffer_section_offset,
@@ -95,92 +95,79 @@ def test_a_worker_that_dies_mid_payload_breaks_the_channel():
 
 
 # ----- the result store ------------------------------------------------------------------------------
-def test_a_result_is_served_from_memory_at_once_and_reaches_disk_later(tmp_path):
-    store = ResultStore(tmp_path, delay_min_bytes=1000)
-    store.put("job1", b"abc" * 1000, later=0.3)
-    assert store.recent("job1") == b"abc" * 1000
-    assert store.read("job1") == b"abc" * 1000
-    assert not (tmp_path / "job1.msgpack").exists()
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "job1.msgpack").exists():
-        assert time.monotonic() < deadline, "the delayed write never happened"
-        time.sleep(0.05)
-    assert (tmp_path / "job1.msgpack").read_bytes() == b"abc" * 1000
-    assert not list(tmp_path.glob("*.tmp"))
-    fresh = ResultStore(tmp_path)  # as after a restart: nothing in memory, the file is there
-    assert fresh.recent("job1") is None and fresh.read("job1") == b"abc" * 1000
+def _received(store: ResultStore, data: bytes):
+    """What a job process's channel does with a result: receive it into the store's memory for it."""
+    buffer = store.receiver(len(data))
+    memoryview(buffer)[:] = data
+    return buffer
 
 
-def test_a_result_deleted_before_its_write_never_reaches_disk(tmp_path):
-    store = ResultStore(tmp_path, delay_min_bytes=0)
-    store.put("job1", b"x" * 100, later=0.2)
-    store.delete("job1")
-    assert store.recent("job1") is None and store.read("job1") is None
-    time.sleep(0.25)  # the write is due after 0.2 s; settled() then waits until the writer has handled it
-    assert store.settled() and not store._writes, "the writer never passed the deleted result's write over"
+def test_a_large_result_is_in_its_file_once_put_and_a_small_one_is_handed_back(tmp_path):
+    store = ResultStore(tmp_path, file_min_bytes=1000)
+    large = os.urandom(5000)
+    buffer = _received(store, large)
+    assert isinstance(buffer, mmap.mmap) and [p.suffix for p in tmp_path.iterdir()] == [".part"]
+    assert store.put("job1", buffer) is None  # the file holds it
+    assert (tmp_path / "job1.msgpack").read_bytes() == large and not list(tmp_path.glob("*.part"))
+    assert store.recent("job1") is buffer  # served from its mapping, no copy
+    small = os.urandom(999)
+    assert store.put("job2", _received(store, small)) == small  # for the job table
+    assert not (tmp_path / "job2.msgpack").exists() and store.recent("job2") == small
+    made = os.urandom(3000)  # a large result the server made itself, not received
+    assert store.put("job3", made) is None and (tmp_path / "job3.msgpack").read_bytes() == made
+    fresh = ResultStore(tmp_path, file_min_bytes=1000)  # as after a restart: nothing in memory
+    assert fresh.recent("job1") is None and fresh.read("job1") == large and fresh.read("job2") is None
+
+
+def test_a_received_file_survives_its_process_being_killed(tmp_path):
+    """The bytes written into the shared mapping are the file's, with no write or flush after them."""
+    code = (
+        "import os, signal, sys\n"
+        "from nnsight_jupyter.remote.server.store import ResultStore\n"
+        "store = ResultStore(sys.argv[1], file_min_bytes=1000)\n"
+        "buffer = store.receiver(3 << 20)\n"
+        "memoryview(buffer)[:] = bytes(range(256)) * (3 << 12)\n"
+        "store.put('job1', buffer)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=120, capture_output=True)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert (tmp_path / "job1.msgpack").read_bytes() == bytes(range(256)) * (3 << 12)
+
+
+def test_a_discarded_or_broken_receipt_leaves_no_file(tmp_path):
+    store = ResultStore(tmp_path, file_min_bytes=1000)
+    store.discard(_received(store, b"x" * 2000))
     assert not list(tmp_path.iterdir())
-
-
-def test_small_results_are_written_at_once_even_behind_a_delayed_large_one(tmp_path):
-    store = ResultStore(tmp_path, delay_min_bytes=1000)
-    store.put("large", b"L" * 1000, later=60)
-    store.put("small", b"s" * 999, later=60)
-    deadline = time.monotonic() + 5
-    while not (tmp_path / "small.msgpack").exists():
-        assert time.monotonic() < deadline, "the small result waited behind the large one"
-        time.sleep(0.01)
-    assert (tmp_path / "small.msgpack").read_bytes() == b"s" * 999
-    assert not (tmp_path / "large.msgpack").exists() and store.read("large") == b"L" * 1000
-    store.flush()
-    assert (tmp_path / "large.msgpack").read_bytes() == b"L" * 1000
-
-
-def _cpu_seconds(thread) -> float:
-    """CPU time a thread of this process has used, from /proc (user + system)."""
-    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def test_the_writer_waits_for_delayed_results_without_spinning(tmp_path):
-    store = ResultStore(tmp_path, delay_min_bytes=0)
-    store.put("first", b"1" * 10, later=60)
-    store.put("second", b"2" * 10, later=60)
-    time.sleep(0.1)
-    before = _cpu_seconds(store._writer_thread)
-    time.sleep(0.6)
-    assert _cpu_seconds(store._writer_thread) - before < 0.1, "the writer thread spun while it waited"
+    sender, receiver = _pair()
+    receiver.receiver = store.receiver
+    sender.send({"ev": "done", "payload": 5000, "payload_field": "result"})
+    sender.connection.send_bytes(b"x" * 10)
+    sender.close()
+    with pytest.raises(BrokenChannel, match="middle of a payload"):
+        receiver.recv()
     assert not list(tmp_path.iterdir())
-    store.put("third", b"3" * 10, later=0)
-    deadline = time.monotonic() + 5
-    while not (tmp_path / "third.msgpack").exists():
-        assert time.monotonic() < deadline, "a write due now waited behind later ones"
-        time.sleep(0.01)
-    assert {p.name for p in tmp_path.iterdir()} == {"third.msgpack"}
+    (tmp_path / "left-by-a-crash.part").write_bytes(b"partial")
+    ResultStore(tmp_path)
+    assert not list(tmp_path.iterdir()), "a start did not remove a crashed server's partial result"
 
 
-def test_flush_writes_what_is_waiting(tmp_path):
-    store = ResultStore(tmp_path, delay_min_bytes=0)
-    store.put("a", b"1" * 10, later=60)
-    store.put("b", b"2" * 10, later=60)
-    store.flush()
-    assert ResultStore(tmp_path).read("a") == b"1" * 10 and ResultStore(tmp_path).read("b") == b"2" * 10
-
-
-def test_flush_racing_the_background_writer_leaves_whole_files(tmp_path):
-    store = ResultStore(tmp_path)
-    blobs = {f"job{i}": bytes([i]) * 200_000 for i in range(20)}
-    for job_id, data in blobs.items():
-        store.put(job_id, data, later=0)
-    store.flush()
-    assert store.settled(), "the background writer did not finish"
-    assert {p.name for p in tmp_path.iterdir()} == {f"{job_id}.msgpack" for job_id in blobs}
-    assert all((tmp_path / f"{job_id}.msgpack").read_bytes() == data for job_id, data in blobs.items())
+def test_a_payload_arrives_in_the_channels_receiver(tmp_path):
+    store = ResultStore(tmp_path, file_min_bytes=1000)
+    sender, receiver = _pair()
+    receiver.receiver = store.receiver
+    data = os.urandom(300_000)
+    thread = threading.Thread(target=sender.send, args=({"ev": "done"},), kwargs={"payload": ("result", [data])})
+    thread.start()
+    message = receiver.recv()
+    thread.join()
+    assert bytes(message["result"]) == data and [p.suffix for p in tmp_path.iterdir()] == [".part"]
 
 
 def test_memory_holds_only_the_latest_results_and_the_rest_come_from_disk(tmp_path):
-    store = ResultStore(tmp_path, memory_bytes=250)
+    store = ResultStore(tmp_path, memory_bytes=250, file_min_bytes=100)  # 100-byte results go to files
     for i in range(4):
-        store.put(f"job{i}", bytes([i]) * 100)  # written at once
+        store.put(f"job{i}", bytes([i]) * 100)
     assert store.recent("job0") is None and store.recent("job1") is None
     assert store.recent("job2") == bytes([2]) * 100 and store.recent("job3") == bytes([3]) * 100
     assert [store.read(f"job{i}") for i in range(4)] == [bytes([i]) * 100 for i in range(4)]
