@@ -232,23 +232,48 @@ MODEL_CHANGES = {
     "a non-persistent buffer written through .data": ("model.model.rotary_emb.inv_freq.data.mul_(2)",
                                                       "buffer model.rotary_emb.inv_freq"),
     "a module attribute": ("model.model.layers[0].self_attn.scaling = 0.5", "module"),
+    "a module's layer index": ("model.model.layers[1].self_attn.layer_idx = 0", "module"),
+    "the training flag": ("model.model.layers[0].mlp.train()", "train and eval mode"),
+    "a forward hook": ("model.model.layers[0].mlp.register_forward_hook(print)", "hooks"),
+    "a configuration field": ("model.config.rms_norm_eps = 0.5", "config"),
     "a token added to the tokenizer": ("n = model.tokenizer.add_tokens(['zqxjv'])", "tokenizer"),
     "the tokenizer's padding": ("model.tokenizer.backend_tokenizer.enable_padding(length=64)", "tokenizer"),
+    "the tokenizer's padding side": ("model.tokenizer.padding_side = 'right'", "tokenizer"),
 }
+LOGITS_PROBE = request("logits = model.lm_head.output[0].save()", "The zqxjv capital of France is")
+
+
+@pytest.fixture(scope="module")
+def fresh_probe() -> torch.Tensor:
+    """The probe's logits from a freshly loaded local model, with the workers' thread count."""
+    from nnsight_jupyter.models.language import LanguageModel
+    from nnsight_jupyter.remote.execute import run_request
+
+    from .conftest import threads_like_workers
+
+    with threads_like_workers():
+        result = run_request(LanguageModel("smollm2"), LOGITS_PROBE)
+    assert result.error is None, result.error
+    return result.saved["logits"]
 
 
 @pytest.mark.parametrize("change", MODEL_CHANGES, ids=list(MODEL_CHANGES))
-def test_a_job_that_changes_the_model_leaves_the_next_job_unchanged(smollm2_server: Server, change: str) -> None:
+def test_a_job_that_changes_the_model_leaves_the_next_job_unchanged(
+    smollm2_server: Server, fresh_probe: torch.Tensor, change: str
+) -> None:
     source, words = MODEL_CHANGES[change]
-    probe = request("logits = model.lm_head.output[0].save()", "The zqxjv capital of France is")
-    before = smollm2_server.alice.run(probe)
+    before = smollm2_server.alice.run(LOGITS_PROBE)
     assert before.error is None, before.error
+    assert torch.equal(before.saved["logits"], fresh_probe)
     changed = smollm2_server.alice.run(request("h = model.model.layers[0].output\n" + source))
     assert changed.error is not None and changed.error.type_name == "ModelModifiedError", changed.error
     assert words in changed.error.message, changed.error.message
-    after = smollm2_server.alice.run(probe)
-    assert after.error is None, after.error
-    assert torch.equal(after.saved["logits"], before.saved["logits"])
+    # The next job of the user who made the change, and another user's, compute what a model
+    # loaded afresh computes.
+    for user in (smollm2_server.alice, smollm2_server.bob):
+        after = user.run(LOGITS_PROBE)
+        assert after.error is None, after.error
+        assert torch.equal(after.saved["logits"], fresh_probe)
 
 
 def test_no_server_paths_host_names_or_environment_values_reach_users(smollm2_server: Server) -> None:
