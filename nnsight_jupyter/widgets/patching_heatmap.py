@@ -39,14 +39,22 @@ def _computed_bytes(result: Any) -> memoryview:
 
 
 def axis_labels(result: Any, dim: str) -> list[str]:
-    """Text of one axis as the view shows it: `"3 ' Paris'"` for a position whose two tokens agree."""
+    """Text of one axis as the view shows it: `"3 ' Paris'"` for a position whose two tokens agree,
+    `"3 ' Paris' / ' Rome'"` where they differ, whitespace tokens drawn as symbols (`static.token_text`)."""
     if dim != "position":
         return [f"{dim} {i}" for i in result.coords[dim]]
     out = []
-    for p in result.coords["position"]:
-        a, b = result.clean_tokens[p], result.corrupted_tokens[p]
+    for p, a, b in position_tokens(result):
+        a, b = static.token_text(a), static.token_text(b)
         out.append(f"{p} {a}" if a == b else f"{p} {a} / {b}")
     return out
+
+
+def position_tokens(result: Any) -> list[tuple[int, str, str]]:
+    """`(position, clean token, corrupted token)` for each position of the sweep, tokens exactly."""
+    if "position" not in result.dims:
+        return []
+    return [(int(p), result.clean_tokens[p], result.corrupted_tokens[p]) for p in result.coords["position"]]
 
 
 class PatchingHeatmap(View):
@@ -56,6 +64,7 @@ class PatchingHeatmap(View):
     dims = traitlets.List(traitlets.Unicode()).tag(sync=True)
     shape = traitlets.List(traitlets.Int()).tag(sync=True)
     labels = traitlets.Dict().tag(sync=True)
+    position_tokens = traitlets.List().tag(sync=True)
     site = traitlets.Unicode("").tag(sync=True)
     metric = traitlets.Unicode("").tag(sync=True)
     clean_baseline = traitlets.Float(0.0).tag(sync=True)
@@ -85,6 +94,7 @@ class PatchingHeatmap(View):
             "dims": list(r.dims),
             "shape": list(r.values.shape),
             "labels": {d: axis_labels(r, d) for d in r.dims},
+            "position_tokens": [list(t) for t in position_tokens(r)],
             "site": r.site,
             "metric": r.metric,
             "clean_baseline": float(r.clean_baseline),

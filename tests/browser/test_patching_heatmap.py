@@ -14,6 +14,9 @@ from .conftest import GPT2_SETUP, NotebookPage, build_gpt2, screenshot
 from .views import cell_centre, hover, pixel
 
 CLEAN, CORRUPTED = "The Eiffel Tower is in", "The Colosseum is in"
+# Ten tokens each, with a tab, a lone space and a newline among them.
+SPACED_CLEAN, SPACED_CORRUPTED = "The Colosseum\t  is\nin", "Eiffel\tTower  is\nin"
+SYMBOLS = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
 N_CELLS = 2 * 7  # two layers x seven tokens
 
 CELLS = [
@@ -26,6 +29,10 @@ show(sweep)
 from nnsight_jupyter.widgets import live_sweep
 slow = lambda result, cells: time.sleep(0.4)
 live = live_sweep(gpt, {CLEAN!r}, {CORRUPTED!r}, token_prob(" Paris"), batch_size=2, progress=False, on_update=slow)
+''',
+    f'''
+spaced = patching_sweep(gpt, {SPACED_CLEAN!r}, {SPACED_CORRUPTED!r}, token_prob(" Paris"), progress=False)
+show(spaced)
 ''',
 ]
 
@@ -101,7 +108,8 @@ def test_cells_labels_and_colours_match_plain_forwards(notebook, reference):
     heatmap = view.locator(".nnsj-heatmap")
     notebook.page.wait_for_function("(root) => root.dataset.drawn", arg=view.element_handle())
     labels = view.locator(".nnsj-hm-cols .nnsj-hm-label").evaluate_all("(ls) => ls.map((l) => l.title)")
-    expected = [f"{p} {a}" if a == b else f"{p} {a} / {b}"
+    # A title quotes each token exactly, as JSON does.
+    expected = [f"{p} {json.dumps(a)}" if a == b else f"{p} {json.dumps(a)} / {json.dumps(b)}"
                 for p, (a, b) in enumerate(zip(reference["clean_tokens"], reference["corrupted_tokens"]))]
     assert labels == expected
     rows = view.locator(".nnsj-hm-rows .nnsj-hm-label").evaluate_all("(ls) => ls.map((l) => l.title)")
@@ -204,3 +212,31 @@ def test_dark_theme(notebook, reference):
         screenshot(view, "patching_heatmap_dark")
     finally:
         notebook.set_theme(dark=False)
+
+
+def test_whitespace_tokens_are_drawn_as_symbols_and_quoted_exactly(notebook):
+    _, tokenizer = build_gpt2()
+    clean = [tokenizer.decode([i]) for i in tokenizer(SPACED_CLEAN).input_ids]
+    corrupted = [tokenizer.decode([i]) for i in tokenizer(SPACED_CORRUPTED).input_ids]
+    assert {" ", "\n", "\t"} <= set(clean), clean  # the prompt really holds such tokens
+
+    def drawn(token):
+        return "".join(SYMBOLS[c] for c in token) if token.isspace() else token
+
+    view = view_in(notebook, 3)
+    notebook.page.wait_for_function("(root) => root.dataset.drawn", arg=view.element_handle())
+    labels = view.locator(".nnsj-hm-cols .nnsj-hm-label")
+    texts = labels.evaluate_all("(ls) => ls.map((l) => l.textContent)")
+    titles = labels.evaluate_all("(ls) => ls.map((l) => l.title)")
+    pairs = list(enumerate(zip(clean, corrupted)))
+    assert texts == [f"{p} {drawn(a)}" if a == b else f"{p} {drawn(a)} / {drawn(b)}" for p, (a, b) in pairs]
+    assert titles == [f"{p} {json.dumps(a)}" if a == b else f"{p} {json.dumps(a)} / {json.dumps(b)}"
+                      for p, (a, b) in pairs]
+    heatmap = view.locator(".nnsj-heatmap")
+    for token in (" ", "\n"):
+        position = clean.index(token)
+        assert corrupted[position] == token
+        text = hover(notebook.page, heatmap, 1, position)
+        assert f"layer 1, position {position} {json.dumps(token)}" in text, text
+    notebook.page.mouse.move(0, 0)
+    screenshot(view, "patching_heatmap_whitespace")

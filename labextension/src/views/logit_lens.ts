@@ -14,7 +14,7 @@ import { asDataView, Numbers, typed } from "./core/binary";
 import { Scale } from "./core/colour";
 import { h } from "./core/dom";
 import { barColours, exportButtons, GridPicture } from "./core/export";
-import { formatInt, formatNumber, tokenText } from "./core/format";
+import { formatInt, formatNumber, tokenExact, tokenText } from "./core/format";
 import { colourbar } from "./core/histogram";
 import { isDark, onThemeChange } from "./core/theme";
 import { ensureAnalysisStyles } from "./patching_heatmap";
@@ -124,7 +124,7 @@ export function renderLogitLens(el: HTMLElement, source: DataSource): () => void
     pair.replaceChildren(...data.map((d, index) => {
       const n = d.panel.tokens.length;
       const head = h("tr", {}, h("th", { text: "layer" }),
-        ...d.panel.tokens.map((t, p) => h("th", { "data-pos": p, title: `${p}: ${t}` }, h("span", { text: `${p} ${show(t)}` }))));
+        ...d.panel.tokens.map((t, p) => h("th", { "data-pos": p, title: `${p} ${tokenExact(t)}` }, h("span", { text: `${p} ${show(t)}` }))));
       const body = d.panel.layers.map((layer, l) => h("tr", {}, h("th", { text: String(layer) }),
         ...Array.from({ length: n }, (_, p) => {
           const { t, text } = cell(d, l, p);

@@ -4,7 +4,8 @@
  * baseline's colour is "fully restored".
  *
  * State (from `nnsight_jupyter/widgets/patching_heatmap.py`): `dims`, `shape`, `labels`
- * ({dim: text per index}), `site`, `metric`, both baselines and their top tokens, `values`
+ * ({dim: text per index}), `position_tokens` ([position, clean token, corrupted token] per
+ * position, exactly: labels draw whitespace tokens as symbols, titles and hover quote them), `site`, `metric`, both baselines and their top tokens, `values`
  * (float32 per cell, row-major) and `computed` (a byte per cell), `done`, `running`,
  * `interrupted`. A running sweep replaces `values` / `computed` as chunks finish. Clicking a cell
  * asks `{kind: "top", index}` for that patched run's top tokens.
@@ -17,7 +18,7 @@ import { asDataView, Numbers, typed } from "./core/binary";
 import { Scale } from "./core/colour";
 import { h } from "./core/dom";
 import { barColours, exportButtons, GridPicture } from "./core/export";
-import { formatExact, formatNumber, tokenText } from "./core/format";
+import { formatExact, formatNumber, tokenExact, tokenText } from "./core/format";
 import { Heatmap } from "./core/heatmap";
 import { isDark, onThemeChange } from "./core/theme";
 import css from "./analysis.css";
@@ -53,6 +54,7 @@ export function renderPatchingHeatmap(el: HTMLElement, source: DataSource): () =
   const dims = source.get<string[]>("dims");
   const shape = source.get<number[]>("shape");
   const labels = source.get<Record<string, string[]>>("labels");
+  const positionTokens = source.get<[number, string, string][] | undefined>("position_tokens") ?? [];
   const site = source.get<string>("site");
   const clean = source.get<number>("clean_baseline");
   const corrupted = source.get<number>("corrupted_baseline");
@@ -103,11 +105,22 @@ export function renderPatchingHeatmap(el: HTMLElement, source: DataSource): () =
   };
   let scale = makeScale();
 
-  const label = (dim: string | undefined, i: number) => (dim ? labels[dim]?.[i] ?? String(i) : "all positions");
-  const axisText = (dim: string | undefined) => (i: number) => dim === "position" ? tokenText(label(dim, i)) : label(dim, i);
+  /** A position's tokens, each through `show` (symbols for the label, quoted for titles), once if they agree. */
+  const position = (i: number, show: (token: string) => string): string | undefined => {
+    const entry = positionTokens[i];
+    if (!entry) return undefined;
+    const [p, a, b] = entry;
+    return a === b ? `${p} ${show(a)}` : `${p} ${show(a)} / ${show(b)}`;
+  };
+  const label = (dim: string | undefined, i: number): string => {
+    if (!dim) return "all positions";
+    return (dim === "position" ? position(i, tokenText) : undefined) ?? labels[dim]?.[i] ?? String(i);
+  };
+  const title = (dim: string | undefined, i: number): string =>
+    (dim === "position" ? position(i, tokenExact) : undefined) ?? label(dim, i);
   const where = (r: number, c: number) => {
-    const parts = [label(dims[0], r)];
-    if (dims[1]) parts.push(dims[1] === "position" ? `position ${tokenText(label(dims[1], c))}` : label(dims[1], c));
+    const parts = [title(dims[0], r)];
+    if (dims[1]) parts.push(dims[1] === "position" ? `position ${title(dims[1], c)}` : label(dims[1], c));
     if (dims[2]) parts.push(label(dims[2], slab));
     return parts.join(", ");
   };
@@ -131,7 +144,8 @@ export function renderPatchingHeatmap(el: HTMLElement, source: DataSource): () =
     rows, cols, tile: [1, 1],
     fetch: () => new Promise<Numbers[]>(() => undefined),  // a cell still to come arrives with the next state
     scale: () => scale,
-    rowLabel: axisText(dims[0]), colLabel: axisText(dims[1]), describe,
+    rowLabel: (i) => label(dims[0], i), colLabel: (i) => label(dims[1], i),
+    rowTitle: (i) => title(dims[0], i), colTitle: (i) => title(dims[1], i), describe,
     onDrawn: () => {
       root.dataset.drawn = String(Number(root.dataset.drawn ?? 0) + 1);
     },
