@@ -1,4 +1,5 @@
-"""LogitLensView and AttentionView in a real JupyterLab, against plain forwards with hooks (one notebook, one kernel)."""
+"""LogitLensView and AttentionView in a real JupyterLab, against plain forwards with hooks (one notebook,
+one kernel)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .conftest import GPT2_SETUP, build_gpt2, screenshot
 from .views import cell_centre, hover, pixel
 
 PROMPT, OTHER = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"
+SPACED = "Eiffel\tTower  is\nin"  # a tab, a lone space and a newline among its tokens
 
 CELLS = [
     GPT2_SETUP + "\nfrom nnsight_jupyter.analysis import attention_patterns, logit_lens",
@@ -40,6 +42,9 @@ show(logit_lens(smol, "The Eiffel Tower is in the city of", target=" Paris", lay
     '''
 show(attention_patterns(smol, "When Mary and John went to the store, John gave a drink to", layers=[16]), head=0)
 ''',
+    f'''
+show(logit_lens(gpt, {SPACED!r}))
+''',
 ]
 
 
@@ -52,8 +57,11 @@ def reference():
     for prompt in (PROMPT, OTHER):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         seen = []
-        handles = [b.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
-                   for b in model.transformer.h]
+
+        def keep(module, args, output, seen=seen):
+            seen.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [b.register_forward_hook(keep) for b in model.transformer.h]
         with torch.no_grad():
             model(ids)
             for handle in handles:
@@ -78,8 +86,17 @@ def notebook(open_notebook):
     return open_notebook("lens_attention.ipynb", CELLS)
 
 
+SYMBOLS = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
+
+
 def shown(text: str) -> str:
-    return text.replace("\n", "↵").replace("\t", "→")
+    """A token as the lens writes it: whitespace alone as symbols, line breaks and tabs inside others
+    as symbols, then escaped as inside a JSON string."""
+    if text and text.isspace():
+        text = "".join(SYMBOLS.get(c, "\u00b7") for c in text)
+    else:
+        text = "".join(SYMBOLS[c] if c in "\n\t\r" else c for c in text)
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 def test_logit_lens_cells_hover_and_target_modes(notebook, reference):
@@ -95,7 +112,7 @@ def test_logit_lens_cells_hover_and_target_modes(notebook, reference):
         ref = reference[prompt]
         table = tables.nth(index)
         heads = table.locator("thead th[data-pos]").evaluate_all("(ths) => ths.map((t) => t.title)")
-        assert heads == [f"{p}: {t}" for p, t in enumerate(ref["tokens"])]
+        assert heads == [f"{p} {json.dumps(t)}" for p, t in enumerate(ref["tokens"])]
         select.select_option("target_prob")
         for layer in range(2):
             cells = table.locator(f'td[data-layer="{layer}"]')
@@ -120,7 +137,8 @@ def test_logit_lens_cells_hover_and_target_modes(notebook, reference):
                 token, prob = re.match(r'\s*\d+\. "(.*)"  (\S+)$', lines[1 + k]).groups()
                 assert token == shown(ref["top"][layer][position][k])
                 assert float(prob) == pytest.approx(float(ref["probs"][layer, position, k]), rel=1e-3)
-            assert f'" Paris": probability' in lines[6] and lines[6].endswith(f"rank {int(ref['rank'][layer, position]):,}")
+            assert '" Paris": probability' in lines[6]
+            assert lines[6].endswith(f"rank {int(ref['rank'][layer, position]):,}")
     page.mouse.move(0, 0)
     select.select_option("target_prob")
     screenshot(view, "logit_lens_gpt2")
@@ -172,7 +190,8 @@ def test_attention_thumbnails_scores_hover_and_lock(notebook, reference):
     page.wait_for_function("(root) => root.dataset.layer === '1'", arg=view.element_handle())
     text = hover(page, heatmap, 6, 3)
     assert float(re.search(r"attention (\S+)", text).group(1)) == pytest.approx(float(attn[1, 3, 6, 3]), abs=1e-6)
-    assert float(thumbs.nth(0).get_attribute("data-prev")) == pytest.approx(float(attn[1, 0, q, q - 1].mean()), abs=1e-6)
+    previous = float(attn[1, 0, q, q - 1].mean())
+    assert float(thumbs.nth(0).get_attribute("data-prev")) == pytest.approx(previous, abs=1e-6)
     page.mouse.move(0, 0)
     screenshot(view, "attention_gpt2")
 
@@ -185,7 +204,8 @@ def test_readme_pictures_on_smollm2(notebook):
     page.wait_for_function("(root) => root.dataset.drawn && root.dataset.done === '60'", arg=sweep.element_handle())
     hover(page, sweep.locator(".nnsj-heatmap"), 8, 5)
     page.mouse.click(*cell_centre(sweep.locator(".nnsj-heatmap"), 8, 5))
-    page.wait_for_function("(el) => el.dataset.index === '[8,5]'", arg=sweep.locator('[data-role="chosen"]').element_handle())
+    page.wait_for_function("(el) => el.dataset.index === '[8,5]'",
+                           arg=sweep.locator('[data-role="chosen"]').element_handle())
     assert sweep.locator('[data-role="patched"] li').first.get_attribute("data-token") == " Paris"
     page.mouse.move(0, 0)
     screenshot(sweep, "patching_heatmap", readme=True)
@@ -250,3 +270,26 @@ def test_dark_theme(notebook, reference):
         screenshot(attention, "attention_dark")
     finally:
         notebook.set_theme(dark=False)
+
+
+def test_logit_lens_draws_whitespace_tokens_as_symbols_and_titles_them_exactly(notebook):
+    _, tokenizer = build_gpt2()
+    tokens = [tokenizer.decode([i]) for i in tokenizer(SPACED).input_ids]
+    assert {" ", "\n", "\t"} <= set(tokens), tokens
+    page = notebook.page
+    view = notebook.output(6).locator('.nnsj-view[data-view="logit_lens"]')
+    view.wait_for()
+    heads = view.locator("table.nnsj-lens-grid thead th[data-pos]")
+    assert heads.evaluate_all("(ths) => ths.map((t) => t.textContent)") == [
+        f"{p} {shown(t)}" for p, t in enumerate(tokens)]
+    assert heads.evaluate_all("(ths) => ths.map((t) => t.title)") == [
+        f"{p} {json.dumps(t)}" for p, t in enumerate(tokens)]
+    assert {"\u2423", "\u21b5", "\u21e5"} <= {shown(t) for t in tokens}
+    position = tokens.index("\n")
+    view.locator(f'td[data-layer="0"][data-pos="{position}"]').hover()
+    tip = view.locator(".nnsj-lens-tip")
+    page.wait_for_function("([tip, p]) => tip.dataset.pos === String(p) && tip.style.display === 'block'",
+                           arg=[tip.element_handle(), position])
+    assert tip.inner_text().split("\n")[0] == f'layer 0 · position {position} "\u21b5"'
+    page.mouse.move(0, 0)
+    screenshot(view, "logit_lens_whitespace")
