@@ -211,6 +211,7 @@ class Mediator:
         "started",
         "step",
         "cursor",
+        "call_base",
         "last",
         "greenlet",
         "initial",
@@ -239,6 +240,7 @@ class Mediator:
         self.started = False
         self.step = 0
         self.cursor: dict[str, int] = _EMPTY  # `.next()` replaces it
+        self.call_base = 0  # `tracer.iter[i]` in a single-pass trace: each module's call i
         self.last: Any = None
         self.greenlet: _Worker | None = None
         if isinstance(ns, Scope):
@@ -262,7 +264,7 @@ class Mediator:
         self.interleaver.main.switch(Request("set", key, value))
 
     def location(self, path: str, kind: str) -> tuple:
-        return (path, kind, self.step, self.cursor.get(path, 0))
+        return (path, kind, self.step, self.call_base + self.cursor.get(path, 0))
 
 
 class Interleaver:
@@ -662,7 +664,8 @@ class Interleaver:
         if ran:
             return ModuleNotReachedError(
                 f"{where} ran {ran} time(s) in this forward pass, but call {call} was requested. "
-                f"Calls are counted from 0; use .call(i) or .next() with i < {ran}."
+                f"Calls are counted from 0; choose i < {ran} in .call(i), .next() or, in model.trace(...), "
+                "tracer.iter[i] (which counts each module's calls there, and generation steps in model.generate)."
             )
         seen = list(self.n_in)
         shown = ", ".join(self.describe_path(p) for p in seen[:6])

@@ -432,7 +432,7 @@ class OperationEnvoy:
                 f"started (e.g. `op = {display_path(path)}` at the top of the trace body, then `op.{kind}` "
                 "where you need it), or read it in a separate trace."
             )
-        return (path, kind, step, m.cursor.get(path, 0) if index is None else index)
+        return (path, kind, step, m.call_base + m.cursor.get(path, 0) if index is None else index)
 
     @property
     def output(self) -> Any:

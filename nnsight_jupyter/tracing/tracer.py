@@ -345,6 +345,27 @@ class Tracer:
         return self._step_loop(m, steps)
 
     def _step_loop(self, m: Any, steps: Any) -> Iterator[int]:
+        if not self._generate:
+            return self._call_loop(m, steps)
+        return self._pass_loop(m, steps)
+
+    def _call_loop(self, m: Any, steps: Any) -> Iterator[int]:
+        """`tracer.iter[i]` in a trace (one forward pass): the body reads each module's call i, as
+        nnsight counts a module's calls; a module that runs once per pass has only call 0."""
+        last = -1
+        try:
+            for step in steps:
+                if step <= last:
+                    raise TraceError(f"Step {step} has already run; choose steps in increasing order.")
+                last = step
+                m.call_base = step
+                m.cursor = {}
+                yield step
+        finally:
+            m.call_base = 0
+            m.cursor = {}
+
+    def _pass_loop(self, m: Any, steps: Any) -> Iterator[int]:
         for step in steps:
             if step < m.step or (step == m.step and m.interleaver.pass_idx > step):
                 raise TraceError(f"Step {step} has already run; choose steps in increasing order.")

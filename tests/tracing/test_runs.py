@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+import nnsight_jupyter
 from nnsight_jupyter import NNsight
 from nnsight_jupyter.errors import ModuleNotReachedError
 from nnsight_jupyter.tracing.scan import TensorInfo
@@ -47,6 +48,60 @@ def test_asking_for_a_call_that_does_not_happen(looped):
     with pytest.raises(ModuleNotReachedError, match=r"model\.block ran 3 time\(s\).*call 5 was requested"):
         with model.trace(torch.randn(1, 6)):
             model.block.call(5).output.save()
+
+
+def test_iter_in_a_trace_reads_each_call_of_a_looped_module(looped):
+    """In a single-pass trace nnsight counts a module's calls: `tracer.iter[i]` reads call i."""
+    model = NNsight(looped)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    ref_out, ref_in, _ = reference_run(looped, x, ["block"])
+    with torch.no_grad(), model.trace(x) as tracer:
+        kept = nnsight_jupyter.save([])
+        for step in tracer.iter[0:3]:
+            if step == 1:
+                second_input = model.block.input.save()
+            kept.append(model.block.output)
+    assert len(kept) == 3
+    for got, expected in zip(kept, ref_out["block"], strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(second_input, first_tensor(ref_in["block"][1]))
+
+
+def test_iter_in_a_trace_patches_the_chosen_call(looped):
+    model = NNsight(looped)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def edit(out):
+        calls.append(1)
+        return out * 0 if len(calls) == 2 else out
+
+    _, _, expected = reference_run(looped, x, [], edit={"block": edit})
+    with torch.no_grad(), model.trace(x) as tracer:
+        for _ in tracer.iter[1]:
+            model.block.output = model.block.output * 0
+        out = model.output.save()
+    assert torch.equal(out, expected)
+    with torch.no_grad(), model.trace(x) as tracer:
+        with tracer.iter[1]:  # nnsight's block spelling
+            model.block.output = model.block.output * 0
+        out = model.output.save()
+    assert torch.equal(out, expected)
+
+
+def test_iter_past_a_modules_last_call_says_how_many_there_were(looped):
+    model = NNsight(looped)
+    x = torch.randn(1, 6)
+    with torch.no_grad():
+        plain = looped(x)
+    message = r"model\.block ran 3 time\(s\).*call 3 was requested.*tracer\.iter"
+    with pytest.raises(ModuleNotReachedError, match=message):
+        with model.trace(x) as tracer:
+            for _ in tracer.iter[3]:
+                model.block.output.save()
+    with torch.no_grad():
+        assert torch.equal(looped(x), plain)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in looped.modules())
 
 
 def test_stop_ends_the_forward_after_the_module(arch):
