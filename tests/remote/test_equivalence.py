@@ -139,6 +139,28 @@ def test_skip(model):
     assert_identical(local, remote)
 
 
+def test_iter_over_the_calls_of_a_looped_module():
+    from tests.tracing.conftest import LoopedBlock
+
+    torch.manual_seed(0)
+    looped = NNsight(LoopedBlock().eval(), remote_id="looped")
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
+
+    def run(remote):
+        with torch.no_grad(), looped.trace(x, remote=remote) as tracer:
+            calls = nnsight_jupyter.save([])
+            for step in tracer.iter[0:3]:
+                if step == 1:
+                    looped.block.output = looped.block.output * 0
+                calls.append(looped.block.output)
+            out = looped.output.save()
+        return {"calls": calls, "out": out}
+
+    local, remote = _both(run)
+    assert len(local["calls"]) == 3 and not local["calls"][1].any()
+    assert_identical(local, remote)
+
+
 def test_barrier(model):
     def run(remote):
         with model.trace(remote=remote) as tracer:
