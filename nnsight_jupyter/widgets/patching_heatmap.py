@@ -64,7 +64,7 @@ class PatchingHeatmap(View):
     dims = traitlets.List(traitlets.Unicode()).tag(sync=True)
     shape = traitlets.List(traitlets.Int()).tag(sync=True)
     labels = traitlets.Dict().tag(sync=True)
-    position_tokens = traitlets.List().tag(sync=True)
+    position_tokens = traitlets.List(traitlets.List()).tag(sync=True)
     site = traitlets.Unicode("").tag(sync=True)
     metric = traitlets.Unicode("").tag(sync=True)
     clean_baseline = traitlets.Float(0.0).tag(sync=True)
