@@ -82,8 +82,8 @@ def tree_rows(view) -> dict[str, dict[str, str]]:
     }""")
 
 
-def check_tree(page, model) -> None:
-    view = page.locator(f"{SIDEBAR} .nnsj-sb-tree[data-model='gpt'] .nnsj-view[data-view='module_tree']")
+def check_tree(page, model, name: str = "gpt") -> None:
+    view = page.locator(f"{SIDEBAR} .nnsj-sb-tree[data-model='{name}'] .nnsj-view[data-view='module_tree']")
     view.wait_for(timeout=30_000)
     assert view.is_visible()
     # "**" matches every path, so the search shows every module, runs of layers unfolded.
@@ -100,9 +100,11 @@ def check_tree(page, model) -> None:
             assert row["label"] == path.rsplit(".", 1)[-1], path
         assert row["folded"] == "", path
     view.locator(".nnsj-search").fill("")
-    # Without the search the two identical blocks fold into one row, as the view does for layers.
+    if len(model.transformer.h) < 2:
+        return
+    # Without the search the identical blocks fold into one row, as the view does for layers.
     folded = view.locator(".nnsj-vlist-row[data-path='transformer.h']")
-    assert folded.locator(".nnsj-class").inner_text() == "2 × GPT2Block"
+    assert folded.locator(".nnsj-class").inner_text() == f"{len(model.transformer.h)} × GPT2Block"
     assert folded.locator('[data-field="params"]').get_attribute("title") == \
         f"{sum(p.numel() for p in model.transformer.h.parameters()):,}"
 
@@ -380,3 +382,26 @@ def test_insert_a_trace_cell_with_the_sidebar_closed(lab, notebook):
     kernel_id = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.id")
     with urllib.request.urlopen(f"{lab.url}/api/kernels/{kernel_id}", timeout=10) as response:  # noqa: S310
         assert json.loads(response.read())["connections"] == 1  # the notebook's own, no second one
+
+
+def test_with_two_models_the_tree_command_asks_which_and_draws_that_one(notebook):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    page = notebook.page
+    made = kernel_output(page, "small = LanguageModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, "
+                               "n_positions=32)).eval(), tokenizer=tokenizer)\nprint('made')")
+    assert made.strip() == "made", made
+    small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=32))
+    hide_sidebar(page)
+    page.locator(".jp-NotebookPanel-toolbar [data-jp-item-name='nnsight-show-tree']").click()
+    dialog = page.locator(".jp-Dialog")
+    dialog.wait_for(timeout=30_000)
+    assert "Module tree of" in dialog.inner_text()
+    options = dialog.locator("select option").evaluate_all("(os) => os.map((o) => o.value)")
+    assert sorted(options) == ["gpt", "small"], options
+    dialog.locator(".jp-Dialog-body select").select_option("small")
+    dialog.locator(".jp-mod-accept").click()
+    dialog.wait_for(state="detached")
+    check_tree(page, small, "small")
+    assert not page.locator(f"{SIDEBAR} .nnsj-sb-tree[data-model='gpt']").is_visible()
+    screenshot(page.locator(SIDEBAR), "sidebar_tree_of_the_chosen_model")
