@@ -44,6 +44,7 @@ import torch
 
 from ..errors import InvokeError, ModulePathError, TraceError
 from ..tracing.batching import Rows, rows_for
+from ..tracing.streaming import Generator, Streamer, reads_streamer
 from . import registry
 from .architectures import ArchitectureNames, apply_aliases, names_for
 from .base import NNsight, PreparedInput
@@ -508,11 +509,19 @@ class LanguageModel(NNsight):
         if "pad_token_id" not in options and "generation_config" not in options:
             options["pad_token_id"] = self._pad_id()
         prompt_length = kwargs["input_ids"].shape[1]
+        il = self._interleaver
+        if il is not None and any(reads_streamer(m.code) for m in il.mediators):
+            options["streamer"] = Streamer(il, options.get("streamer"))
         result = self._model.generate(*args, **kwargs, **options)
         sequences = result if isinstance(result, torch.Tensor) else getattr(result, "sequences", None)
         if isinstance(sequences, torch.Tensor):
             object.__setattr__(self, "_last_generation", Generation(sequences, prompt_length, self._tokenizer))
         return result
+
+    @property
+    def generator(self) -> Generator:
+        """nnsight's `model.generator`: `.streamer.output` is each step's tokens inside `model.generate`."""
+        return Generator(self)
 
     def __repr__(self) -> str:
         text = super().__repr__()

@@ -33,6 +33,8 @@ from .batching import Rows, narrow, splice
 from .paths import display_path
 
 RESULT = ("result",)
+STREAMED = "streamed"
+"""Keys `(STREAMED, k)`: the `k`-th value a generation streamed (`streaming.py`)."""
 
 
 class _Sentinel:
@@ -301,6 +303,7 @@ class Interleaver:
         "sourced",
         "callees",
         "source_late",
+        "streamed",
     )
 
     def __init__(self, root: Any, block: Any = None) -> None:
@@ -332,6 +335,7 @@ class Interleaver:
         self.sourced: dict[str, Any] | None = None
         self.callees: dict[str, Any] | None = None
         self.source_late: dict[str, int] = {}
+        self.streamed: list[Any] = []  # what a generation streamed so far: the prompt, then each step's tokens
 
     def _queues(self, key: Any) -> tuple[dict, Any]:
         """The waiting dict and slot for a request key."""
@@ -399,6 +403,21 @@ class Interleaver:
             raise EarlyStop()
         return value
 
+    def stream(self, value: Any) -> None:
+        """Called by the generation's streamer: keep its `k`-th value and hand it to bodies waiting for it."""
+        key = (STREAMED, len(self.streamed))
+        self.streamed.append(value)
+        for m in self.wait_other.pop(key, ()):
+            if m.pending is not None and m.pending.key == key:
+                m.pending = None
+                self._handle(m, self._streamed_to(m, key))
+
+    def _streamed_to(self, m: Mediator, key: Any) -> Any:
+        """Hand a body the streamed value it asked for (its invoke's rows); returns its next message."""
+        value = self.streamed[key[1]]
+        m.last = key
+        return m.greenlet.switch(value if m.rows is None else narrow(value, m.rows))
+
     def skipped(self, forward: Any, args: tuple, kwargs: dict) -> Any:
         """A module's output when trace bodies asked to skip it: their values instead of its forward.
 
@@ -457,6 +476,11 @@ class Interleaver:
                 continue
             if msg.key == self.here and self.here is not None:
                 msg = self._serve_here(m, msg)
+                continue
+            if msg.key[0] == STREAMED and msg.key[1] < len(self.streamed):
+                # Streamed before the body asked (a step runs once its forward pass starts, after the
+                # tokens of the step before it were streamed): served from what was kept.
+                msg = self._streamed_to(m, msg.key)
                 continue
             problem = self._passed(m, msg.key, msg.op)
             if problem is not None:
@@ -525,6 +549,8 @@ class Interleaver:
     def _describe_location(self, key: Any) -> str:
         if key == RESULT:
             return "the end of the run"
+        if key[0] == STREAMED:
+            return f"model.generator.streamer.output at step {key[1]}"
         path, kind, step, call = key
         text = f"{self.describe_path(path)}.{'source' if kind == 'fn' else kind}"
         if call:
@@ -633,6 +659,12 @@ class Interleaver:
         if key == RESULT:
             return ModuleNotReachedError(
                 "tracer.result has no value: the run was ended by tracer.stop() before the model returned."
+            )
+        if key[0] == STREAMED:
+            return ModuleNotReachedError(
+                f"model.generator.streamer.output has no value for step {key[1]}: the generation streamed "
+                f"{len(self.streamed)} value(s) (the prompt, then one per generated token). Ask for fewer steps "
+                "or generate more tokens."
             )
         path, kind, step, call = key
         where = self.describe_path(path)

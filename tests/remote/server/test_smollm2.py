@@ -35,15 +35,21 @@ def test_smollm2_trace_and_generate_match_a_local_run(tmp_path):
                          {"kind": "generate", "inputs": ["The capital of France is"],
                           "kwargs": {"max_new_tokens": 3}, "tracer_name": "tracer",
                           "modules": {"save": "nnsight_jupyter.save"}})
+    stream = TraceRequest("smollm2", "chunks = save([])\nfor step in tracer.iter[:3]:\n"
+                                     "    chunks.append(model.generator.streamer.output)\n",
+                          {"kind": "generate", "inputs": ["The capital of France is"],
+                           "kwargs": {"max_new_tokens": 3}, "tracer_name": "tracer",
+                           "modules": {"save": "nnsight_jupyter.save"}})
     with TestClient(create_app(config)) as http:
         client = Client(http, "unused")
         _wait_ready(http, {})
         sandbox = http.get("/models").json()["models"][0]["replicas"][0]["sandbox"]["active"]
         assert any(layer.startswith("weights read-only") for layer in sandbox)
-        remote = [client.run(trace), client.run(generate), client.run(trace), client.run(one_token), client.run(steps)]
+        remote = [client.run(trace), client.run(generate), client.run(trace), client.run(one_token), client.run(steps),
+                  client.run(stream)]
     local_model = LanguageModel("smollm2")
     with threads_like_workers():
-        local = [run_request(local_model, request) for request in (trace, generate, trace, one_token, steps)]
+        local = [run_request(local_model, request) for request in (trace, generate, trace, one_token, steps, stream)]
     assert all(r.error is None for r in remote + local), [r.error for r in remote + local]
     assert torch.equal(remote[3].saved["logits"], local[3].saved["logits"])
     assert len(remote[4].saved["steps"]) == 3
@@ -51,6 +57,17 @@ def test_smollm2_trace_and_generate_match_a_local_run(tmp_path):
         assert torch.equal(remote_step, local_step)
     assert torch.allclose(remote[0].saved["logits"], local[0].saved["logits"], atol=1e-4)
     assert torch.equal(remote[1].saved["ids"], local[1].saved["ids"])
+    # The tokens as generate streams them: the prompt, then one per step, as a plain streamer receives them.
+    streamed = []
+    recorder = type("Recorder", (), {"put": lambda self, v: streamed.append(v.clone()), "end": lambda self: None})()
+    prompt_ids = local_model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad(), threads_like_workers():
+        local_model._model.generate(prompt_ids, max_new_tokens=3, do_sample=False, streamer=recorder,
+                                    pad_token_id=local_model.tokenizer.pad_token_id)
+    chunks = remote[5].saved["chunks"]
+    assert [tuple(c.shape) for c in chunks] == [tuple(prompt_ids.shape), (1,), (1,)]
+    for remote_chunk, local_chunk, plain in zip(chunks, local[5].saved["chunks"], streamed, strict=False):
+        assert torch.equal(remote_chunk, local_chunk) and torch.equal(remote_chunk, plain)
     assert torch.equal(remote[0].saved["logits"], remote[2].saved["logits"])
     assert remote[0].logs == ["torch.Size([1, 5, 576])"]
     # What the notebook views need of the trace comes back with it; the server keeps none of it.
