@@ -235,6 +235,22 @@ def remote_hosts() -> list[dict[str, str]]:
     return hosts
 
 
+def _reach(entry: dict[str, str]) -> str:
+    """What to do about a server that does not answer, by where the sidebar learned of it."""
+    source, host = entry.get("source"), entry.get("host")
+    if source == "local daemon":
+        return (
+            "The local daemon has stopped since it was started; the next remote=True trace starts it again "
+            "(or set a server with %nnsight config host=URL)."
+        )
+    if source == "configured":
+        return (
+            f"Start the server at {host} (nnsight-jupyter serve --models ... on that machine) or set another "
+            "with %nnsight config host=URL."
+        )
+    return f"Jobs of this kernel went to {host}, which no longer answers: their results cannot be fetched from it."
+
+
 def health(hosts: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Each server's `/health` (no key needed): reachable or not, its versions, whether it speaks our protocol."""
     import httpx
@@ -247,7 +263,7 @@ def health(hosts: list[dict[str, str]]) -> list[dict[str, Any]]:
         try:
             response = httpx.get(f"{entry['host']}/health", timeout=HEALTH_TIMEOUT_S)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            row.update({"status": "unreachable", "error": f"{type(exc).__name__}: {exc}"})
+            row.update({"status": "unreachable", "error": f"{type(exc).__name__}: {exc}. {_reach(entry)}"})
             out.append(row)
             continue
         try:

@@ -130,6 +130,7 @@ def test_the_sidebar_shows_the_servers_health(lab, browser, server):
         down = page.locator(f"{SIDEBAR} .nnsj-sb-host[data-host='{closed}'][data-health='unreachable']")
         down.wait_for(timeout=30_000)
         assert "unreachable: ConnectError" in down.inner_text()
+        assert f"Start the server at {closed}" in down.inner_text()  # and what to do about it
         assert page.locator(f"{SIDEBAR} .nnsj-sb-host").count() == 1
         errors = [line for line in nb.console if "pageerror" in line]
         assert not errors, errors

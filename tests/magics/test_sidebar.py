@@ -267,8 +267,15 @@ def test_health_says_which_servers_answer_with_their_versions(live_server, stran
     assert ok == {"host": live_server, "source": "configured", "status": "ok", "error": None,
                   "package_version": nnsight_jupyter.__version__, "protocol_version": PROTOCOL_VERSION}
     assert down["status"] == "unreachable" and "ConnectError" in down["error"]
+    assert f"Jobs of this kernel went to {closed}, which no longer answers" in down["error"]
     assert other["status"] == "error" and "HTTP 404" in other["error"] and "nnsight-jupyter server" in other["error"]
     assert sidebar.health([{"host": "not a url", "source": "configured"}])[0]["status"] == "unreachable"
+    # Each way the sidebar learns of a server says what to do when it does not answer.
+    stopped, configured = sidebar.health([{"host": closed, "source": "local daemon"},
+                                          {"host": closed, "source": "configured"}])
+    assert stopped["status"] == "unreachable" and "the next remote=True trace starts it again" in stopped["error"]
+    assert configured["status"] == "unreachable"
+    assert f"Start the server at {closed}" in configured["error"] and "%nnsight config host=URL" in configured["error"]
 
 
 def test_a_health_request_is_answered_by_id_from_a_thread(shell, no_remote_settings, stranger):
