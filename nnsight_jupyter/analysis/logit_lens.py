@@ -26,7 +26,7 @@ import torch
 from ..tracing.source import compile_source
 from ..tracing.tracer import run_block
 from .layout import Layout, layout_of
-from .tables import grid_table, sequential
+from .tables import grid_table, sequential, token_text
 from .tokens import decode_each, prompt_ids, token_id
 
 __all__ = ["LogitLensResult", "logit_lens"]
@@ -104,7 +104,8 @@ class LogitLensResult:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        rows, cols = self.labels("layer"), self.labels("position")
+        rows = self.labels("layer")
+        cols = [f"{p} {token_text(t)}" for p, t in enumerate(self.tokens)]
         text = [[self.token_text.get(int(i), str(int(i))) for i in row] for row in self.top_ids[..., 0].tolist()]
         probs = self.top_probs[..., 0].tolist()
         hover = [
@@ -118,7 +119,7 @@ class LogitLensResult:
             for r in range(len(rows))
         ]
         cells = [
-            [(repr(t)[1:-1], sequential(p, 0.0, 1.0)) for t, p in zip(trow, prow)] for trow, prow in zip(text, probs)
+            [(token_text(t), sequential(p, 0.0, 1.0)) for t, p in zip(trow, prow)] for trow, prow in zip(text, probs)
         ]
         out = grid_table(
             rows,

@@ -11,7 +11,7 @@ import html
 import math
 from collections.abc import Sequence
 
-__all__ = ["diverging", "grid_table", "sequential"]
+__all__ = ["diverging", "grid_table", "sequential", "token_text"]
 
 _STYLE = "border-collapse:collapse;font:11px/1.3 ui-monospace,SFMono-Regular,Menlo,monospace;margin:4px 0"
 _CELL = "padding:2px 5px;text-align:right;border:1px solid rgba(128,128,128,.25)"
@@ -33,6 +33,19 @@ def sequential(value: float, low: float, high: float) -> str:
         return "transparent"
     t = max(0.0, min(1.0, (value - low) / (high - low)))
     return f"rgba(33,102,172,{t * 0.85:.3f})"
+
+
+_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
+
+
+def token_text(token: str) -> str:
+    """A token as a static table or label shows it, as the front-end's ``tokenText`` draws it: a
+    token of whitespace alone as symbols (\u2423 space, \u21b5 newline, \u21e5 tab, \u240d carriage
+    return, \u00b7 any other), so it is never a blank label; in other tokens only newlines, tabs and
+    carriage returns."""
+    if token and token.isspace():
+        return "".join(_WHITESPACE.get(c, "\u00b7") for c in token)
+    return "".join(_WHITESPACE[c] if c in "\n\t\r" else c for c in token)
 
 
 def grid_table(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import traitlets
 
+from ..analysis.tables import token_text
 from . import static
 from .view import Buffers, View
 
@@ -40,12 +41,12 @@ def _computed_bytes(result: Any) -> memoryview:
 
 def axis_labels(result: Any, dim: str) -> list[str]:
     """Text of one axis as the view shows it: `"3 ' Paris'"` for a position whose two tokens agree,
-    `"3 ' Paris' / ' Rome'"` where they differ, whitespace tokens drawn as symbols (`static.token_text`)."""
+    `"3 ' Paris' / ' Rome'"` where they differ, whitespace tokens drawn as symbols (`token_text`)."""
     if dim != "position":
         return [f"{dim} {i}" for i in result.coords[dim]]
     out = []
     for p, a, b in position_tokens(result):
-        a, b = static.token_text(a), static.token_text(b)
+        a, b = token_text(a), token_text(b)
         out.append(f"{p} {a}" if a == b else f"{p} {a} / {b}")
     return out
 

