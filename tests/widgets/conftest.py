@@ -1,15 +1,13 @@
-"""Fixtures for the view tests: the real GPT-2 tokenizer and a tiny random GPT-2 wrapped as a LanguageModel."""
+"""Fixtures for the view tests: a tiny random GPT-2 wrapped as a LanguageModel, with the real GPT-2 tokenizer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.models.conftest import gpt2_tokenizer, gpt2_tokenizer_dir  # noqa: F401 - fixtures used here
-
 
 @pytest.fixture
-def tiny_gpt2(gpt2_tokenizer):  # noqa: F811
+def tiny_gpt2(gpt2_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from nnsight_jupyter import LanguageModel
