@@ -18,6 +18,7 @@ a remote run sends back.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,14 +105,20 @@ class LogitLensResult:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
+        """Tables of the top token and of the target's probability, for pages without the live view.
+
+        Tokens are drawn as the view draws them (`token_text`: a space or newline token is ␣ or ↵);
+        each position's title and each cell's hover give the exact tokens, JSON-quoted as the view's are.
+        """
         rows = self.labels("layer")
         cols = [f"{p} {token_text(t)}" for p, t in enumerate(self.tokens)]
+        col_titles = [f"{p} {json.dumps(t, ensure_ascii=False)}" for p, t in enumerate(self.tokens)]
         text = [[self.token_text.get(int(i), str(int(i))) for i in row] for row in self.top_ids[..., 0].tolist()]
         probs = self.top_probs[..., 0].tolist()
         hover = [
             [
                 "\n".join(
-                    f"{self.token_text.get(int(i), str(int(i)))!r} {p:.3f}"
+                    f"{json.dumps(self.token_text.get(int(i), str(int(i))), ensure_ascii=False)} {p:.3f}"
                     for i, p in zip(self.top_ids[r, c].tolist(), self.top_probs[r, c].tolist())
                 )
                 for c in range(len(cols))
@@ -127,13 +134,16 @@ class LogitLensResult:
             cells,
             corner="layer \\ position",
             titles=hover,
+            col_titles=col_titles,
             title="logit lens: top token per layer and position (colour: its probability)",
         )
         if self.target is not None and self.target_probs is not None:
             name = self.token_text.get(self.target, str(self.target))
             tp = self.target_probs.tolist()
             cells = [[(f"{p:.3f}", sequential(p, 0.0, 1.0)) for p in row] for row in tp]
-            out += grid_table(rows, cols, cells, corner="layer \\ position", title=f"probability of {name!r}")
+            out += grid_table(
+                rows, cols, cells, corner="layer \\ position", col_titles=col_titles, title=f"probability of {name!r}"
+            )
         return out
 
     def to_wire(self) -> dict[str, Any]:

@@ -57,17 +57,22 @@ def grid_table(
     title: str = "",
     note: str = "",
     titles: Sequence[Sequence[str]] | None = None,
+    row_titles: Sequence[str] | None = None,
+    col_titles: Sequence[str] | None = None,
 ) -> str:
-    """A table with `cells[i][j] = (text, css colour)`; `titles[i][j]` is a cell's hover text."""
+    """A table with `cells[i][j] = (text, css colour)`; `titles[i][j]` is a cell's hover text.
+
+    `row_titles` and `col_titles` are the labels' hover text (a token label's exact token).
+    """
     esc = html.escape
     out = []
     if title:
         out.append(f"<div style='font-weight:600;margin-top:4px'>{esc(title)}</div>")
     out.append(f"<table style='{_STYLE}'><thead><tr><th style='{_HEAD}'>{esc(corner)}</th>")
-    out.extend(f"<th style='{_HEAD}'>{esc(c)}</th>" for c in col_labels)
+    out.extend(f"<th style='{_HEAD}'{_title(col_titles, j)}>{esc(c)}</th>" for j, c in enumerate(col_labels))
     out.append("</tr></thead><tbody>")
     for i, (label, row) in enumerate(zip(row_labels, cells)):
-        out.append(f"<tr><th style='{_HEAD}'>{esc(label)}</th>")
+        out.append(f"<tr><th style='{_HEAD}'{_title(row_titles, i)}>{esc(label)}</th>")
         for j, (text, colour) in enumerate(row):
             hover = f" title='{esc(titles[i][j], quote=True)}'" if titles is not None else ""
             out.append(f"<td style='{_CELL};background:{colour}'{hover}>{esc(text)}</td>")
@@ -76,6 +81,10 @@ def grid_table(
     if note:
         out.append(f"<div style='font-size:11px;opacity:.75'>{esc(note)}</div>")
     return "".join(out)
+
+
+def _title(titles: Sequence[str] | None, i: int) -> str:
+    return "" if titles is None else f" title='{html.escape(titles[i], quote=True)}'"
 
 
 def number(value: float) -> str:

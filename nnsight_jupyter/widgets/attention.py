@@ -30,12 +30,14 @@ key), and another layer's thumbnails when it is picked (`{kind: "layer", index}`
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import torch
 import traitlets
 
+from . import static
 from .buffers import tile as tile_of
 from .view import Buffers, View
 
@@ -158,7 +160,64 @@ class AttentionView(View):
         return repr(self._patterns)
 
     def _html(self) -> str:
-        return f'<div class="nnsj-static nnsj-static-attention">{self._patterns._repr_html_()}</div>'
+        return static_html(self._patterns, self.layer, self.head)
 
 
-__all__ = ["AttentionView", "causal_mask", "thumbnails"]
+# Pixels a side of the static fallback's pattern: a pixel a cell up to 128 tokens, block maxima
+# beyond (as in the thumbnails), so the saved picture stays small whatever the prompt's length.
+STATIC_SIDE = 128
+BLANK = (245, 245, 245)
+
+
+def static_html(patterns: Any, index: int, head: int) -> str:
+    """What a notebook without its kernel shows: the shown head's pattern as a PNG, its tokens, every head's scores.
+
+    The pattern is drawn in the live view's colours (masked cells in its light-theme blank); with at
+    most `STATIC_SIDE` tokens each cell is a pixel and each query's row is labelled with its token
+    (drawn with `glyphs`, the exact token in the title), beyond that the picture holds block maxima.
+    """
+    from ..analysis.tables import token_text as glyphs
+
+    esc = static.esc
+    pattern = patterns.patterns[index, head].detach().float().cpu()
+    n = pattern.shape[-1]
+    if n <= STATIC_SIDE:
+        shown = pattern.clone()
+        shown[causal_mask(n)] = float("nan")
+    else:
+        shown = torch.nn.functional.adaptive_max_pool2d(pattern[None], STATIC_SIDE)[0]
+        open_ = torch.nn.functional.adaptive_max_pool2d((~causal_mask(n)).float()[None], STATIC_SIDE)[0]
+        shown[open_ == 0] = float("nan")
+    scale = static.Scale(0.0, 1.0)
+    image = static.data_uri(static.heatmap_png(shown.numpy(), scale, nan_colour=BLANK))
+    side = shown.shape[0]
+    cell = max(2, min(14, 480 // side))
+    labels = ""
+    if n <= STATIC_SIDE:
+        rows = "".join(
+            f"<div data-pos='{q}' title='{esc(f'{q} {json.dumps(t, ensure_ascii=False)}')}' style='height: {cell}px; "
+            f"line-height: {cell}px; white-space: pre;'>{esc(f'{q} {glyphs(t)}'[:16])}</div>"
+            for q, t in enumerate(patterns.tokens)
+        )
+        labels = f"<div style='{static.MONO} font-size: {min(11, cell)}px; text-align: right; padding-right: 4px;'>"
+        labels += rows + "</div>"
+    layer = patterns.layers[index]
+    prev = float(patterns.previous_token_scores()[index, head])
+    first = float(patterns.first_token_scores()[index, head])
+    reduced = "" if n <= STATIC_SIDE else f", each pixel the largest of a {n / side:.3g} × {n / side:.3g} block"
+    return (
+        f'<div class="nnsj-static nnsj-static-attention" style="{static.STYLE}">'
+        f"<div style='font-weight: 600;'>attention: layer {layer}, head {head} "
+        f"(previous-token {prev:.2f}, first-token {first:.2f})</div>"
+        f"<div style='display: flex; align-items: flex-start; margin: 4px 0;'>{labels}"
+        f"<img data-role='pattern' data-layer='{layer}' data-head='{head}' "
+        f"alt='attention of layer {layer}, head {head}' "
+        f"src='{image}' width='{side * cell}' height='{side * cell}' style='image-rendering: pixelated; "
+        f"width: {side * cell}px; height: {side * cell}px; max-width: none;'></div>"
+        f"<div style='{static.MUTED} font-size: 12px;'>query ↓ × key →, {n} × {n} tokens{reduced}; "
+        "masked cells (a key after its query) blank</div>"
+        f"{static.colourbar_html(scale)}{patterns._repr_html_()}</div>"
+    )
+
+
+__all__ = ["AttentionView", "causal_mask", "static_html", "thumbnails"]

@@ -105,14 +105,14 @@ def png(indices: np.ndarray, palette: np.ndarray) -> bytes:
     )
 
 
-def heatmap_png(values: np.ndarray, scale: Scale) -> bytes:
-    """`values` [h, w] as one pixel per value, in the scale's colours (NaN in its own colour)."""
+def heatmap_png(values: np.ndarray, scale: Scale, nan_colour: tuple[int, int, int] = NAN_COLOUR) -> bytes:
+    """`values` [h, w] as one pixel per value, in the scale's colours (NaN in `nan_colour`)."""
     index = scale.index(values, LEVELS - 1)  # 255 levels; palette entry 255 is NaN
     index[index < 0] = LEVELS - 1
     palette = np.vstack(
         [
             scale.table[np.round(np.arange(LEVELS - 1) * (LEVELS - 1) / (LEVELS - 2)).astype(int)],
-            np.array([NAN_COLOUR], dtype=np.uint8),
+            np.array([nan_colour], dtype=np.uint8),
         ]
     )
     return png(index.astype(np.uint8), palette)
