@@ -178,3 +178,25 @@ def test_a_long_prompts_attention_view_bounds_every_message(gpt2_tokenizer):
         assert replies[-1][0]["ok"] is False and words in replies[-1][0]["error"], replies[-1][0]
     view._on_request(view, {"id": "ok", "kind": "row", "layer": 0, "head": 0, "query": 0}, [])
     assert replies[-1][0]["ok"]  # still serving after the bad requests
+    # the static fallback: the shown head as 128 x 128 block maxima in the view's colours, masked blocks blank
+    import base64
+    import re
+
+    from nnsight_jupyter.widgets.static import Scale
+
+    from .conftest import decode_png
+
+    page = view._repr_mimebundle_()[0]["text/html"]
+    assert len(page) < 64 * 1024
+    assert "data-pos" not in page  # 520 row labels would not fit the picture's 128 rows
+    src = re.search(r"<img data-role='pattern' data-layer='1' data-head='3'[^>]* src='data:image/png;base64,([^']+)'",
+                    page).group(1)
+    pixels = decode_png(base64.b64decode(src))
+    assert pixels.shape == (128, 128, 3)
+    reference = block_max(expected[1, 3], 128)
+    edges = [(i * n // 128, -(-(i + 1) * n // 128)) for i in range(128)]
+    scale = Scale(0.0, 1.0)
+    for i, j in [(0, 0), (5, 1), (64, 63), (127, 0), (127, 127), (100, 101), (3, 120)]:
+        (_, b), (c, _) = edges[i], edges[j]
+        want = (245, 245, 245) if c > b - 1 else scale.rgb(float(reference[i, j]))
+        assert max(abs(int(x) - y) for x, y in zip(pixels[i, j], want)) <= 3, (i, j, pixels[i, j], want)
