@@ -74,16 +74,33 @@ def test_the_kernel_runs_this_checkout(notebook):
     assert printed == str(ROOT / "nnsight_jupyter" / "__init__.py")
 
 
+def content(frame: bytes) -> dict:
+    """The message content of a kernel websocket frame: JSON, or the v1 binary protocol's parts
+    (a count of offsets, the offsets, then channel, header, parent header, metadata, content, buffers)."""
+    if frame[:1] == b"{":
+        return json.loads(frame)["content"]
+    count = int.from_bytes(frame[:8], "little")
+    offsets = [int.from_bytes(frame[8 * (i + 1):8 * (i + 2)], "little") for i in range(count)] + [len(frame)]
+    return json.loads(frame[offsets[4]:offsets[5]])
+
+
 def test_every_message_is_bounded(notebook, reference):
     view = notebook.output(1).locator('.nnsj-view[data-view="attention"]')
     view.wait_for()
-    notebook.page.wait_for_function("(root) => root.dataset.shown === '5'", arg=view.element_handle())
+    notebook.page.wait_for_function("(root) => root.dataset.shown === '5' && root.dataset.tokens === 'all'",
+                                    arg=view.element_handle())
     n = len(reference["tokens"])
     heads = reference["attention"].shape[1]
     assert n >= 512 and heads * n * n * 4 > 10 * 2**20
     first = [f for f in notebook.frames if b'"_view": "attention"' in f or b'"_view":"attention"' in f]
     assert len(first) == 1, [len(f) for f in first]
     assert len(first[0]) <= FIRST_MESSAGE_LIMIT, len(first[0])
+    # the first message holds the first 512 tokens; the view asked for the rest
+    state = content(first[0])["data"]["state"]
+    assert state["n_tokens"] == n and state["tokens"] == reference["tokens"][:512]
+    rest = [content(f)["data"]["content"] for f in notebook.frames if b'"tokens"' in f and b'"start"' in f]
+    rest = [c for c in rest if c.get("start") == 512]
+    assert len(rest) == 1 and rest[0]["tokens"] == reference["tokens"][512:]
     # scroll far into the pattern and across heads, so tiles and rows are asked for
     heatmap = view.locator(".nnsj-heatmap")
     for row, col in [(n - 1, n - 2), (300, 150)]:
@@ -147,6 +164,7 @@ def test_whitespace_tokens_are_visible_with_the_exact_token_in_the_title(noteboo
     heatmap = view.locator(".nnsj-heatmap")
     hover(notebook.page, heatmap, 8, 0)
     tokens = reference["tokens"]
+    notebook.page.wait_for_function("(root) => root.dataset.tokens === 'all'", arg=view.element_handle())
     labels = heatmap.locator(".nnsj-hm-rows .nnsj-hm-label").evaluate_all(
         "(ls) => ls.map((l) => [+l.dataset.row, l.textContent, l.title])")
     seen = set()

@@ -200,3 +200,41 @@ def test_a_long_prompts_attention_view_bounds_every_message(gpt2_tokenizer):
         (_, b), (c, _) = edges[i], edges[j]
         want = (245, 245, 245) if c > b - 1 else scale.rgb(float(reference[i, j]))
         assert max(abs(int(x) - y) for x, y in zip(pixels[i, j], want)) <= 3, (i, j, pixels[i, j], want)
+
+
+def test_an_8k_token_prompts_first_message_holds_its_first_tokens_and_the_rest_come_in_chunks(gpt2_tokenizer):
+    """8,192 tokens: the first message stays the size of a short prompt's; every token arrives, in bounded replies."""
+    import json
+    from pathlib import Path
+
+    from nnsight_jupyter.analysis.attention import AttentionPatterns
+    from nnsight_jupyter.widgets.attention import TOKENS_FIRST
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text() * 3
+    ids = gpt2_tokenizer(text).input_ids[:8192]
+    n = len(ids)
+    assert n == 8192
+    expected = [gpt2_tokenizer.decode([i]) for i in ids]
+    patterns = torch.ones(n, n).tril()
+    patterns = (patterns / patterns.sum(-1, keepdim=True))[None, None]
+    token_text = dict(zip(ids, expected))
+    view = AttentionView(AttentionPatterns(layers=[0], prompt_ids=ids, patterns=patterns, token_text=token_text))
+    assert view.n_tokens == n and view.tokens == expected[:TOKENS_FIRST]
+    assert len(json.dumps(expected).encode()) > 50 * 1024  # what the whole list would have been
+    first = patterns[..., :TOKENS_FIRST, :TOKENS_FIRST]
+    short = AttentionView(AttentionPatterns(layers=[0], prompt_ids=ids[:TOKENS_FIRST], patterns=first,
+                                            token_text=token_text))
+    assert state_size(view) <= state_size(short) + 256 <= 256 * 1024
+    replies = []
+    view.send = lambda content, buffers=None: replies.append((content, buffers))
+    got = list(view.tokens)
+    while len(got) < n:
+        view._on_request(view, {"id": "t", "kind": "tokens", "start": len(got)}, [])
+        content, buffers = replies[-1]
+        assert content["ok"] and content["start"] == len(got) and not buffers
+        assert len(json.dumps(content).encode()) <= 32 * 1024
+        got += content["tokens"]
+    assert got == expected
+    for start in (-1, n):
+        view._on_request(view, {"id": "b", "kind": "tokens", "start": start}, [])
+        assert replies[-1][0]["ok"] is False and f"token {start} is outside 0..{n - 1}" in replies[-1][0]["error"]

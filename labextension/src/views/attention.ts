@@ -11,9 +11,11 @@
  * `prev_scores` / `first_scores` (float32 [layer, head]), the shown `layer` (an index into
  * `layers`) and `head`, `thumb_size` and `thumbs` (uint8 [head, size, size] of the shown layer,
  * 0..254 for probabilities, 255 masked), `tile` (the side of the large pattern's tiles) and
- * `preload` (float32 top-left tiles of the heads in `preload_heads`). Everything else is asked
- * for: `{kind: "tiles", layer, head, tiles}`, `{kind: "row", layer, head, query}` and
- * `{kind: "layer", index}` (that layer's thumbnails).
+ * `preload` (float32 top-left tiles of the heads in `preload_heads`), and the first tokens of
+ * `n_tokens`. Everything else is asked for: `{kind: "tiles", layer, head, tiles}`,
+ * `{kind: "row", layer, head, query}`, `{kind: "layer", index}` (that layer's thumbnails) and
+ * `{kind: "tokens", start}` (the next chunk of tokens, asked for one after another once the view
+ * is drawn; labels read "…" until theirs arrive).
  */
 
 import { asDataView, Numbers, typed } from "./core/binary";
@@ -32,13 +34,17 @@ const MAX_TILES = 16;
 export function renderAttention(el: HTMLElement, source: DataSource): () => void {
   ensureAnalysisStyles(el.ownerDocument);
   const layers = source.get<number[]>("layers");
-  const tokens = source.get<string[]>("tokens");
+  const firstTokens = source.get<string[]>("tokens");
+  // Notebooks saved before `n_tokens` existed hold every token in `tokens`.
+  const n = source.get<number | undefined>("n_tokens") || firstTokens.length;
+  const tokens: (string | undefined)[] = Array.from({ length: n }, (_, i) => firstTokens[i]);
+  const text = (i: number) => (tokens[i] === undefined ? "…" : tokenText(tokens[i]!));
+  const exact = (i: number) => (tokens[i] === undefined ? "…" : tokenExact(tokens[i]!));
   const heads = source.get<number>("n_heads");
   const prev = typed(asDataView(source.get("prev_scores")), "float32");
   const first = typed(asDataView(source.get("first_scores")), "float32");
   const side = source.get<number>("thumb_size");
   const tileSide = source.get<number>("tile");
-  const n = tokens.length;
   const masked = (q: number, k: number) => k > q;  // the only mask the view is given: "causal"
   let layer = source.get<number>("layer");
   let locked = source.get<number>("head");
@@ -118,7 +124,7 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
 
   // ----- the large pattern, in tiles asked for as they come into view -----
   const describe = (q: number, k: number, value: number | undefined) =>
-    `head ${shown} · query ${q} ${tokenExact(tokens[q])} → key ${k} ${tokenExact(tokens[k])}\n` +
+    `head ${shown} · query ${q} ${exact(q)} → key ${k} ${exact(k)}\n` +
     (masked(q, k) ? "masked (a token sees only itself and the ones before it)"
       : value === undefined ? "…" : `attention ${formatExact(value)}`);
   const fetchTiles = (wanted: [number, number][]): Promise<Numbers[]> => {
@@ -140,8 +146,8 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
     });
     return map;
   };
-  const label = (i: number) => `${i} ${tokenText(tokens[i])}`;
-  const title = (i: number) => `${i} ${tokenExact(tokens[i])}`;
+  const label = (i: number) => `${i} ${text(i)}`;
+  const title = (i: number) => `${i} ${exact(i)}`;
   const heatmap = new Heatmap({
     rows: n, cols: n, tile: [tileSide, tileSide],
     fetch: fetchTiles, scale, describe, maxHeight: 520, masked,
@@ -182,10 +188,10 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
       const s = scale();
       strip.replaceChildren(
         h("span", { class: "nnsj-muted", text: q === null ? "hover a token: " : `query ${q} attends to: ` }),
-        ...tokens.map((t, k) => {
+        ...tokens.map((_, k) => {
           const span = h("span", {
             class: k === q ? "nnsj-attn-token nnsj-selected" : "nnsj-attn-token", "data-pos": k,
-            text: tokenText(t) || "\u00a0", title: `${k} ${tokenExact(t)}`,
+            text: text(k) || "\u00a0", title: `${k} ${exact(k)}`,
           });
           if (q !== null && values && !masked(q, k)) {
             const v = values[k];
@@ -236,6 +242,26 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
   buildThumbs();
   showHead(locked);
 
+  // ----- the rest of the tokens, a chunk at a time -----
+  let closed = false;
+  const tokensLoaded = (count: number) => (root.dataset.tokens = count >= n ? "all" : String(count));
+  const loadTokens = (start: number): void => {
+    tokensLoaded(start);
+    if (start >= n || closed) return;
+    source.request({ kind: "tokens", start }).then((reply) => {
+      const chunk = (reply.content as { tokens: string[] }).tokens;
+      if (closed) return;
+      if (!chunk.length) return fail(new Error(`the kernel sent no tokens from ${start}`));
+      chunk.forEach((t, i) => (tokens[start + i] = t));
+      const next = start + chunk.length;
+      if (next >= n) heatmap.reset({}, known());  // the labels' width, from every label
+      else heatmap.schedule();
+      drawStrip();
+      loadTokens(next);
+    }, fail);
+  };
+  loadTokens(firstTokens.length);
+
   layerSelect.addEventListener("change", () => {
     const index = Number(layerSelect.value);
     const done = () => {
@@ -259,6 +285,7 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
     drawStrip();
   });
   return () => {
+    closed = true;
     stopTheme();
     heatmap.destroy();
     root.remove();
