@@ -130,6 +130,12 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
   const fetchTiles = (wanted: [number, number][]): Promise<Numbers[]> => {
     const at = { layer, head: shown };
     const key = ([r, c]: [number, number]) => `${at.layer}/${at.head}/${r},${c}`;
+    // A tile right of the diagonal holds only keys after their queries: every cell is masked and
+    // never drawn, so it is filled here instead of asked for.
+    wanted.filter(([r, c]) => c > r && !tiles.has(key([r, c]))).forEach(([r, c]) => {
+      const rows = Math.min(tileSide, n - r * tileSide), cols = Math.min(tileSide, n - c * tileSide);
+      tiles.set(key([r, c]), new Float32Array(rows * cols));
+    });
     const missing = wanted.filter((t) => !tiles.has(key(t)));
     const batches: [number, number][][] = [];
     for (let i = 0; i < missing.length; i += MAX_TILES) batches.push(missing.slice(i, i + MAX_TILES));
