@@ -34,6 +34,13 @@ FLAGS: dict[str, str] = {
     "max_queued_jobs": "--max-queued-jobs",
     "result_ttl_s": "--result-ttl",
     "cancel_grace_s": "--cancel-grace",
+    "replica_cpus": "--replica-cpus",
+    "replica_memory_bytes": "--replica-memory-mb",
+    "max_replicas": "--max-replicas",
+    "scale_up_wait_s": "--scale-up-wait",
+    "idle_replica_s": "--idle-replica-seconds",
+    "memory_budget_bytes": "--memory-budget-mb",
+    "unload_after_s": "--unload-after",
 }
 """The command-line flag behind each limit, quoted in the messages that enforce it."""
 
@@ -115,6 +122,22 @@ class ServerConfig:
             change what the next job of the same user computes.
         position_updates: queued jobs nearest the front that get an event when they move up.
         sweep_interval_s: how often expired results are removed.
+        engine: where jobs run: ``local`` (loader processes on this machine, ``pool.py``) or
+            ``ray`` (one Ray actor per replica, anywhere on a Ray cluster, ``ray_engine.py``).
+        ray_address: the Ray cluster to join (``ray``); None starts a Ray instance on this machine.
+        model_replicas: ``(name, n)`` pairs overriding ``replicas`` for single models.
+        replica_cpus, replica_memory_bytes: the Ray resources each replica asks for, which decide
+            the machine it is placed on; the memory should cover the loaded model plus
+            ``max_job_memory_bytes``.
+        max_replicas: the most replicas of one model the Ray engine runs when it adds replicas for
+            a long queue.
+        scale_up_wait_s: a model whose oldest queued job has waited this long gets another replica
+            (Ray engine, up to ``max_replicas``); replicas added this way stop after
+            ``idle_replica_s`` without a job.
+        memory_budget_bytes: the total ``replica_memory_bytes`` the Ray engine keeps loaded; past
+            it, the models unused longest are unloaded (None: no budget). A job for an unloaded
+            model shows ``loading`` until a replica has loaded it again.
+        unload_after_s: a model without jobs for this long is unloaded (Ray engine; None: never).
         clock: the time source (tests move it forward to expire results).
     """
 
@@ -138,6 +161,16 @@ class ServerConfig:
     job_checks: bool = True
     position_updates: int = 50
     sweep_interval_s: float = 30.0
+    engine: str = "local"
+    ray_address: str | None = None
+    model_replicas: tuple[tuple[str, int], ...] = ()
+    replica_cpus: float = 1.0
+    replica_memory_bytes: int = 2048 * MiB
+    max_replicas: int = 4
+    scale_up_wait_s: float = 5.0
+    idle_replica_s: float = 60.0
+    memory_budget_bytes: int | None = None
+    unload_after_s: float | None = None
     clock: Callable[[], float] = field(default=time.time, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -173,6 +206,41 @@ class ServerConfig:
             raise ValueError(f"worker_threads must be >= 1, got {self.worker_threads!r} (--threads)")
         if self.start_method not in ("forkserver", "spawn"):
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', not {self.start_method!r}")
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be 'local' or 'ray', not {self.engine!r} (--engine)")
+        if self.ray_address is not None and self.engine != "ray":
+            raise ValueError("--ray-address needs --engine ray")
+        object.__setattr__(self, "model_replicas", tuple((str(n), int(c)) for n, c in self.model_replicas))
+        served = {m.name for m in self.models}
+        for name, count in self.model_replicas:
+            if name not in served:
+                raise ValueError(
+                    f"--replicas {name}={count} names a model this server does not serve; served: {sorted(served)}"
+                )
+            if count < 1:
+                raise ValueError(f"--replicas {name}={count}: a served model needs at least 1 replica")
+        for name, value in (
+            ("replica_cpus", self.replica_cpus),
+            ("replica_memory_bytes", self.replica_memory_bytes),
+            ("max_replicas", self.max_replicas),
+            ("idle_replica_s", self.idle_replica_s),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r} ({FLAGS.get(name, name)})")
+        if self.scale_up_wait_s < 0:
+            raise ValueError(f"scale_up_wait_s must be >= 0, got {self.scale_up_wait_s!r} (--scale-up-wait)")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < self.replica_memory_bytes:
+            raise ValueError(
+                f"the memory budget ({describe_bytes(self.memory_budget_bytes)}, --memory-budget-mb) is smaller than "
+                f"one replica ({describe_bytes(self.replica_memory_bytes)}, --replica-memory-mb): raise the budget"
+            )
+
+    def replicas_for(self, model: str) -> int:
+        """How many replicas ``model`` starts with: its ``--replicas NAME=N``, else ``--replicas``."""
+        return dict(self.model_replicas).get(model, self.replicas)
 
     @property
     def database(self) -> Path:

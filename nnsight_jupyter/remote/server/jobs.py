@@ -630,6 +630,32 @@ class JobStore:
 
         return self._transaction(work)
 
+    def requeue(self, job_id: str, reason: str) -> bool:
+        """Put a running (or loading) job back at the front of its queue, with a ``queued`` event
+        saying why; False if it is no longer pending. Used when the machine running it went away,
+        so its user's turn comes first again, as after a restart (``recover``)."""
+
+        def work(db: sqlite3.Connection, touched: list[str]) -> bool:
+            row = db.execute(
+                "SELECT model, seq, owner FROM jobs WHERE id = ? AND status IN ('loading', 'running')", (job_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            model, seq, owner = row
+            now = self.clock()
+            db.execute("UPDATE jobs SET status = 'queued', started = NULL WHERE id = ?", (job_id,))
+            db.execute(
+                "INSERT INTO turns (model, owner, turn) VALUES (?, ?, "
+                "(SELECT MIN(COALESCE(MIN(turn), 0), -1) - 1 FROM turns WHERE model = ?)) "
+                "ON CONFLICT (model, owner) DO UPDATE SET turn = excluded.turn",
+                (model, owner, model),
+            )
+            position = self._position(db, model, seq, owner)
+            self._append(db, touched, job_id, "queued", {"position": position, "requeued": True, "reason": reason}, now)
+            return True
+
+        return self._transaction(work)
+
     def due_for_expiry(self, now: float) -> list[str]:
         with self._lock:
             rows = self._db.execute(

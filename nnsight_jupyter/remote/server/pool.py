@@ -612,7 +612,7 @@ class WorkerPool:
             self.context.set_forkserver_preload(_PRELOAD + factories)
         self.stopping = threading.Event()
         self.replicas: dict[str, list[Replica]] = {
-            spec.name: [Replica(self, spec, i) for i in range(config.replicas)] for spec in config.models
+            spec.name: [Replica(self, spec, i) for i in range(config.replicas_for(spec.name))] for spec in config.models
         }
         self._failed_lock = threading.Lock()
 

@@ -66,7 +66,12 @@ class Service:
         self._results = ResultStore(config.results_dir)
         for job_id, what in self._jobs.recover(served=[m.name for m in config.models]):
             log.info("job %s after restart: %s", job_id, what)
-        self._pool = WorkerPool(config, self._jobs, self._results)
+        if config.engine == "ray":
+            from .ray_engine import RayEngine  # imports ray, which only this engine needs
+
+            self._pool = RayEngine(config, self._jobs, self._results)
+        else:
+            self._pool = WorkerPool(config, self._jobs, self._results)
         self._pool.start()
 
     def close(self) -> None:
