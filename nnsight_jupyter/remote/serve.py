@@ -62,7 +62,65 @@ def build_parser(prog: str = "nnsight-jupyter serve") -> argparse.ArgumentParser
         help=f"folder for the job queue and results (default ${ENV_SERVER_DIR} or server/ in the cache folder)",
     )
     parser.add_argument(
-        "--replicas", type=int, default=d["replicas"], help="worker processes per model (default %(default)s)"
+        "--replicas",
+        action="append",
+        type=_replicas,
+        metavar="N|NAME=N",
+        help=f"replicas of every model (N) or of one model (NAME=N), repeatable (default {d['replicas']})",
+    )
+    engine = parser.add_argument_group("where jobs run")
+    engine.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default=d["engine"],
+        help="local: worker processes on this machine; ray: one Ray actor per replica (default %(default)s)",
+    )
+    engine.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster to join, e.g. auto or ray://head:10001 (--engine ray; default: start one here)",
+    )
+    engine.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=d["replica_cpus"],
+        help="CPUs Ray reserves per replica (default %(default)g)",
+    )
+    engine.add_argument(
+        "--replica-memory-mb",
+        type=float,
+        default=d["replica_memory_bytes"] / MiB,
+        help="memory Ray reserves per replica: the model plus --max-job-memory-mb (default %(default)g)",
+    )
+    engine.add_argument(
+        "--max-replicas",
+        type=int,
+        default=d["max_replicas"],
+        help="the most replicas of one model when a long queue adds replicas (default %(default)s)",
+    )
+    engine.add_argument(
+        "--scale-up-wait",
+        type=float,
+        default=d["scale_up_wait_s"],
+        metavar="SECONDS",
+        help="a model whose oldest queued job waited this long gets another replica (default %(default)g)",
+    )
+    engine.add_argument(
+        "--idle-replica-seconds",
+        type=float,
+        default=d["idle_replica_s"],
+        help="an added replica without a job for this long stops (default %(default)g)",
+    )
+    engine.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="replica memory kept loaded; past it the models unused longest are unloaded (default: no budget)",
+    )
+    engine.add_argument(
+        "--unload-after",
+        type=float,
+        metavar="SECONDS",
+        help="unload a model without jobs for this long; its next job reloads it (default: never)",
     )
     parser.add_argument(
         "--result-ttl",
@@ -149,12 +207,24 @@ def config_from_args(args: argparse.Namespace):
             f"--insecure-no-auth serves anyone who can reach {args.host}; use it only with a loopback "
             "--host such as 127.0.0.1, or create keys with --add-key"
         )
+    d_replicas = ServerConfig.__dataclass_fields__["replicas"].default
+    counts: dict[str | None, int] = dict(args.replicas or [])
     return ServerConfig(
         models=parse_model_specs(args.models),
         data_dir=args.data_dir or server_dir(),
         api_key_file=None if args.insecure_no_auth else args.api_key_file,
         auth=not args.insecure_no_auth,
-        replicas=args.replicas,
+        replicas=counts.get(None, d_replicas),
+        model_replicas=tuple((name, n) for name, n in counts.items() if name is not None),
+        engine=args.engine,
+        ray_address=args.ray_address,
+        replica_cpus=args.replica_cpus,
+        replica_memory_bytes=int(args.replica_memory_mb * MiB),
+        max_replicas=args.max_replicas,
+        scale_up_wait_s=args.scale_up_wait,
+        idle_replica_s=args.idle_replica_seconds,
+        memory_budget_bytes=None if args.memory_budget_mb is None else int(args.memory_budget_mb * MiB),
+        unload_after_s=args.unload_after,
         result_ttl_s=args.result_ttl,
         max_request_bytes=int(args.max_request_mb * MiB),
         max_result_bytes=int(args.max_result_mb * MiB),
@@ -169,6 +239,20 @@ def config_from_args(args: argparse.Namespace):
         user_workers=args.user_workers,
         job_checks=not args.no_job_checks,
     )
+
+
+def _replicas(text: str) -> tuple[str | None, int]:
+    """``N`` (every model) or ``NAME=N`` (one model), for ``--replicas``."""
+    name, _, count = text.rpartition("=")
+    try:
+        n = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a replica count: give N for every model or NAME=N for one, e.g. smollm2=2"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a model needs at least 1 replica")
+    return (name or None), n
 
 
 def _loopback(host: str) -> bool:

@@ -47,6 +47,7 @@ import time
 from typing import Any
 
 from ...errors import ModelLoadError, ServerError, WorkerDied, wire_name
+from ..codec.memory import fresh_buffer
 from ..protocol import TraceErrorInfo, TraceResult, encode_result
 from .config import ModelSpec, ServerConfig
 from .jobs import Job, JobStore
@@ -124,6 +125,7 @@ class _HandedJobs:
         status: str,
         *,
         result_bytes: int | None = None,
+        result: bytes | None = None,
         ttl_s: float | None = None,
         error: tuple[str, str, str] | None = None,
         reason: str | None = None,
@@ -161,7 +163,13 @@ class _HandedResults:
     def __init__(self, jobs: _HandedJobs) -> None:
         self.jobs = jobs
 
-    def put(self, job_id: str, data: Any, *, later: float | None = None) -> None:
+    def receiver(self, size: int) -> bytearray:
+        return fresh_buffer(size)
+
+    def discard(self, data: object) -> None:
+        """Nothing to remove: a result received here lives only in memory."""
+
+    def put(self, job_id: str, data: Any) -> None:
         with self.jobs.lock:
             self.jobs.results[job_id] = bytes(memoryview(data))
 
@@ -225,8 +233,14 @@ class ReplicaHost:
         job = Job(**fields)
         if self.replica.state == "failed":
             reason = self.replica.reason or "the model failed to load"
-            return {"status": "error", "error": [wire_name(ModelLoadError), reason, ""], "reason": None,
-                    "timings": None, "result": None, "logs": []}
+            return {
+                "status": "error",
+                "error": [wire_name(ModelLoadError), reason, ""],
+                "reason": None,
+                "timings": None,
+                "result": None,
+                "logs": [],
+            }
         finished = self.pool.handed.hand(job, body)
         self.replica.inbox.put(("wake",))
         finished.wait()
@@ -304,8 +318,10 @@ class RayReplica:
             "max_task_retries": 0,
         }
         self.state, self.reason, self.info = "loading", None, {}
-        self.actor = ray.remote(ReplicaHost).options(**options).remote(
-            engine.host_config, self.spec, self.index, engine.worker_settings(self.spec)
+        self.actor = (
+            ray.remote(ReplicaHost)
+            .options(**options)
+            .remote(engine.host_config, self.spec, self.index, engine.worker_settings(self.spec))
         )
         self.ready_ref = self.actor.wait_ready.remote(30.0)
         log.info("replica %s: started a Ray actor", self.label)
@@ -444,12 +460,12 @@ class RayReplica:
         if outcome["status"] == "cancelled":
             engine.jobs.finish(job.id, "cancelled", reason=outcome.get("reason") or "cancelled by the client")
         else:
-            if data is not None:
-                engine.results.put(job.id, data, later=engine.config.result_write_delay_s)
+            kept = None if data is None else engine.results.put(job.id, data)
             engine.jobs.finish(
                 job.id,
                 outcome["status"],
                 result_bytes=None if data is None else len(data),
+                result=kept,
                 ttl_s=engine.config.result_ttl_s,
                 error=error,  # type: ignore[arg-type]
                 timings=outcome.get("timings"),
@@ -502,9 +518,14 @@ class RayReplica:
         type_name = wire_name(kind)
         message = engine.redactor.text(message)
         data = encode_result(TraceResult(error=TraceErrorInfo(type_name, message, "")))
-        engine.results.put(job.id, data)
+        kept = engine.results.put(job.id, data)
         engine.jobs.finish(
-            job.id, "error", result_bytes=len(data), ttl_s=engine.config.result_ttl_s, error=(type_name, message, "")
+            job.id,
+            "error",
+            result_bytes=len(data),
+            result=kept,
+            ttl_s=engine.config.result_ttl_s,
+            error=(type_name, message, ""),
         )
 
     def describe(self) -> dict[str, Any]:
