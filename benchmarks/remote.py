@@ -15,9 +15,13 @@ workers) with a tiny GPT-2, then:
    client (what the server did not spend), queue, hand-off to the job process and back, resets,
    the trace itself, checks, and encoding the result. Goal (reported, not enforced): at most
    10 ms over local.
+5. the Ray engine (``serve --engine ray``): the small trace through a Ray-engine server against a
+   single-machine server, both running at once and called in turn; target: at most 5 ms more per
+   job. Then jobs per second through Ray-engine servers with 1 and 2 replicas: 5 clients submit
+   40 jobs of about 0.1 s of work each at once.
 Exits non-zero if a target is missed.
 
-    .venv/bin/python benchmarks/remote.py [--rounds N]
+    .venv/bin/python benchmarks/remote.py [--rounds N] [--only ray]
 """
 
 from __future__ import annotations
@@ -76,8 +80,14 @@ def start_server(folder: Path, spec: str = SPEC, extra: tuple[str, ...] = ()) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--only", choices=("ray",), help="run only part 5")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.only == "ray":
+        checks = ray_engine(args.rounds)
+        for ok, text in checks:
+            print(("PASS  " if ok else "FAIL  ") + text)
+        return 0 if all(ok for ok, _ in checks) else 1
     # The codec first, while no server runs and no result files are being written back to disk.
     t = torch.randn(BIG)
     codec = []
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         (codec_rate >= 1.0, f"codec at least 1 GB/s: {codec_rate:.2f} GB/s"),
     ]
     bundled(args.rounds)
+    checks += ray_engine(args.rounds)
     for ok, text in checks:
         print(("PASS  " if ok else "FAIL  ") + text)
     return 0 if all(ok for ok, _ in checks) else 1
@@ -202,6 +213,75 @@ def bundled(rounds: int) -> None:
     print(f"per-job cost of the resets and checks: {with_checks[2]['reset'] + with_checks[2]['check']:.2f} ms "
           f"measured inside the job; remote median {with_checks[1] - without[1]:+.2f} ms against a server "
           "without them")
+
+
+def ray_engine(rounds: int) -> list[tuple[bool, str]]:
+    """Part 5: the Ray engine's cost per job against the single-machine engine, and its throughput."""
+    import threading
+
+    model = tiny_gpt2()
+    object.__setattr__(model, "remote_id", "tiny")
+    x = torch.randint(1, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def small(remote):
+        start = time.perf_counter()
+        with model.trace(x, remote=remote):
+            model.transformer.h[1].output.save()
+        return time.perf_counter() - start
+
+    ms = lambda v: statistics.median(v) * 1e3  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = [start_server(Path(tmp) / "local"), start_server(Path(tmp) / "ray", extra=("--engine", "ray"))]
+        try:
+            clients = [RemoteClient(url, key, show_status=False) for _, url, key in servers]
+            for _ in range(3):
+                small(clients[0]), small(clients[1])
+            times: list[list[float]] = [[], []]
+            for _ in range(max(rounds, 30)):
+                for i in (0, 1):
+                    times[i].append(small(clients[i]))
+        finally:
+            for server, _, _ in servers:
+                server.terminate()
+                server.wait(60)
+    extra = ms(times[1]) - ms(times[0])
+    print(f"small trace through the Ray engine {ms(times[1]):.2f} ms, through the single-machine engine "
+          f"{ms(times[0]):.2f} ms: {extra:+.2f} ms per job")
+
+    def busy(remote) -> None:
+        with model.trace(x, remote=remote):
+            total = 0
+            for i in range(1200000):  # about 0.1 s of work on the server
+                total += i
+            model.transformer.h[1].output.save()
+
+    rates = {}
+    for replicas in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            server, url, key = start_server(Path(tmp), extra=("--engine", "ray", "--replicas", str(replicas)))
+            try:
+                users = [RemoteClient(url, key, show_status=False) for _ in range(5)]
+                for _ in range(2 * replicas):
+                    busy(users[0])
+
+                def submit_all(user: RemoteClient) -> None:
+                    for _ in range(8):
+                        busy(user)
+
+                start = time.perf_counter()
+                threads = [threading.Thread(target=submit_all, args=(u,)) for u in users]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                rates[replicas] = 40 / (time.perf_counter() - start)
+            finally:
+                server.terminate()
+                server.wait(60)
+    print(f"Ray engine throughput, 5 clients x 8 jobs: {rates[1]:.1f} jobs/s with 1 replica, "
+          f"{rates[2]:.1f} jobs/s with 2 ({rates[2] / rates[1]:.2f}x)")
+    return [(extra <= 5.0, f"Ray engine at most 5 ms more per small trace than the single-machine engine: "
+                           f"{extra:+.2f} ms")]
 
 
 if __name__ == "__main__":

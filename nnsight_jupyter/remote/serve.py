@@ -207,7 +207,7 @@ def config_from_args(args: argparse.Namespace):
             f"--insecure-no-auth serves anyone who can reach {args.host}; use it only with a loopback "
             "--host such as 127.0.0.1, or create keys with --add-key"
         )
-    d_replicas = ServerConfig.__dataclass_fields__["replicas"].default
+    d_replicas: int = ServerConfig.replicas
     counts: dict[str | None, int] = dict(args.replicas or [])
     return ServerConfig(
         models=parse_model_specs(args.models),

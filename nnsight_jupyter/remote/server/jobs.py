@@ -367,6 +367,14 @@ class JobStore:
             ).fetchone()
         return row is not None
 
+    def oldest_queued(self, model: str) -> float | None:
+        """When ``model``'s longest-waiting queued job was submitted (this store's clock), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(created) FROM jobs WHERE model = ? AND status = 'queued'", (model,)
+            ).fetchone()
+        return None if row is None else row[0]
+
     # ----- changing ---------------------------------------------------------------------------
     def submit(
         self, *, model: str, owner: str, request: bytes, timeout_s: float, max_queued: int | None = None

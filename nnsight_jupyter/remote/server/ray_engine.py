@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import multiprocessing
 import os
 import queue
@@ -62,6 +63,8 @@ log = logging.getLogger("nnsight_jupyter.server")
 _ANSWER_GRACE_S = 30.0
 """How long past a job's time limit and cancel grace an actor may stay silent before it is replaced."""
 _MAX_LOAD_FAILURES = 3
+MANAGE_INTERVAL_S = 0.2
+"""How often the engine looks at queues and idle replicas to add, stop, unload and load replicas."""
 
 
 # ----- inside the actor ---------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ class _HandedResults:
     def __init__(self, jobs: _HandedJobs) -> None:
         self.jobs = jobs
 
-    def receiver(self, size: int) -> bytearray:
+    def receiver(self, size: int) -> bytearray | mmap.mmap:
         return fresh_buffer(size)
 
     def discard(self, data: object) -> None:
@@ -300,11 +303,22 @@ class RayReplica:
                     continue
                 if item[0] == "cancel":
                     self._cancel_waiting(item[1], item[2])
+                elif item[0] in ("unload", "retire") and self.job is None and self.state != "busy":
+                    self._stop_actor()
+                    if item[0] == "retire":
+                        self.retired.set()
+                    else:
+                        self.unloaded, self.state, self.info = True, "unloaded", {}
+                        log.info("replica %s: model unloaded (%s)", self.label, item[1])
+                elif item[0] == "load" and self.unloaded:
+                    self.unloaded = False
         except Exception:
             log.exception("replica %s failed; its model stops taking jobs", self.label)
             self.state, self.reason = "failed", "internal error in the server's replica thread (see the server log)"
         finally:
             self._stop_actor()
+            if self.retired.is_set():
+                self.engine.forget(self)
 
     def _start_actor(self) -> None:
         import ray
@@ -426,10 +440,14 @@ class RayReplica:
                 log_ref = None
             if log_ref is None:
                 log_ref = self.actor.logs.remote(job.id)
-            if time.monotonic() > limit or engine.stopping.is_set():
-                why = "it stopped answering" if not engine.stopping.is_set() else "the server is stopping"
+            if engine.stopping.is_set():
+                # The job stays "running" in the store; a restarted server runs it again (``JobStore.recover``).
+                self.job = None
                 self._stop_actor()
-                self._actor_lost(why, loading=False)
+                return
+            if time.monotonic() > limit:
+                self._stop_actor()
+                self._actor_lost("it stopped answering", loading=False)
                 return
         if log_ref is not None:
             self._add_logs(job, log_ref)
@@ -467,7 +485,7 @@ class RayReplica:
                 result_bytes=None if data is None else len(data),
                 result=kept,
                 ttl_s=engine.config.result_ttl_s,
-                error=error,  # type: ignore[arg-type]
+                error=error,
                 timings=outcome.get("timings"),
             )
         self.jobs_done += 1
@@ -535,6 +553,7 @@ class RayReplica:
             "state": "unloaded" if self.unloaded else self.state,
             "reason": self.reason,
             "pid": info.get("pid"),
+            "actor_pid": info.get("actor_pid"),
             "job": self.job.id if self.job is not None else None,
             "jobs_done": self.jobs_done,
             "restarts": self.restarts,
@@ -567,6 +586,12 @@ class RayEngine(WorkerPool):
             spec.name: [RayReplica(self, spec, i) for i in range(config.replicas_for(spec.name))]
             for spec in config.models
         }
+        budget, loaded = config.memory_budget_bytes, 0
+        for replicas in self.replicas.values():
+            for replica in replicas:
+                loaded += config.replica_memory_bytes
+                if budget is not None and loaded > budget:  # loads on its first job, within the budget
+                    replica.unloaded, replica.state = True, "unloaded"
         self._failed_lock = threading.Lock()
         self._started_ray = False
         self._manager: threading.Thread | None = None
@@ -581,6 +606,8 @@ class RayEngine(WorkerPool):
         for replicas in self.replicas.values():
             for replica in replicas:
                 replica.thread.start()
+        self._manager = threading.Thread(target=self._manage, name="nnsj-ray-manager", daemon=True)
+        self._manager.start()
 
     def stop(self, timeout: float = 15.0) -> None:
         self.stopping.set()
@@ -593,6 +620,108 @@ class RayEngine(WorkerPool):
             import ray
 
             ray.shutdown()
+
+    # ----- replicas added and removed, models unloaded and loaded ---------------------------------------
+    def _manage(self) -> None:
+        """Every ``MANAGE_INTERVAL_S``: add a replica to a model whose queue waits too long, stop
+        added replicas left idle, unload models left unused or past the memory budget, and load
+        an unloaded model that has a job."""
+        while not self.stopping.wait(MANAGE_INTERVAL_S):
+            try:
+                self._manage_once(time.monotonic())
+            except Exception:  # noqa: BLE001 - the next round tries again; jobs keep running meanwhile
+                log.exception("the Ray engine's replica manager failed a round")
+
+    def _manage_once(self, now: float) -> None:
+        config = self.config
+        for spec in config.models:
+            replicas = list(self.replicas.get(spec.name, ()))
+            live = [r for r in replicas if not r.retired.is_set()]
+            oldest = self.jobs.oldest_queued(spec.name)
+            waited = None if oldest is None else self.jobs.clock() - oldest
+            if not live:
+                continue
+            if all(r.unloaded for r in live):
+                if oldest is not None and self._make_room(spec.name, now):
+                    live[0].inbox.put(("load",))
+                continue
+            if (
+                waited is not None
+                and waited >= config.scale_up_wait_s
+                and len(live) < config.max_replicas
+                and all(r.job is not None or r.state in ("starting", "loading") for r in live)
+                and not any(r.extra and r.state in ("starting", "loading") for r in live)
+                and self._fits(self.replica_memory())
+            ):
+                self._add_replica(spec)
+                continue
+            for replica in live:
+                if replica.extra and replica.job is None and replica.state == "ready":
+                    if now - replica.last_used >= config.idle_replica_s:
+                        replica.inbox.put(("retire", "idle"))
+            if (
+                config.unload_after_s is not None
+                and oldest is None
+                and all(r.job is None and r.state in ("ready", "failed") for r in live)
+                and any(r.state == "ready" for r in live)
+                and now - max(r.last_used for r in live) >= config.unload_after_s
+            ):
+                for replica in live:
+                    replica.inbox.put(("unload", f"no job for {config.unload_after_s:g} s, --unload-after"))
+
+    def replica_memory(self) -> int:
+        return self.config.replica_memory_bytes
+
+    def loaded_memory(self) -> int:
+        """The Ray memory of every replica that holds (or is loading) its model."""
+        return sum(
+            self.replica_memory()
+            for replicas in self.replicas.values()
+            for r in replicas
+            if not r.unloaded and not r.retired.is_set() and r.state != "failed"
+        )
+
+    def _fits(self, extra: int) -> bool:
+        budget = self.config.memory_budget_bytes
+        return budget is None or self.loaded_memory() + extra <= budget
+
+    def _make_room(self, model: str, now: float) -> bool:
+        """Whether ``model`` may load now; past the memory budget, unload the idle model used least recently."""
+        if self._fits(self.replica_memory()):
+            return True
+        idle = [
+            (max(r.last_used for r in replicas), name)
+            for name, replicas in self.replicas.items()
+            if name != model
+            and any(not r.unloaded for r in replicas)
+            and all(r.job is None and r.state in ("ready", "failed", "unloaded") for r in replicas)
+            and not self.jobs.has_queued(name)
+        ]
+        if idle:
+            _, name = min(idle)
+            for replica in self.replicas[name]:
+                replica.inbox.put(("unload", f"the memory budget (--memory-budget-mb) made room for {model!r}"))
+        return False
+
+    def _add_replica(self, spec: ModelSpec) -> None:
+        replicas = self.replicas[spec.name]
+        index = max((r.index for r in replicas), default=-1) + 1
+        replica = RayReplica(self, spec, index, extra=True)
+        replicas.append(replica)
+        log.info("model %s: its queue waited past --scale-up-wait; adding replica %s", spec.name, replica.label)
+        replica.thread.start()
+
+    def forget(self, replica: RayReplica) -> None:
+        """Drop a retired replica from its model's list."""
+        replicas = self.replicas.get(replica.spec.name, [])
+        if replica in replicas:
+            replicas.remove(replica)
+
+    def model_state(self, model: str) -> tuple[str, str | None]:
+        replicas = [r for r in self.replicas.get(model, []) if not r.retired.is_set()]
+        if replicas and all(r.unloaded for r in replicas):
+            return "unloaded", "the model was unloaded; its next job loads it again"
+        return super().model_state(model)
 
     def wake_all(self) -> None:
         for replicas in self.replicas.values():

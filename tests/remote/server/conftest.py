@@ -16,9 +16,10 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -190,10 +191,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory, key_file: tuple[Path, str, str]) -> Iterator[Client]:
-    """The app under uvicorn on 127.0.0.1 (in a thread of this process), as alice."""
-    config = make_config(tmp_path_factory.mktemp("live"), key_file[0], max_job_seconds=20.0)
+@contextlib.contextmanager
+def serve_live(config: ServerConfig, key: str, ready_timeout: float = 90.0) -> Iterator[Client]:
+    """``config``'s app under uvicorn on 127.0.0.1 (in a thread of this process), as ``key``."""
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning",
                                        timeout_graceful_shutdown=2))
@@ -204,9 +204,55 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, key_file: tuple[Path, 
         if time.monotonic() > deadline or not thread.is_alive():
             raise AssertionError("uvicorn did not start")
         time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-        client = Client(http, key_file[1])
-        _wait_ready(http, client.headers)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            client = Client(http, key)
+            _wait_ready(http, client.headers, ready_timeout)
+            yield client
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory, key_file: tuple[Path, str, str]) -> Iterator[Client]:
+    """The app under uvicorn on 127.0.0.1 (in a thread of this process), as alice."""
+    config = make_config(tmp_path_factory.mktemp("live"), key_file[0], max_job_seconds=20.0)
+    with serve_live(config, key_file[1]) as client:
         yield client
-    uv.should_exit = True
-    thread.join(timeout=15)
+
+
+# Logical CPUs of the tests' Ray instance: Ray places a replica only where its `replica_cpus` fit, and
+# the tests run several replicas at once on a two-core machine (each mostly waiting for its jobs).
+RAY_TEST_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[None]:
+    """One local Ray instance for the session's Ray-engine servers (each engine joins it, none stops it)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_live_server(tmp_path_factory: pytest.TempPathFactory, key_file: tuple[Path, str, str],
+                    ray_instance: None) -> Iterator[Client]:
+    """``live_server`` with ``--engine ray``: its one replica is a Ray actor, as alice."""
+    config = make_config(tmp_path_factory.mktemp("live-ray"), key_file[0], max_job_seconds=20.0, engine="ray",
+                         replica_cpus=1.0, replica_memory_bytes=1024 * 2**20)
+    with serve_live(config, key_file[1], ready_timeout=180.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def engine_server(request: pytest.FixtureRequest) -> Client:
+    """The live server of each engine in turn: a test module using it runs once per engine."""
+    return request.getfixturevalue("live_server" if request.param == "local" else "ray_live_server")

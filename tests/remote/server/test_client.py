@@ -17,8 +17,8 @@ from .tiny_models import tiny_gpt2
 
 
 @pytest.fixture(scope="module")
-def client(live_server):
-    return RemoteClient(str(live_server.http.base_url), live_server.key, show_status=False)
+def client(engine_server):
+    return RemoteClient(str(engine_server.http.base_url), engine_server.key, show_status=False)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def _last_request(model, **options):
                         {"kind": "trace", "inputs": [X], **options}, {})
 
 
-def test_trace_magic_remote(model, client, live_server):
+def test_trace_magic_remote(model, client, engine_server):
     from IPython.core.interactiveshell import InteractiveShell
 
     from nnsight_jupyter.remote.config import CONFIG
@@ -153,7 +153,7 @@ def test_trace_magic_remote(model, client, live_server):
     shell = InteractiveShell.instance()
     shell.run_cell("%load_ext nnsight_jupyter").raise_error()
     shell.user_ns.update(net=model, x=X)
-    CONFIG.host, CONFIG.api_key = str(live_server.http.base_url), live_server.key
+    CONFIG.host, CONFIG.api_key = str(engine_server.http.base_url), engine_server.key
     try:
         shell.run_cell("%%trace net x --remote\nh = model.transformer.h[1].output.save()\n").raise_error()
     finally:

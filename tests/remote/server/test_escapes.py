@@ -260,15 +260,15 @@ def test_the_corpus_is_large_enough():
 
 
 @pytest.mark.parametrize("attempt", ATTEMPTS, ids=[a.name for a in ATTEMPTS])
-def test_escape_attempt_is_refused_and_the_server_keeps_serving(live_server: Client, attempt: Attempt,
+def test_escape_attempt_is_refused_and_the_server_keeps_serving(engine_server: Client, attempt: Attempt,
                                                                 expected: dict[str, torch.Tensor]) -> None:
     request = trace_request(attempt.source, tokens(3), **attempt.options)
     if attempt.variables:
         request = TraceRequest(request.model_id, request.source, request.options, attempt.variables)
-    job_id = live_server.submit(request)
-    status = live_server.wait(job_id, timeout=60)
+    job_id = engine_server.submit(request)
+    status = engine_server.wait(job_id, timeout=60)
     assert status["status"] == attempt.status, status
-    result = live_server.result(job_id)
+    result = engine_server.result(job_id)
     assert result.error is not None, result
     if attempt.expect:
         assert result.error.type_name in attempt.expect.split("|"), result.error
@@ -278,7 +278,7 @@ def test_escape_attempt_is_refused_and_the_server_keeps_serving(live_server: Cli
     assert status["error"]["type"] == result.error.type_name
     assert not os.path.exists("/tmp/nnsj-pwned")
 
-    normal = live_server.run(trace_request(NORMAL, tokens(7)))
+    normal = engine_server.run(trace_request(NORMAL, tokens(7)))
     assert normal.error is None, normal.error
     for name, value in expected.items():
         assert torch.allclose(normal.saved[name], value, atol=1e-6), name

@@ -25,6 +25,12 @@ def test_add_key_prints_it_once(tmp_path, capsys):
     (["--add-key", "alice"], "--api-key-file"),
     (["--models", "a,a", "--insecure-no-auth"], "unique"),
     (["--models", "x", "--api-key-file", "/nonexistent/keys.txt"], "does not exist"),
+    (["--models", "a", "--insecure-no-auth", "--replicas", "a=two"], "NAME=N"),
+    (["--models", "a", "--insecure-no-auth", "--replicas", "0"], "at least 1 replica"),
+    (["--models", "a", "--insecure-no-auth", "--replicas", "b=2"], "does not serve"),
+    (["--models", "a", "--insecure-no-auth", "--ray-address", "auto"], "--ray-address needs --engine ray"),
+    (["--models", "a", "--insecure-no-auth", "--engine", "dask"], "invalid choice"),
+    (["--models", "a", "--insecure-no-auth", "--engine", "ray", "--memory-budget-mb", "100"], "raise the budget"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("NNSIGHT_JUPYTER_API_KEY_FILE", raising=False)
@@ -41,6 +47,20 @@ def test_config_from_flags(tmp_path):
     assert config.models[0].name == "tiny" and not config.auth and config.max_request_bytes == 2 * 2**20
     assert config.result_ttl_s == 5 and config.replicas == 2 and config.worker_threads == 1
     assert config.cancel_grace_s == 7.5
+
+
+def test_engine_and_replica_flags(tmp_path):
+    args = serve.build_parser().parse_args([
+        "--models", "a=pkg.m:f,b=pkg.m:g", "--insecure-no-auth", "--data-dir", str(tmp_path), "--engine", "ray",
+        "--ray-address", "ray://head:10001", "--replicas", "3", "--replicas", "b=2", "--replica-cpus", "2",
+        "--replica-memory-mb", "4096", "--max-replicas", "5", "--scale-up-wait", "1.5", "--idle-replica-seconds", "30",
+        "--memory-budget-mb", "8192", "--unload-after", "600"])
+    config = serve.config_from_args(args)
+    assert config.engine == "ray" and config.ray_address == "ray://head:10001"
+    assert (config.replicas_for("a"), config.replicas_for("b")) == (3, 2)
+    assert config.replica_cpus == 2 and config.replica_memory_bytes == 4096 * 2**20 and config.max_replicas == 5
+    assert config.scale_up_wait_s == 1.5 and config.idle_replica_s == 30
+    assert config.memory_budget_bytes == 8192 * 2**20 and config.unload_after_s == 600
 
 
 def test_module_entry_point():
