@@ -282,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(args)
+        if config.engine == "ray":
+            from .server.ray_engine import connect  # before the app starts, so a missing cluster is a flag error
+
+            connect(config.ray_address)
         from .server.app import create_app
 
         app = create_app(config)

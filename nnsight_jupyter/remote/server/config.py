@@ -165,7 +165,7 @@ class ServerConfig:
     ray_address: str | None = None
     model_replicas: tuple[tuple[str, int], ...] = ()
     replica_cpus: float = 1.0
-    replica_memory_bytes: int = 2048 * MiB
+    replica_memory_bytes: int = 6144 * MiB
     max_replicas: int = 4
     scale_up_wait_s: float = 5.0
     idle_replica_s: float = 60.0
@@ -232,6 +232,12 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {value!r} ({FLAGS.get(name, name)})")
         if self.scale_up_wait_s < 0:
             raise ValueError(f"scale_up_wait_s must be >= 0, got {self.scale_up_wait_s!r} (--scale-up-wait)")
+        if self.engine == "ray" and self.replica_memory_bytes < self.max_job_memory_bytes:
+            raise ValueError(
+                f"each Ray replica reserves {describe_bytes(self.replica_memory_bytes)} (--replica-memory-mb) but a "
+                f"job may use {describe_bytes(self.max_job_memory_bytes)} (--max-job-memory-mb): reserve the "
+                "model's size plus the job limit, or lower the job limit"
+            )
         if self.memory_budget_bytes is not None and self.memory_budget_bytes < self.replica_memory_bytes:
             raise ValueError(
                 f"the memory budget ({describe_bytes(self.memory_budget_bytes)}, --memory-budget-mb) is smaller than "

@@ -569,6 +569,29 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (None: start a Ray instance on this machine).
+
+    Raises ``ValueError`` saying what to do when there is no cluster there, so ``serve`` reports
+    it as a bad flag instead of a traceback from the server's startup. The actors' own output is
+    not copied into the server's log (``log_to_driver``): jobs' printed lines reach their users
+    through the job's events, and Ray keeps each actor's log in its session folder.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    options: dict[str, Any] = {"address": address, "log_to_driver": False}
+    if address is None or not address.startswith("ray://"):
+        options.update(include_dashboard=False, configure_logging=False)
+    try:
+        ray.init(**options)
+    except ConnectionError as exc:
+        raise ValueError(
+            f"no Ray cluster answers at --ray-address {address}: start one there (ray start --head) or leave "
+            f"--ray-address out to start Ray on this machine ({_first_line(exc)})"
+        ) from None
+
+
 class RayEngine(WorkerPool):
     """All replicas of all served models, as Ray actors; takes the ``WorkerPool``'s place in the service."""
 
@@ -600,8 +623,7 @@ class RayEngine(WorkerPool):
         import ray
 
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=self.config.ray_address, include_dashboard=False, configure_logging=False)
+            connect(self.config.ray_address)
             self._started_ray = True
         for replicas in self.replicas.values():
             for replica in replicas:

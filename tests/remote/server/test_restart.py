@@ -22,20 +22,23 @@ SLOW = "t = 0\nfor i in range(4_000_000):\n    t += i\nx = t\n"
 BIG = "import torch\nx = (torch.arange(2**19, dtype=torch.float32) * 3).save()\n"
 
 
-def _start(data_dir: Path, key_file: Path, port: int) -> subprocess.Popen:
+def _start(data_dir: Path, key_file: Path, port: int, engine: str = "local") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", TINY, "--port", str(port),
-         "--data-dir", str(data_dir), "--api-key-file", str(key_file), "--threads", "1", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         "--data-dir", str(data_dir), "--api-key-file", str(key_file), "--threads", "1", "--log-level", "warning",
+         "--engine", engine],
+        # A file, not a pipe nobody reads while the server runs: a full pipe would stall its logging.
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(data_dir.parent / f"server-{port}.log").open("ab"),
     )
 
 
-def _ready(http: httpx.Client, headers: dict[str, str], process: subprocess.Popen, timeout: float = 90) -> list:
+def _ready(http: httpx.Client, headers: dict[str, str], process: subprocess.Popen, timeout: float = 180) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"the server exited: {process.stderr.read().decode()[-2000:]}")
+            log = Path(process.stderr.name).read_text(errors="replace")
+            raise AssertionError(f"the server exited: {log[-2000:]}")
         try:
             models = http.get("/models", headers=headers).json()["models"]
             if models[0]["state"] == "ready":
@@ -57,16 +60,20 @@ def _gone(pid: int, timeout: float = 10) -> bool:
     return False
 
 
-def test_kill_9_loses_no_job(tmp_path, key_file):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_kill_9_loses_no_job(tmp_path, key_file, engine):
+    """On the Ray engine the server starts its own Ray instance, whose processes and actors die with it."""
     port = free_port()
     data_dir = tmp_path / "data"
-    first = _start(data_dir, key_file[0], port)
+    first = _start(data_dir, key_file[0], port, engine)
     second = None
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             client = Client(http, key_file[1])
             models = _ready(http, client.headers, first)
             worker_pid = models[0]["replicas"][0]["pid"]
+            actor_pid = models[0]["replicas"][0].get("actor_pid")
+            assert (actor_pid is not None) == (engine == "ray")
             done = client.submit(trace_request("x = 'finished just before the kill'"))
             big = client.submit(trace_request(BIG))
             slow = client.submit(trace_request(SLOW))
@@ -84,16 +91,19 @@ def test_kill_9_loses_no_job(tmp_path, key_file):
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
             assert _gone(worker_pid), "the worker outlived the killed server"
+            assert actor_pid is None or _gone(actor_pid), "the replica's Ray actor outlived the killed server"
 
-            second = _start(data_dir, key_file[0], port)
+            second = _start(data_dir, key_file[0], port, engine)
             _ready(http, client.headers, second)
-            status = client.wait(slow, timeout=60)
+            # A Ray-engine server starts a Ray instance and an actor before its first job: more to wait for.
+            patience = 180 if engine == "ray" else 60
+            status = client.wait(slow, timeout=patience)
             assert status["status"] == "completed" and status["attempts"] == 2, (status["error"], status["attempts"])
             assert client.result(slow).saved["x"] == sum(range(4_000_000))
             requeued = [e for e in client.events(slow) if e.get("requeued")]
             assert len(requeued) == 1 and "restarted" in requeued[0]["reason"]
             for i, job_id in enumerate(quick):
-                assert client.wait(job_id)["status"] == "completed"
+                assert client.wait(job_id, timeout=patience)["status"] == "completed"
                 assert client.result(job_id).saved["x"] == i * 2
             assert client.result(done).saved["x"] == "finished just before the kill"
             after = client.http.get(f"/jobs/{big}/result", headers=client.headers)

@@ -31,6 +31,8 @@ def test_add_key_prints_it_once(tmp_path, capsys):
     (["--models", "a", "--insecure-no-auth", "--ray-address", "auto"], "--ray-address needs --engine ray"),
     (["--models", "a", "--insecure-no-auth", "--engine", "dask"], "invalid choice"),
     (["--models", "a", "--insecure-no-auth", "--engine", "ray", "--memory-budget-mb", "100"], "raise the budget"),
+    (["--models", "a", "--insecure-no-auth", "--engine", "ray", "--replica-memory-mb", "1024"],
+     "reserve the model's size plus the job limit"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("NNSIGHT_JUPYTER_API_KEY_FILE", raising=False)
@@ -61,6 +63,20 @@ def test_engine_and_replica_flags(tmp_path):
     assert config.replica_cpus == 2 and config.replica_memory_bytes == 4096 * 2**20 and config.max_replicas == 5
     assert config.scale_up_wait_s == 1.5 and config.idle_replica_s == 30
     assert config.memory_budget_bytes == 8192 * 2**20 and config.unload_after_s == 600
+
+
+def test_a_ray_address_without_a_cluster_is_a_flag_error(tmp_path):
+    """`auto` finds clusters through Ray's folder; an empty one stands for a machine where none runs."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", "tiny=pkg.m:f",
+                           "--insecure-no-auth", "--data-dir", str(tmp_path / "data"), "--engine", "ray",
+                           "--ray-address", "auto"], capture_output=True, text=True, timeout=120,
+                          env={**env, "RAY_TMPDIR": str(tmp_path / "ray")})
+    assert done.returncode == 2, done.stderr
+    assert "no Ray cluster answers at --ray-address auto" in done.stderr and "ray start --head" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_module_entry_point():
