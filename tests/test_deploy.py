@@ -219,6 +219,17 @@ def test_the_service_reaches_the_servers_port_on_the_head_pod_only():
     assert targets == [args.port] == [8000], service["spec"]["ports"]
 
 
+def test_every_pod_runs_unprivileged():
+    spec = one("RayCluster")["spec"]
+    for template in [spec["headGroupSpec"]["template"], *(group["template"] for group in spec["workerGroupSpecs"])]:
+        pod = template["spec"].get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) != 0, pod
+        for container in template["spec"]["containers"]:
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, container["name"]
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], container["name"]
+
+
 def test_the_docs_name_every_flag_of_where_jobs_run():
     groups = [g for g in build_parser()._action_groups if g.title == "where jobs run"]
     assert len(groups) == 1, "serve's parser has no 'where jobs run' group"
