@@ -219,6 +219,10 @@ def test_the_service_reaches_the_servers_port_on_the_head_pod_only():
     assert targets == [args.port] == [8000], service["spec"]["ports"]
 
 
+def test_rays_ports_ask_for_a_token():
+    assert one("RayCluster")["spec"].get("authOptions", {}).get("mode") == "token"
+
+
 def test_every_pod_runs_unprivileged():
     spec = one("RayCluster")["spec"]
     for template in [spec["headGroupSpec"]["template"], *(group["template"] for group in spec["workerGroupSpecs"])]:
