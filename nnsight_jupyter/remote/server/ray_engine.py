@@ -43,6 +43,7 @@ import mmap
 import multiprocessing
 import os
 import queue
+import socket
 import threading
 import time
 from typing import Any
@@ -579,6 +580,7 @@ def connect(address: str | None) -> None:
     """
     import ray
 
+    _check_reachable(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     options: dict[str, Any] = {"address": address, "log_to_driver": False}
     if address is None or not address.startswith("ray://"):
@@ -589,6 +591,21 @@ def connect(address: str | None) -> None:
         raise ValueError(
             f"no Ray cluster answers at --ray-address {address}: start one there (ray start --head) or leave "
             f"--ray-address out to start Ray on this machine ({_first_line(exc)})"
+        ) from None
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) address nothing listens on, in seconds:
+    Ray itself keeps retrying a missing cluster for about two minutes before it gives up."""
+    if address is None or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"no Ray cluster answers at --ray-address {address} ({exc}): start one there (ray start --head) or "
+            "leave --ray-address out to start Ray on this machine"
         ) from None
 
 
