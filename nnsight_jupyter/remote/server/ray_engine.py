@@ -341,16 +341,19 @@ class RayReplica:
         self.ready_ref = self.actor.wait_ready.remote(30.0)
         log.info("replica %s: started a Ray actor", self.label)
 
-    def _stop_actor(self) -> None:
+    def _stop_actor(self, *, graceful: bool = True) -> None:
+        """End the actor: asked to stop its loader and job processes first unless it no longer answers
+        (they die with it either way: they are its children, set to die with their parent)."""
         actor, self.actor, self.ready_ref = self.actor, None, None
         if actor is None:
             return
         import ray
 
-        try:
-            ray.get(actor.shutdown.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - the actor may already be gone; it is killed either way
-            pass
+        if graceful:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - the actor may already be gone; it is killed either way
+                pass
         try:
             ray.kill(actor)
         except Exception:  # noqa: BLE001
@@ -447,7 +450,7 @@ class RayReplica:
                 self._stop_actor()
                 return
             if time.monotonic() > limit:
-                self._stop_actor()
+                self._stop_actor(graceful=False)
                 self._actor_lost("it stopped answering", loading=False)
                 return
         if log_ref is not None:

@@ -4,6 +4,7 @@ scaling and unloading. The remote client suite and the escape corpus also run ag
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -160,6 +161,42 @@ def test_a_killed_replica_is_replaced_and_its_job_runs_again_once_or_fails_sayin
         for seed in (7, 8):
             assert_equal_saved(client.run(trace_request(NORMAL, tokens(seed))).saved, expected(NORMAL, tokens(seed)))
         assert models(http)["tiny"]["running"] == 0
+
+
+def test_a_replica_that_stops_answering_is_replaced_and_its_job_runs_again(tmp_path, ray_instance, monkeypatch):
+    """SIGSTOP freezes the actor mid-job; past the job's time limit, the cancel grace and the engine's
+    answer grace it is killed (its loader and job processes with it) and the job runs again."""
+    from nnsight_jupyter.remote.server import ray_engine
+
+    monkeypatch.setattr(ray_engine, "_ANSWER_GRACE_S", 1.0)
+    config = make_config(tmp_path, None, max_job_seconds=60.0, **RAY)
+    with TestClient(create_app(config), raise_server_exceptions=False) as http:
+        client = Client(http, "unused")
+        _wait_ready(http, {}, timeout=180)
+        job_id = client.submit(trace_request(BUSY, tokens(4), timeout=5))
+        replica = wait_for(lambda: next((r for r in models(http)["tiny"]["replicas"]
+                                         if r["state"] == "busy" and r["job"] == job_id), None), 60, "the job running")
+        time.sleep(0.3)
+        os.kill(replica["actor_pid"], signal.SIGSTOP)
+        try:
+            status = client.wait(job_id, timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(replica["actor_pid"], signal.SIGCONT)
+        assert status["status"] == "completed", status
+        assert_equal_saved(client.result(job_id).saved, busy_expected(tokens(4)))
+        requeued = [e for e in client.events(job_id) if e.get("requeued")]
+        assert len(requeued) == 1 and "stopped answering" in requeued[0]["reason"], requeued
+        for pid in (replica["actor_pid"], replica["pid"]):  # the actor and the loader it started
+            wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), 30, f"{pid} ending")
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (Z: ended, waiting for its parent to collect it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
 
 
 def test_a_long_queue_adds_a_replica_which_stops_when_idle(tmp_path, ray_instance):
