@@ -574,7 +574,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def connect(address: str | None) -> None:
-    """Join the Ray cluster at ``address`` (None: start a Ray instance on this machine).
+    """Join the Ray cluster at ``address`` (None: start a Ray instance of the server's own on this machine).
 
     Raises ``ValueError`` saying what to do when there is no cluster there, so ``serve`` reports
     it as a bad flag instead of a traceback from the server's startup. The actors' own output is
@@ -585,7 +585,9 @@ def connect(address: str | None) -> None:
 
     _check_reachable(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    options: dict[str, Any] = {"address": address, "log_to_driver": False}
+    # "local": a Ray instance of this server's own, even where `ray start` already runs one on this
+    # machine (``ray.init()`` with no address would join that one).
+    options: dict[str, Any] = {"address": address or "local", "log_to_driver": False}
     if address is None or not address.startswith("ray://"):
         options.update(include_dashboard=False, configure_logging=False)
     try:

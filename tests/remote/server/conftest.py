@@ -235,7 +235,8 @@ def ray_instance() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     try:
         yield
     finally:

@@ -259,3 +259,84 @@ def test_models_unload_when_unused_or_past_the_memory_budget_and_reload_on_deman
         assert states() == {"tiny": "ready", "other": "unloaded"}
         wait_for(lambda: states() == {"tiny": "unloaded", "other": "unloaded"}, 30, "tiny unloading when unused")
         assert "loading" in run_seen("tiny", 4)
+
+
+def test_serve_joins_a_cluster_started_with_ray_start(tmp_path):
+    """`serve --engine ray --ray-address HOST:PORT` on a cluster whose head `ray start` runs (as on a real
+    cluster's head machine): the replica is an actor there, and results equal a local run."""
+    import subprocess
+    import sys
+
+    from .conftest import free_port
+
+    port = free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # As docs/ray.md starts a cluster: Ray's token authentication on, one token on every machine (here in
+    # Ray's environment variable instead of ~/.ray/auth_token, which the test leaves alone).
+    import secrets
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--disable-usage-stats",
+                             "--include-dashboard=false", "--block"],
+                            stdout=(tmp_path / "ray.log").open("wb"), stderr=subprocess.STDOUT,
+                            env=env)
+    keys = tmp_path / "keys.txt"
+    key = create_api_key(keys, "alice")
+    server = None
+    try:
+        ray_log = tmp_path / "ray.log"
+        wait_for(lambda: "will now block forever" in ray_log.read_text(errors="replace") or head.poll() is not None,
+                 180, "ray start")
+        assert head.poll() is None, ray_log.read_text()[-2000:]
+        import re
+
+        node_ip = re.search(r"Local node IP: (\S+)", ray_log.read_text()).group(1)  # where Ray's head listens
+        http_port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "nnsight_jupyter.remote.serve", "--models", TINY, "--port", str(http_port),
+             "--data-dir", str(tmp_path / "data"), "--api-key-file", str(keys), "--engine", "ray",
+             "--ray-address", f"{node_ip}:{port}", "--replica-memory-mb", "1024", "--max-job-memory-mb", "768",
+             "--threads", "1", "--log-level", "warning"],
+            cwd=Path(__file__).resolve().parents[3], stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "server.log").open("wb"),
+            env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[3])})
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as http:
+            client = Client(http, key)
+
+            def ready() -> bool:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+                try:
+                    return models(http, client.headers)["tiny"]["state"] == "ready"
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(ready, 180, "the server joining the cluster", interval=0.3)
+            replica = models(http, client.headers)["tiny"]["replicas"][0]
+            assert replica["engine"] == "ray"
+            # The actor is a worker process of the cluster `ray start` runs, not of the server.
+            assert Path(f"/proc/{replica['actor_pid']}").exists()
+            assert _parent_chain_has(replica["actor_pid"], head.pid)
+            assert not _parent_chain_has(replica["actor_pid"], server.pid)
+            for seed in (1, 2):
+                assert_equal_saved(client.run(trace_request(NORMAL, tokens(seed))).saved,
+                                   expected(NORMAL, tokens(seed)))
+    finally:
+        for process in (server, head):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def _parent_chain_has(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, IndexError, ValueError):
+            return False
+    return False
