@@ -291,10 +291,10 @@ def rank_completions(names: list[str], prefix: str) -> list[str]:
     given and without repeats.
 
     The matchers mark their result `ordered`, so IPython keeps this order instead of sorting alphabetically, and
-    JupyterLab draws it as it comes. JupyterLab 4 re-sorts by its own match score, ties alphabetically, once it
-    has a query: when the user types on with the menu open, or when every item shares a longer prefix than was
-    typed (`%%trace g` offers `gpt2` and `gpt`, JupyterLab fills in `gpt` and lists `gpt` first). Names that hold
-    the prefix elsewhere are offered too (`.proj` finds `c_proj`), which also makes a shared prefix rarer.
+    JupyterLab draws it as it comes. Once the menu has a query (typed on, or a prefix every item shares) JupyterLab
+    4 re-sorts by its own score, ties alphabetically; in `%%trace` cells the extension's completer model
+    (`labextension/src/lab/completer.ts`) ranks them again as here. Names that hold the prefix elsewhere are
+    offered too (`.proj` finds `c_proj`).
     """
     seen: set[str] = set()
     exact: list[str] = []

@@ -113,3 +113,36 @@ def test_the_header_offers_registry_models_first(notebook):
     page.keyboard.press("Enter")
     page.wait_for_function("(text) => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel"
                            ".getSource() === text", arg=f"%%trace {registry[0]}", timeout=30_000)
+
+
+def test_the_order_holds_when_jupyterlab_filters_the_menu(notebook):
+    """JupyterLab re-sorts a menu that has a query (ties alphabetically); in `%%trace` cells the order stays."""
+    from nnsight_jupyter.models.registry import available
+
+    model, _ = build_gpt2()
+    page = notebook.page
+    top = [name for name, _ in model.transformer.named_modules() if name and "." not in name]
+    starting = [n for n in top if n.startswith("w")]
+    assert len(starting) == 2 and starting != sorted(starting)  # wte, wpe
+    drawn_completions(page, '%%trace gpt "Hello"\nh = model.transformer.')
+    page.keyboard.type("w")  # typed on with the menu open: JupyterLab filters and scores by "w"
+    page.wait_for_function("() => document.querySelectorAll('.jp-Completer-item').length > 0 && "
+                           "[...document.querySelectorAll('.jp-Completer-item')].every("
+                           "(i) => i.dataset.value.toLowerCase().includes('w'))", timeout=30_000)
+    items = page.locator(".jp-Completer .jp-Completer-item")
+    offered = items.evaluate_all("""(items) => items.map((i) => [i.getBoundingClientRect().top, i.dataset.value])
+        .sort((a, b) => a[0] - b[0]).map((pair) => pair[1])""")
+    # The children first, in forward order (JupyterLab alone puts `wpe` first), then the other names starting
+    # with "w", then those that only contain it.
+    assert offered[:2] == starting, offered
+    exact = [n for n in offered if n.startswith("w")]
+    assert offered[: len(exact)] == exact and len(offered) > len(exact), offered
+    close_completer(page)
+
+    # `%%trace g`: every item starts with "gpt", which JupyterLab fills in and then scores a tie.
+    registry = [m.name for m in available()]
+    offered = drawn_completions(page, "%%trace g")
+    kernel = [n for n in registry if n.startswith("g")] + ["gpt"]
+    assert offered[: len(kernel)] == kernel and kernel != sorted(kernel), offered
+    screenshot(page.locator(".jp-Completer"), "sidebar_completion_header_prefix")
+    close_completer(page)
