@@ -4,8 +4,9 @@ One notebook holds a random two-layer GPT-2 (`gpt`). In a `%%trace gpt` cell's b
 must list a module's children in the order `named_modules()` gives them (the forward's, not the
 alphabet's), names that start with what was typed before names that only contain it; on the
 header's model argument, the registry's names in the registry's order before the notebook's
-models. Each order is computed here from the model and the registry, and compared with the
-items the completer drew, top to bottom.
+models. The order must hold where JupyterLab alone re-sorts the menu alphabetically: typed on with
+the menu open, and after it fills in a prefix every item shares. Each order is computed here from
+the model and the registry, and compared with the items the completer drew, top to bottom.
 """
 
 from __future__ import annotations
