@@ -278,13 +278,64 @@ def complete_module_paths(shell: Any, text_before_cursor: str, roots: dict[str, 
         if not isinstance(obj, (Envoy, SourceEnvoy)):
             return []
     if isinstance(obj, SourceEnvoy):  # `.source.<tab>`: the forward's operations, in source order
-        return [n for n in obj if n.startswith(prefix)]
+        return rank_completions(list(obj), prefix)
+    # Child modules first, in the order the forward runs them (`named_children()`, as `named_modules()` lists
+    # them), then aliases, the envoy's own members and the module's attributes.
     names = list(obj._children) + list(obj._aliases) + ["output", "input", "inputs", "next", "call", "source"]
-    names += [n for n in dir(obj._module) if not n.startswith("_")]
-    return sorted(
-        {n for n in names if n.startswith(prefix) and n.isidentifier()},
-        key=lambda n: (n not in obj._children and n not in obj._aliases, n),
-    )
+    names += sorted(n for n in dir(obj._module) if not n.startswith("_"))
+    return rank_completions(names, prefix)
+
+
+def rank_completions(names: list[str], prefix: str) -> list[str]:
+    """`names` that start with `prefix`, then those that hold it in another case or place, each group in the order
+    given and without repeats.
+
+    The matchers mark their result `ordered`, so IPython keeps this order instead of sorting alphabetically, and
+    JupyterLab draws it as it comes. Once the menu has a query (typed on, or a prefix every item shares) JupyterLab
+    4 re-sorts by its own score, ties alphabetically; in `%%trace` cells the extension's completer model
+    (`labextension/src/lab/completer.ts`) ranks them again as here. Names that hold the prefix elsewhere are
+    offered too (`.proj` finds `c_proj`).
+    """
+    seen: set[str] = set()
+    exact: list[str] = []
+    others: list[str] = []
+    lowered = prefix.lower()
+    for name in names:
+        if name in seen or not name.isidentifier():
+            continue
+        if name.startswith(prefix):
+            exact.append(name)
+        elif lowered in name.lower():
+            others.append(name)
+        else:
+            continue
+        seen.add(name)
+    return exact + others
+
+
+_HEADER_MODEL_RE = re.compile(r"^\s*%%trace[ \t]+(\S*)$")
+
+
+def complete_trace_models(shell: Any, text_before_cursor: str) -> list[str] | None:
+    """Completions for the model of a `%%trace` header: the registry's names in its order, then the notebook's
+    models and modules. None when the cursor is not on the header's model argument."""
+    match = _HEADER_MODEL_RE.match(text_before_cursor)
+    if not match:
+        return None
+    import torch
+
+    from .models.registry import names as registry_names
+
+    prefix = match.group(1)
+    registry = registry_names()
+    notebook = [
+        name for name, value in list(shell.user_ns.items())
+        if not name.startswith("_") and isinstance(value, (NNsight, torch.nn.Module))
+    ]
+    exact = [n for n in registry if n.startswith(prefix)] + [n for n in notebook if n.startswith(prefix)]
+    lowered = prefix.lower()
+    others = [n for n in registry + notebook if not n.startswith(prefix) and lowered in n.lower()]
+    return list(dict.fromkeys(exact + others))
 
 
 _TRACE_HEADER_RE = re.compile(r"\s*%%trace[ \t]+(\S+)")
@@ -310,6 +361,14 @@ def _matcher(shell: Any):
     @context_matcher()
     def nnsight_module_paths(context: Any) -> dict:
         before = context.text_until_cursor
+        models = complete_trace_models(shell, before) if context.full_text.lstrip().startswith("%%trace") else None
+        if models is not None:
+            return {
+                "completions": [SimpleCompletion(text=n, type="model") for n in models],
+                "matched_fragment": re.search(r"\S*$", before).group(0),
+                "suppress": bool(models),
+                "ordered": True,
+            }
         names = complete_module_paths(shell, before, trace_cell_roots(shell, context.full_text))
         # The part a completion replaces is the name being typed; without saying so IPython replaces
         # its whole token (`.ml` after `h[0]`, all of `m.transformer.ln`) and the path is lost.
@@ -317,6 +376,7 @@ def _matcher(shell: Any):
             "completions": [SimpleCompletion(text=n, type="module") for n in names],
             "matched_fragment": re.search(r"\w*$", before).group(0),
             "suppress": bool(names),
+            "ordered": True,
         }
 
     return nnsight_module_paths

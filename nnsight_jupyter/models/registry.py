@@ -30,6 +30,7 @@ __all__ = [
     "available",
     "hub_offline_reason",
     "models",
+    "names",
     "register",
     "resolve",
 ]
@@ -128,6 +129,11 @@ def available() -> ModelList:
             source = "bundled"
         infos.append(ModelInfo(entry.name, entry.description, source, ready))
     return infos
+
+
+def names() -> list[str]:
+    """The registered short names, in registration order, without checking whether each would load."""
+    return list(_REGISTRY)
 
 
 def models() -> ModelList:

@@ -256,6 +256,25 @@ class NotebookPage:
         self.context.close()
 
 
+def run_active_cell(page) -> None:
+    """Run the notebook's active cell and wait until it has run; a cell that raised fails the test."""
+    index = page.evaluate("""() => {
+        const panel = window.jupyterapp.shell.currentWidget;
+        const index = panel.content.activeCellIndex;
+        window.jupyterapp.commands.execute('notebook:run-cell');
+        return index;
+    }""")
+    page.wait_for_function("""(index) => {
+        const panel = window.jupyterapp.shell.currentWidget;
+        const kernel = panel.sessionContext.session.kernel;
+        const cell = panel.content.widgets[index];
+        return kernel.status === 'idle' && cell.model.executionCount !== null;
+    }""", arg=index, timeout=240_000, polling=250)
+    errors = page.evaluate("""(index) => window.jupyterapp.shell.currentWidget.content.widgets[index].model.outputs
+        .toJSON().filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)""", index)
+    assert not errors, errors
+
+
 def screenshot(locator: Any, name: str, readme: bool = False) -> Path:
     """Keep a picture of `locator` in the artifacts (and for the README when asked to)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import GPT2_SETUP, ROOT, NotebookPage, build_gpt2, screenshot
+from .conftest import GPT2_SETUP, ROOT, NotebookPage, build_gpt2, run_active_cell, screenshot
 
 pytestmark = pytest.mark.slow
 
@@ -36,25 +36,6 @@ def notebook(lab, browser):
     yield page
     page.close()
     lab.shutdown_kernels()
-
-
-def run_active_cell(page) -> None:
-    """Run the notebook's active cell and wait until it has run; a cell that raised fails the test."""
-    index = page.evaluate("""() => {
-        const panel = window.jupyterapp.shell.currentWidget;
-        const index = panel.content.activeCellIndex;
-        window.jupyterapp.commands.execute('notebook:run-cell');
-        return index;
-    }""")
-    page.wait_for_function("""(index) => {
-        const panel = window.jupyterapp.shell.currentWidget;
-        const kernel = panel.sessionContext.session.kernel;
-        const cell = panel.content.widgets[index];
-        return kernel.status === 'idle' && cell.model.executionCount !== null;
-    }""", arg=index, timeout=240_000, polling=250)
-    errors = page.evaluate("""(index) => window.jupyterapp.shell.currentWidget.content.widgets[index].model.outputs
-        .toJSON().filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)""", index)
-    assert not errors, errors
 
 
 def tree_rows(view) -> dict[str, dict[str, str]]:

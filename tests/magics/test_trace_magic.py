@@ -172,7 +172,8 @@ def test_nnsight_line_magic(shell, gpt2, capsys):
 
 def test_module_path_completion(shell, gpt2):
     shell.user_ns["m"] = NNsight(gpt2)
-    assert complete_module_paths(shell, "m.transformer.h[0].")[:4] == ["attn", "ln_1", "ln_2", "mlp"]
+    block_children = [name for name, _ in gpt2.transformer.h[0].named_children()]
+    assert complete_module_paths(shell, "m.transformer.h[0].")[: len(block_children)] == block_children
     assert complete_module_paths(shell, "x = m.transformer.h[1].a")[0] == "attn"
     assert complete_module_paths(shell, "m.transformer.zz[0].") == []
     assert "source" in complete_module_paths(shell, "m.transformer.h[0].attn.so")
@@ -185,6 +186,46 @@ def test_module_path_completion(shell, gpt2):
     with provisionalcompleter():
         completions = [c.text for c in shell.Completer.completions(text, len(text))]
     assert any(c.endswith("mlp") for c in completions)
+
+
+def _completions(shell, cell):
+    from IPython.core.completer import provisionalcompleter
+
+    with provisionalcompleter():
+        return [c.text for c in shell.Completer.completions(cell, len(cell))]
+
+
+def test_completions_come_in_forward_order_with_exact_prefixes_first(shell, gpt2):
+    """What the front end lists, in its order: child modules as `named_modules()` has them, not alphabetically."""
+    shell.user_ns["m"] = NNsight(gpt2)
+    shell.user_ns.pop("model", None)
+    top = [name for name, _ in gpt2.transformer.named_children()]
+    assert top != sorted(top)  # so the order below is the forward's, not the alphabet's
+    assert _completions(shell, '%%trace m "hi"\nh = model.transformer.')[: len(top)] == top
+    block = [name.split(".")[-1] for name, _ in gpt2.transformer.h[0].named_modules() if name.count(".") == 0 and name]
+    assert _completions(shell, "m.transformer.h[1].")[: len(block)] == block
+    # `.c`: names starting with "c" first (children in forward order), then those holding a "c" elsewhere.
+    mlp = [name for name, _ in gpt2.transformer.h[0].mlp.named_children()]
+    offered = _completions(shell, "m.transformer.h[0].mlp.c")
+    starts = [n for n in offered if n.startswith("c")]
+    assert offered[: len(starts)] == starts and starts[:2] == [n for n in mlp if n.startswith("c")]
+    rest = offered[len(starts):]
+    assert rest and all("c" in n.lower() for n in rest)
+    assert rest[0] == next(n for n in mlp if not n.startswith("c") and "c" in n)  # a child first: `act`
+    assert all(hasattr(gpt2.transformer.h[0].mlp, n) or n in ("source", "call") for n in offered)
+
+
+def test_the_trace_header_completes_registry_models_first(shell, gpt2):
+    from nnsight_jupyter.models.registry import available
+
+    registry = [m.name for m in available()]
+    for name in [n for n, v in shell.user_ns.items() if isinstance(v, (NNsight, torch.nn.Module))]:
+        del shell.user_ns[name]
+    shell.user_ns.update(gpt=NNsight(gpt2), raw_block=gpt2.transformer.h[0], not_a_model=3)
+    assert _completions(shell, "%%trace ") == registry + ["gpt", "raw_block"]
+    assert _completions(shell, "%%trace g") == [n for n in registry if n.startswith("g")] + ["gpt"]
+    # Once the model is written, the prompt is not completed from the model list.
+    assert "smollm2" not in _completions(shell, "%%trace smollm2 sm")
 
 
 def test_module_path_completion_in_a_trace_cell_body(shell, gpt2):

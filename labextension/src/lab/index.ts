@@ -7,9 +7,11 @@
 import { ILabShell, ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from "@jupyterlab/application";
 import { ICommandPalette, InputDialog, MainAreaWidget } from "@jupyterlab/apputils";
 import { EditorExtensionRegistry, IEditorExtensionRegistry } from "@jupyterlab/codemirror";
+import { ICompletionProviderManager } from "@jupyterlab/completer";
 import { INotebookTracker, NotebookActions, NotebookPanel } from "@jupyterlab/notebook";
 import { LabIcon } from "@jupyterlab/ui-components";
 import pkg from "../../package.json";
+import { TraceCompletionOrder } from "./completer";
 import { KernelLink } from "./kernel_link";
 import { viewRendererFactory } from "./mime";
 import { ModelEntry, sweepTemplate, traceCell } from "./protocol";
@@ -51,7 +53,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: "nnsight sidebar, commands and %%trace highlighting",
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ICommandPalette, ILayoutRestorer, IEditorExtensionRegistry, ILabShell],
+  optional: [ICommandPalette, ILayoutRestorer, IEditorExtensionRegistry, ILabShell, ICompletionProviderManager],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
@@ -59,6 +61,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     restorer: ILayoutRestorer | null,
     editors: IEditorExtensionRegistry | null,
     labShell: ILabShell | null,
+    completions: ICompletionProviderManager | null,
   ) => {
     // The views' MIME type, preferred over the widget (rank -10) in each notebook: saved outputs
     // draw without a kernel, live ones switch to the widget when it appears.
@@ -155,6 +158,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
     for (const command of [CommandIDs.insertTrace, CommandIDs.insertSweep, CommandIDs.showTree, CommandIDs.openSidebar]) {
       palette?.addItem({ command, category: "nnsight" });
     }
+
+    // Keeps the kernel's order of %%trace completions where JupyterLab would sort them alphabetically.
+    completions?.registerProvider(new TraceCompletionOrder());
 
     editors?.addExtension({
       name: "nnsight-jupyter:trace-highlight",
