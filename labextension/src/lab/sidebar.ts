@@ -1,8 +1,10 @@
 /**
  * The nnsight sidebar: the active notebook kernel's models (with their module trees), the values
  * their latest traces saved, and its remote jobs. Everything shown comes from `KernelLink`'s
- * snapshots; the module tree and TensorView are the notebook views from `../views`, fed from the
- * sidebar's comm instead of a widget model.
+ * snapshots and pushes; the module tree and TensorView are the notebook views from `../views`, fed
+ * from the sidebar's comm instead of a widget model. The servers' health and the jobs' status are
+ * pushed by the kernel every `CONFIG.sidebar_poll` seconds while the sidebar is open, so the sidebar
+ * keeps no timer of its own.
  */
 
 import { MainAreaWidget } from "@jupyterlab/apputils";
@@ -15,13 +17,11 @@ import { putBuffers, StateSource } from "../views/source";
 import { renderTensorView } from "../views/tensor_view";
 import { KernelLink, LinkState } from "./kernel_link";
 import {
-  Answer, canCancel, compact, healthLabel, jobLabel, pathWithRoot, RemoteHost, rootForCell, saveLine, Snapshot,
-  versionMismatch,
+  Answer, canCancel, compact, healthLabel, jobLabel, pathWithRoot, Pushed, RemoteHost, rootForCell, saveLine,
+  Snapshot, versionMismatch,
 } from "./protocol";
 
 export const SIDEBAR_ID = "nnsight-jupyter-sidebar";
-/** How often an open sidebar asks the kernel for its servers' health. */
-const HEALTH_EVERY_MS = 30_000;
 
 /** The state and buffers of a view sent in an answer, put back together. */
 export function viewState(answer: Answer): Record<string, unknown> {
@@ -39,10 +39,10 @@ export class Sidebar extends Widget {
   private savedEl = h("div", { class: "nnsj-sb-saved" });
   private jobsEl = h("div", { class: "nnsj-sb-jobs" });
   private remoteEl = h("div", { class: "nnsj-sb-remote" });
-  /** The latest health of each server, by host; `hostsKey` is the server list it was asked for. */
+  /** Each server's latest health and when it came, by host; `hostsKey`: the server list it was asked for. */
   private health = new Map<string, RemoteHost>();
+  private healthAt = new Map<string, number>();
   private hostsKey: string | null = null;
-  private healthTimer: ReturnType<typeof setInterval> | null = null;
   private lastSnapshot: Snapshot | null = null;
   private selection = h("div", { class: "nnsj-sb-selection" });
   private trees = new Map<string, { el: HTMLElement; cleanup: () => void }>();
@@ -67,18 +67,40 @@ export class Sidebar extends Widget {
       h("h3", { text: "Remote jobs" }), this.jobsEl);
     this.node.addEventListener("nnsj-module-select", (event) => this.onSelect(event as CustomEvent));
     link.stateChanged.connect(this.onState, this);
+    link.pushed.connect(this.onPushed, this);
     this.show_(link.state);
   }
 
   protected onAfterShow(): void {
     this.link.setActive(true);
-    this.healthTimer ??= setInterval(() => this.checkHealth(), HEALTH_EVERY_MS);
   }
 
   protected onAfterHide(): void {
     this.link.setActive(false);
-    if (this.healthTimer !== null) clearInterval(this.healthTimer);
-    this.healthTimer = null;
+  }
+
+  /** The kernel's watcher saw a server's health or a job's status change (also while a cell runs). */
+  private onPushed(_link: KernelLink, pushed: Pushed): void {
+    const snapshot = this.lastSnapshot;
+    if (!snapshot || this.link.state.kind !== "connected") return;
+    if (pushed.event === "health") {
+      this.setHealth(pushed.hosts);
+      // The pushed list is the newer one; it was checked just now, so it is not asked for again.
+      this.lastSnapshot = { ...snapshot, remote: pushed.hosts.map(({ host, source }) => ({ host, source })) };
+      this.hostsKey = JSON.stringify(pushed.hosts.map((r) => r.host));
+      this.drawRemote(this.lastSnapshot);
+    } else {
+      this.lastSnapshot = { ...snapshot, jobs: pushed.jobs };
+      this.drawJobs(this.lastSnapshot);
+    }
+  }
+
+  private setHealth(hosts: RemoteHost[]): void {
+    const now = Date.now();
+    for (const entry of hosts) {
+      this.health.set(entry.host, entry);
+      this.healthAt.set(entry.host, now);
+    }
   }
 
   private onState(_link: KernelLink, state: LinkState): void {
@@ -124,6 +146,7 @@ export class Sidebar extends Widget {
     this.trees.clear();
     this.openModel = null;
     this.health.clear();
+    this.healthAt.clear();
     this.hostsKey = null;
     this.lastSnapshot = null;
     this.remoteEl.replaceChildren();
@@ -170,17 +193,23 @@ export class Sidebar extends Widget {
     }), check);
   }
 
-  /** Ask the kernel for each server's health (it answers from a thread: no cell waits on a slow server). */
+  /**
+   * Ask the kernel for each server's health (it answers from a thread: no cell waits on a slow server).
+   * A busy kernel answers after its cell; a request that times out meanwhile leaves alone what the
+   * kernel pushed since it was sent.
+   */
   private checkHealth(): void {
     if (this.link.state.kind !== "connected") return;
+    const asked = Date.now();
     this.link.request({ kind: "health" }).then(
       (answer) => {
-        for (const entry of answer.content.hosts as RemoteHost[]) this.health.set(entry.host, entry);
+        this.setHealth(answer.content.hosts as RemoteHost[]);
         if (this.lastSnapshot) this.drawRemote(this.lastSnapshot);
       },
       (error: Error) => {
         if (this.lastSnapshot) {
           for (const entry of this.lastSnapshot.remote ?? []) {
+            if ((this.healthAt.get(entry.host) ?? 0) > asked) continue;
             this.health.set(entry.host, { ...entry, status: "unknown", error: error.message });
           }
           this.drawRemote(this.lastSnapshot);
@@ -301,6 +330,7 @@ export class Sidebar extends Widget {
   }
 
   private drawJobs(snapshot: Snapshot): void {
+    this.lastSnapshot = snapshot;
     if (!snapshot.jobs.length) {
       this.jobsEl.replaceChildren(h("div", { class: "nnsj-muted", text: "No remote job from this kernel." }));
       return;
@@ -332,9 +362,9 @@ export class Sidebar extends Widget {
   }
 
   dispose(): void {
-    if (this.healthTimer !== null) clearInterval(this.healthTimer);
     this.clear();
     this.link.stateChanged.disconnect(this.onState, this);
+    this.link.pushed.disconnect(this.onPushed, this);
     super.dispose();
   }
 }
