@@ -22,7 +22,9 @@ A kernel busy with a long cell reads no comm message until the cell ends, so whi
 daemon thread asks the servers' `/health` and the unfinished jobs' status every
 `CONFIG.sidebar_poll` seconds (5 by default) and pushes `{event: "health", hosts}` and
 `{event: "jobs", jobs}` when they change (ipykernel's iopub socket takes messages from any thread).
-The browser cannot ask the servers itself: they send no CORS headers. The cost is one `/health` GET
+The browser cannot ask the servers itself: they send no CORS headers. Job status goes through the
+job's own `httpx.Client`, which a running cell may be using too (httpx: "it can be shared between
+threads"). The cost is one `/health` GET
 per server and one status GET per unfinished job each interval, only while the sidebar is open; the
 thread ends when the comm closes.
 """

@@ -17,9 +17,16 @@ import { putBuffers, StateSource } from "../views/source";
 import { renderTensorView } from "../views/tensor_view";
 import { KernelLink, LinkState } from "./kernel_link";
 import {
-  Answer, canCancel, compact, healthLabel, jobLabel, pathWithRoot, Pushed, RemoteHost, rootForCell, saveLine,
-  Snapshot, versionMismatch,
+  Answer, canCancel, compact, healthLabel, JobEntry, jobLabel, pathWithRoot, Pushed, RemoteHost, rootForCell,
+  saveLine, Snapshot, versionMismatch,
 } from "./protocol";
+
+/** A job's row in the sidebar, its status text and its cancel button (while it can be cancelled). */
+interface JobRow {
+  row: HTMLElement;
+  status: HTMLElement;
+  cancel: HTMLButtonElement | null;
+}
 
 export const SIDEBAR_ID = "nnsight-jupyter-sidebar";
 
@@ -38,6 +45,9 @@ export class Sidebar extends Widget {
   private modelsEl = h("div", { class: "nnsj-sb-models" });
   private savedEl = h("div", { class: "nnsj-sb-saved" });
   private jobsEl = h("div", { class: "nnsj-sb-jobs" });
+  private jobRows = new Map<string, JobRow>();
+  /** Kept across redraws, as the job rows are, so that a pushed redraw cannot swallow a click on it. */
+  private checkButton = h("button", { class: "jp-mod-styled nnsj-sb-check", text: "check again" });
   private remoteEl = h("div", { class: "nnsj-sb-remote" });
   /** Each server's latest health and when it came, by host; `hostsKey`: the server list it was asked for. */
   private health = new Map<string, RemoteHost>();
@@ -68,6 +78,7 @@ export class Sidebar extends Widget {
     this.node.addEventListener("nnsj-module-select", (event) => this.onSelect(event as CustomEvent));
     link.stateChanged.connect(this.onState, this);
     link.pushed.connect(this.onPushed, this);
+    this.checkButton.addEventListener("click", () => this.checkHealth());
     this.show_(link.state);
   }
 
@@ -153,6 +164,7 @@ export class Sidebar extends Widget {
     this.modelsEl.replaceChildren();
     this.savedEl.replaceChildren();
     this.jobsEl.replaceChildren();
+    this.jobRows.clear();
     this.selection.replaceChildren();
   }
 
@@ -182,15 +194,13 @@ export class Sidebar extends Widget {
       }));
       return;
     }
-    const check = h("button", { class: "jp-mod-styled nnsj-sb-check", text: "check again" });
-    check.addEventListener("click", () => this.checkHealth());
     this.remoteEl.replaceChildren(...hosts.map((entry) => {
       const known = { ...entry, ...(this.health.get(entry.host) ?? {}) };
       return h("div", { class: "nnsj-sb-host", "data-host": entry.host, "data-health": known.status ?? "checking" },
         h("code", { text: entry.host }), " ",
         h("span", { class: "nnsj-muted", text: `(${entry.source})` }), " ",
         h("span", { class: "nnsj-sb-health", text: healthLabel(known) }));
-    }), check);
+    }), this.checkButton);
   }
 
   /**
@@ -329,36 +339,58 @@ export class Sidebar extends Widget {
       (error: Error) => content.node.replaceChildren(h("div", { class: "nnsj-error", text: error.message })));
   }
 
+  /**
+   * One row per job, kept across redraws and updated in place: the kernel pushes job changes every
+   * few seconds, and a row replaced between a press and a release of the mouse would swallow the click
+   * on its cancel button.
+   */
   private drawJobs(snapshot: Snapshot): void {
     this.lastSnapshot = snapshot;
+    const listed = new Set(snapshot.jobs.map((job) => job.job_id));
+    for (const id of [...this.jobRows.keys()]) if (!listed.has(id)) this.jobRows.delete(id);
     if (!snapshot.jobs.length) {
       this.jobsEl.replaceChildren(h("div", { class: "nnsj-muted", text: "No remote job from this kernel." }));
       return;
     }
-    this.jobsEl.replaceChildren(...snapshot.jobs.map((job) => {
-      const row = h("div", { class: "nnsj-sb-job", "data-job": job.job_id, "data-status": job.status },
-        h("code", { text: job.job_id.slice(0, 8) }), " ",
-        h("span", { class: "nnsj-muted", text: job.model }), " ",
-        h("span", { class: "nnsj-sb-job-status", text: jobLabel(job) }));
-      if (canCancel(job)) {
-        const button = h("button", { class: "jp-mod-styled nnsj-sb-cancel", text: "cancel" });
-        button.addEventListener("click", () => {
-          button.disabled = true;
-          this.link.request({ kind: "cancel", job: job.job_id }).then(
-            (answer) => {
-              row.dataset.status = String(answer.content.job.status);
-              row.querySelector(".nnsj-sb-job-status")!.textContent = jobLabel(answer.content.job);
-              button.remove();
-            },
-            (error: Error) => {
-              button.disabled = false;
-              row.append(h("div", { class: "nnsj-error", text: error.message }));
-            });
-        });
-        row.append(" ", button);
+    const rows = snapshot.jobs.map((job) => {
+      let entry = this.jobRows.get(job.job_id);
+      if (!entry) {
+        const status = h("span", { class: "nnsj-sb-job-status" });
+        const row = h("div", { class: "nnsj-sb-job", "data-job": job.job_id },
+          h("code", { text: job.job_id.slice(0, 8) }), " ",
+          h("span", { class: "nnsj-muted", text: job.model }), " ", status, " ");
+        entry = { row, status, cancel: null };
+        this.jobRows.set(job.job_id, entry);
       }
-      return row;
-    }));
+      this.showJob(entry, job);
+      return entry.row;
+    });
+    const children = Array.from(this.jobsEl.children);
+    const moved = rows.length !== children.length || rows.some((row, i) => row !== children[i]);
+    if (moved) this.jobsEl.replaceChildren(...rows);
+  }
+
+  private showJob(entry: JobRow, job: JobEntry): void {
+    entry.row.dataset.status = job.status;
+    entry.status.textContent = jobLabel(job);
+    if (!canCancel(job)) {
+      entry.cancel?.remove();
+      entry.cancel = null;
+      return;
+    }
+    if (entry.cancel) return;
+    const button = h("button", { class: "jp-mod-styled nnsj-sb-cancel", text: "cancel" });
+    button.addEventListener("click", () => {
+      button.disabled = true;
+      this.link.request({ kind: "cancel", job: job.job_id }).then(
+        (answer) => this.showJob(entry, answer.content.job as JobEntry),
+        (error: Error) => {
+          button.disabled = false;
+          entry.row.append(h("div", { class: "nnsj-error", text: error.message }));
+        });
+    });
+    entry.cancel = button;
+    entry.row.append(button);
   }
 
   dispose(): void {
