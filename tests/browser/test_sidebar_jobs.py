@@ -157,27 +157,60 @@ def test_the_sidebar_shows_the_servers_health(lab, browser, server):
         lab.shutdown_kernels()
 
 
-def test_the_health_changes_while_a_cell_runs(lab, browser, tmp_path):
-    """A busy kernel answers no request, yet the sidebar sees the server stop during a long cell."""
-    with serving(tmp_path) as (http, _key, stop):
+def test_health_and_jobs_change_in_the_sidebar_while_a_cell_runs(lab, browser, tmp_path):
+    """A busy kernel answers no request, yet the sidebar sees a job end and the server stop during a long cell."""
+    with serving(tmp_path) as (http, key, stop):
         host = str(http.base_url).rstrip("/")
         version = http.get("/health").json()["package_version"]
-        setup = f"%load_ext nnsight_jupyter\nfrom nnsight_jupyter.settings import CONFIG\nCONFIG.host = {host!r}\n"
-        lab.write_notebook("health_busy.ipynb", [setup + "CONFIG.sidebar_poll = 1"])
+        setup = f'''%load_ext nnsight_jupyter
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from tests.remote.server.tiny_models import tiny_gpt2
+from nnsight_jupyter.remote.client import RemoteClient
+from nnsight_jupyter.settings import CONFIG
+CONFIG.host = {host!r}
+CONFIG.sidebar_poll = 1
+client = RemoteClient({host!r}, {key!r}, show_status=False)
+tiny = tiny_gpt2()
+object.__setattr__(tiny, "remote_id", "tiny")
+X = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+with tiny.trace(X, remote=client, blocking=False) as busy:
+    total = 0
+    for i in range(10**10):
+        total += i
+print(busy.job.job_id)
+'''
+        lab.write_notebook("health_busy.ipynb", [setup])
         nb = NotebookPage(lab, browser, "health_busy.ipynb").open()
         page = nb.page
         row = f"{SIDEBAR} .nnsj-sb-host[data-host='{host}']"
         try:
             page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
             nb.run_all()
+            job = nb.output(0).inner_text().strip()
+            job_row = f"{SIDEBAR} .nnsj-sb-job[data-job='{job}']"
             page.wait_for_function(f"() => document.querySelector(\"{row}\")?.dataset.health === 'ok'",
                                    timeout=30_000)
             assert f"ok (server {version})" in page.locator(row).inner_text()
+            page.locator(job_row).wait_for(timeout=30_000)
+            assert page.locator(job_row).get_attribute("data-status") in ("queued", "loading", "running")
 
             page.evaluate("""() => { window.__sleep = window.jupyterapp.shell.currentWidget.sessionContext.session
                 .kernel.requestExecute({code: 'import time\\ntime.sleep(120)'}); }""")
             busy = "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'busy'"
             page.wait_for_function(f"() => {busy}", timeout=30_000)
+
+            # The job is cancelled on the server, not from the sidebar: its row follows while the cell runs.
+            http.post(f"/jobs/{job}/cancel")
+            deadline = time.monotonic() + 30
+            while http.get(f"/jobs/{job}").json()["status"] != "cancelled":
+                assert time.monotonic() < deadline, http.get(f"/jobs/{job}").json()
+                time.sleep(0.2)
+            page.wait_for_function(
+                f"() => document.querySelector(\"{job_row}\")?.dataset.status === 'cancelled' && {busy}",
+                timeout=30_000)
+            assert "cancelled" in page.locator(job_row).inner_text()
+
             stop()
             with pytest.raises(httpx.ConnectError):
                 httpx.get(f"{host}/health", timeout=5)
