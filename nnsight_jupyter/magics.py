@@ -45,7 +45,8 @@ _NNSIGHT_HELP = """%nnsight commands:
   %nnsight models              models available here (registry aliases, and whether each works offline)
   %nnsight tree MODEL [INPUT]  the module tree of MODEL (with every module's shapes for a sample INPUT)
   %nnsight status              the remote backend configured for --remote
-  %nnsight config KEY=VALUE    set the remote backend for this kernel: host=URL, api_key=KEY, timeout=S
+  %nnsight config KEY=VALUE    set the remote backend for this kernel: host=URL, api_key=KEY, timeout=S,
+                               sidebar_poll=S (how often an open sidebar checks the servers and jobs)
   %nnsight help                this text
 
 %%trace MODEL [PROMPT ...] [--max-new-tokens N] [--remote] [--timeout S] [--show]

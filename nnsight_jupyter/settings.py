@@ -72,6 +72,8 @@ ENV_DAEMON_DIR = "NNSIGHT_JUPYTER_DAEMON_DIR"
 ENV_DEBUG = "NNSIGHT_JUPYTER_DEBUG"
 _HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "true", "yes", "on"}
+SIDEBAR_POLL_S = 5.0
+"""Default seconds between an open sidebar's health checks: a stopped server shows within this long."""
 
 
 def _env(name: str) -> str | None:
@@ -189,11 +191,14 @@ class RemoteConfig:
     """Settings for `remote=True`; attributes left as None fall back to the environment and the file.
 
     ``timeout`` is the default time limit, in seconds, of a remote trace that passes none.
+    ``sidebar_poll`` is how often, in seconds, a kernel whose JupyterLab sidebar is open asks its
+    servers' `/health` and its unfinished jobs' status (default :data:`SIDEBAR_POLL_S`).
     """
 
     host: str | None = None
     api_key: str | None = None
     timeout: float | None = None
+    sidebar_poll: float | None = None
     debug: bool | None = None
     """Trace errors show the engine's frames as well as the user's lines (None: the environment decides)."""
 
@@ -207,13 +212,32 @@ class RemoteConfig:
     def resolved_api_key(self) -> str | None:
         return self.api_key or _env(ENV_API_KEY) or read_config_file().get("api_key")
 
+    def resolved_sidebar_poll(self) -> float:
+        """Seconds between an open sidebar's checks of the servers; a value that is not a positive number is
+        an error saying so (the sidebar's thread would otherwise spin or never wake)."""
+        value = SIDEBAR_POLL_S if self.sidebar_poll is None else self.sidebar_poll
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = float("nan")
+        if not seconds > 0 or seconds == float("inf"):
+            raise NNsightError(
+                f"CONFIG.sidebar_poll is {value!r}: set it to a positive number of seconds, "
+                "e.g. %nnsight config sidebar_poll=5."
+            )
+        return seconds
+
     def set(self, key: str, value: str) -> None:
-        """Set one setting by name (`host`, `api_key`, `timeout`, `debug`), as `%nnsight config` does."""
+        """Set one setting by name (`host`, `api_key`, `timeout`, `sidebar_poll`, `debug`), as `%nnsight config`
+        does."""
         key = _ALIASES.get(key, key)
-        if key not in ("host", "api_key", "timeout", "debug"):
-            raise NNsightError(f"Unknown setting {key!r}; choose host, api_key, timeout or debug.")
+        if key not in ("host", "api_key", "timeout", "sidebar_poll", "debug"):
+            raise NNsightError(f"Unknown setting {key!r}; choose host, api_key, timeout, sidebar_poll or debug.")
         if key == "debug":
             self.debug = value.strip().lower() in _TRUE
+            return
+        if key == "sidebar_poll":
+            self.sidebar_poll = RemoteConfig(sidebar_poll=value).resolved_sidebar_poll()  # a bad value raises
             return
         setattr(self, key, float(value) if key == "timeout" else value)
 

@@ -17,6 +17,16 @@ failed request answers `{id, ok: false, error}`.
 
 `health` is answered from a thread: an unreachable server costs its connect timeout, which would
 otherwise hold up the next cell; the snapshot after each cell only lists the servers (no network).
+
+A kernel busy with a long cell reads no comm message until the cell ends, so while a comm is open a
+daemon thread asks the servers' `/health` and the unfinished jobs' status every
+`CONFIG.sidebar_poll` seconds (5 by default) and pushes `{event: "health", hosts}` and
+`{event: "jobs", jobs}` when they change (ipykernel's iopub socket takes messages from any thread).
+The browser cannot ask the servers itself: they send no CORS headers. Job status goes through the
+job's own `httpx.Client`, which a running cell may be using too (httpx: "it can be shared between
+threads"). The cost is one `/health` GET
+per server and one status GET per unfinished job each interval, only while the sidebar is open; the
+thread ends when the comm closes.
 """
 
 from __future__ import annotations
@@ -54,17 +64,41 @@ class SidebarSession:
         # What the extension says of itself when it opens the comm: {"protocol": n, "version": "x.y.z"}.
         self.extension = opened_with or {}
         self.opened: dict[str, Any] = {}
+        self._closed = threading.Event()
         comm.on_msg(self._on_msg)
         comm.on_close(lambda _msg: self.close())
         shell.events.register("post_run_cell", self._after_cell)
+        self.watcher = threading.Thread(target=self._watch, name="sidebar-watch", daemon=True)
+        self.watcher.start()
 
     def close(self) -> None:
+        self._closed.set()
         try:
             self.shell.events.unregister("post_run_cell", self._after_cell)
         except ValueError:
             pass
         self.opened.clear()
         _sessions.discard(self)
+
+    def _watch(self) -> None:
+        """Push the servers' health and the jobs' status when they change, until the comm closes.
+
+        It waits one interval before its first look: the sidebar asks for the health as soon as it
+        opens, and a comm opened for one question (the commands' model list) is closed before then.
+        """
+        last: dict[str, Any] = {}
+        looks = (("health", "hosts", lambda: health(remote_hosts())), ("jobs", "jobs", job_list))
+        while not self._closed.wait(_poll_interval()):
+            try:
+                for event, field, read in looks:
+                    value = read()
+                    if self._closed.is_set():
+                        return
+                    if value != last.get(event):
+                        self.comm.send({"event": event, field: value})
+                        last[event] = value
+            except Exception:  # noqa: BLE001 - a failed look is retried next interval; the kernel keeps running
+                log.debug("sidebar watch failed", exc_info=True)
 
     def _after_cell(self, _result: Any = None) -> None:
         try:
@@ -150,6 +184,22 @@ class SidebarSession:
 
 
 _sessions: set[SidebarSession] = set()
+_warned_poll: set[str] = set()
+
+
+def _poll_interval() -> float:
+    """`CONFIG.sidebar_poll`; a value set on CONFIG directly that is not a positive number is logged once
+    (with what to set instead) and the default used, since this runs in a thread no cell waits on."""
+    from .errors import NNsightError
+    from .settings import CONFIG, SIDEBAR_POLL_S
+
+    try:
+        return CONFIG.resolved_sidebar_poll()
+    except NNsightError as exc:
+        if str(exc) not in _warned_poll:
+            _warned_poll.add(str(exc))
+            log.warning("%s Using %g s meanwhile.", exc, SIDEBAR_POLL_S)
+        return SIDEBAR_POLL_S
 
 
 def models_in(shell: Any) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """The sidebar's remote jobs: a queued job is cancelled from the sidebar, and the server says so.
 
 A real server (uvicorn on 127.0.0.1, the tiny GPT-2 of the server tests, one worker) runs in this
-process. The notebook submits two jobs with `blocking=False`: one that keeps the worker busy and
-one that waits behind it. The sidebar must show the second as queued, and its cancel button must
+process; the health tests stop it or point the kernel elsewhere and read what the sidebar says.
+The notebook submits two jobs with `blocking=False`: one that keeps the worker busy and one that
+waits behind it. The sidebar must show the second as queued, and its cancel button must
 cancel it on the server, which this test asks directly over HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -26,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SIDEBAR = "#nnsight-jupyter-sidebar"
 
 
-@pytest.fixture
-def server(tmp_path):
+@contextlib.contextmanager
+def serving(tmp_path):
+    """The server running, as `(http, key, stop)`: an HTTP client with the key, and a way to stop it early."""
     key = create_api_key(tmp_path / "keys.txt", "notebook")
     config = make_config(tmp_path / "server", tmp_path / "keys.txt", max_job_seconds=60.0)
     port = free_port()
@@ -40,11 +43,23 @@ def server(tmp_path):
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
     headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as http:
-        _wait_ready(http, headers)
+
+    def stop():
+        uv.should_exit = True
+        thread.join(timeout=15)
+
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as http:
+            _wait_ready(http, headers)
+            yield http, key, stop
+    finally:
+        stop()
+
+
+@pytest.fixture
+def server(tmp_path):
+    with serving(tmp_path) as (http, key, _stop):
         yield http, key
-    uv.should_exit = True
-    thread.join(timeout=15)
 
 
 def test_cancel_a_queued_job_from_the_sidebar(lab, browser, server):
@@ -140,3 +155,80 @@ def test_the_sidebar_shows_the_servers_health(lab, browser, server):
     finally:
         nb.close()
         lab.shutdown_kernels()
+
+
+def test_health_and_jobs_change_in_the_sidebar_while_a_cell_runs(lab, browser, tmp_path):
+    """A busy kernel answers no request, yet the sidebar sees a job end and the server stop during a long cell."""
+    with serving(tmp_path) as (http, key, stop):
+        host = str(http.base_url).rstrip("/")
+        version = http.get("/health").json()["package_version"]
+        setup = f'''%load_ext nnsight_jupyter
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from tests.remote.server.tiny_models import tiny_gpt2
+from nnsight_jupyter.remote.client import RemoteClient
+from nnsight_jupyter.settings import CONFIG
+CONFIG.host = {host!r}
+CONFIG.sidebar_poll = 1
+client = RemoteClient({host!r}, {key!r}, show_status=False)
+tiny = tiny_gpt2()
+object.__setattr__(tiny, "remote_id", "tiny")
+X = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+with tiny.trace(X, remote=client, blocking=False) as busy:
+    total = 0
+    for i in range(10**10):
+        total += i
+print(busy.job.job_id)
+'''
+        lab.write_notebook("health_busy.ipynb", [setup])
+        nb = NotebookPage(lab, browser, "health_busy.ipynb").open()
+        page = nb.page
+        row = f"{SIDEBAR} .nnsj-sb-host[data-host='{host}']"
+        try:
+            page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
+            nb.run_all()
+            job = nb.output(0).inner_text().strip()
+            job_row = f"{SIDEBAR} .nnsj-sb-job[data-job='{job}']"
+            page.wait_for_function(f"() => document.querySelector(\"{row}\")?.dataset.health === 'ok'",
+                                   timeout=30_000)
+            assert f"ok (server {version})" in page.locator(row).inner_text()
+            page.locator(job_row).wait_for(timeout=30_000)
+            assert page.locator(job_row).get_attribute("data-status") in ("queued", "loading", "running")
+
+            page.evaluate("""() => { window.__sleep = window.jupyterapp.shell.currentWidget.sessionContext.session
+                .kernel.requestExecute({code: 'import time\\ntime.sleep(120)'}); }""")
+            busy = "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'busy'"
+            page.wait_for_function(f"() => {busy}", timeout=30_000)
+
+            # The job is cancelled on the server, not from the sidebar: its row follows while the cell runs.
+            http.post(f"/jobs/{job}/cancel")
+            deadline = time.monotonic() + 30
+            while http.get(f"/jobs/{job}").json()["status"] != "cancelled":
+                assert time.monotonic() < deadline, http.get(f"/jobs/{job}").json()
+                time.sleep(0.2)
+            page.wait_for_function(
+                f"() => document.querySelector(\"{job_row}\")?.dataset.status === 'cancelled' && {busy}",
+                timeout=30_000)
+            assert "cancelled" in page.locator(job_row).inner_text()
+
+            stop()
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{host}/health", timeout=5)
+            # The row turns unreachable while the same cell still runs (the kernel is busy throughout).
+            page.wait_for_function(
+                f"() => document.querySelector(\"{row}\")?.dataset.health === 'unreachable' && {busy}",
+                timeout=30_000)
+            text = page.locator(row).inner_text()
+            assert "unreachable: ConnectError" in text
+            assert f"Start the server at {host}" in text and "%nnsight config host=URL" in text
+            assert page.evaluate(f"() => {busy}")
+            screenshot(page.locator(SIDEBAR), "sidebar-health-busy")
+            errors = [line for line in nb.console if "pageerror" in line]
+            assert not errors, errors
+        except Exception:
+            print("\n".join(nb.console))
+            raise
+        finally:
+            page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.interrupt()")
+            nb.close()
+            lab.shutdown_kernels()

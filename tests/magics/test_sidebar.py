@@ -6,6 +6,8 @@ from `named_modules()`, parameter counts from `parameters()`, saved shapes from 
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ class FakeComm:
 
     def __init__(self) -> None:
         self.sent: list[tuple[dict, list]] = []
+        self.at: list[float] = []  # time.monotonic() of each message sent
         self.handler = None
         self.closer = None
 
@@ -30,7 +33,12 @@ class FakeComm:
         self.closer = f
 
     def send(self, data: dict, buffers: Any = None) -> None:
+        self.at.append(time.monotonic())
         self.sent.append((data, list(buffers or [])))
+
+    def events(self, event: str, since: float = 0.0, until: float = float("inf")) -> list[dict]:
+        sent = zip(list(self.sent), list(self.at))
+        return [d for (d, _), t in sent if d.get("event") == event and since <= t <= until]
 
     def deliver(self, data: dict) -> tuple[dict, list]:
         self.handler({"content": {"data": data}})
@@ -121,15 +129,27 @@ def test_requests_answer_by_id_with_tree_and_tensor_state(shell, net):
         session.close()
 
 
-def test_snapshots_follow_cells_only_while_the_sidebar_is_open(shell, net):
+def test_snapshots_follow_cells_only_while_the_sidebar_is_open(shell, net, no_remote_settings, live_server,
+                                                               monkeypatch):
+    from nnsight_jupyter.settings import CONFIG
+
+    monkeypatch.setattr(CONFIG, "host", live_server.url)
+    monkeypatch.setattr(CONFIG, "sidebar_poll", 0.1)
     comm = FakeComm()
     session = sidebar.SidebarSession(shell, comm)
     shell.run_cell("x_sidebar = 1")
     assert comm.sent and comm.sent[-1][0]["event"] == "snapshot"
+    wait_for(lambda: comm.events("health"))  # the watcher runs while the comm is open
+    requests_before = live_server.health_requests()
+    assert requests_before >= 1
     comm.closer({})
+    session.watcher.join(timeout=5)
+    assert not session.watcher.is_alive()
     count = len(comm.sent)
     shell.run_cell("x_sidebar = 2")
+    time.sleep(0.5)  # five intervals
     assert len(comm.sent) == count
+    assert live_server.health_requests() == requests_before  # closed: not one request to the server
     assert session not in sidebar._sessions
     shell.user_ns.pop("x_sidebar", None)
 
@@ -205,30 +225,56 @@ def test_remote_hosts_are_the_configured_server_or_the_local_daemon_then_those_j
     assert sidebar.snapshot(type("Shell", (), {"user_ns": {}})())["remote"] == sidebar.remote_hosts()
 
 
+class Served:
+    """The real server app under uvicorn on 127.0.0.1, in a thread of this process, counting its `/health` GETs."""
+
+    def __init__(self, folder) -> None:
+        import threading
+
+        import uvicorn
+
+        from nnsight_jupyter.remote.server.app import create_app
+
+        from ..remote.server.conftest import free_port, make_config
+
+        app = create_app(make_config(folder, None))
+        self._health = 0
+
+        async def counting(scope, receive, send):
+            if scope["type"] == "http" and scope["path"] == "/health":
+                self._health += 1
+            await app(scope, receive, send)
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.uv = uvicorn.Server(uvicorn.Config(counting, host="127.0.0.1", port=port, log_level="warning",
+                                                timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.uv.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.uv.started or not self.thread.is_alive(), 30)
+        assert self.uv.started, "uvicorn did not start"
+
+    def health_requests(self) -> int:
+        return self._health
+
+    def stop(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def wait_for(done, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (value := done()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+    return value
+
+
 @pytest.fixture
 def live_server(tmp_path):
-    """The real server app under uvicorn on 127.0.0.1, in a thread of this process."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from nnsight_jupyter.remote.server.app import create_app
-
-    from ..remote.server.conftest import free_port, make_config
-
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(make_config(tmp_path / "server", None)), host="127.0.0.1",
-                                       port=port, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=15)
+    served = Served(tmp_path / "server")
+    yield served
+    served.stop()
 
 
 @pytest.fixture
@@ -260,11 +306,12 @@ def test_health_says_which_servers_answer_with_their_versions(live_server, stran
     from ..remote.server.conftest import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"
-    rows = sidebar.health([{"host": live_server, "source": "configured"}, {"host": closed, "source": "jobs"},
+    url = live_server.url
+    rows = sidebar.health([{"host": url, "source": "configured"}, {"host": closed, "source": "jobs"},
                            {"host": stranger, "source": "jobs"}])
     ok, down, other = rows
-    assert httpx.get(f"{live_server}/health").json()["package_version"] == nnsight_jupyter.__version__
-    assert ok == {"host": live_server, "source": "configured", "status": "ok", "error": None,
+    assert httpx.get(f"{url}/health").json()["package_version"] == nnsight_jupyter.__version__
+    assert ok == {"host": url, "source": "configured", "status": "ok", "error": None,
                   "package_version": nnsight_jupyter.__version__, "protocol_version": PROTOCOL_VERSION}
     assert down["status"] == "unreachable" and "ConnectError" in down["error"]
     assert f"Jobs of this kernel went to {closed}, which no longer answers" in down["error"]
@@ -279,8 +326,6 @@ def test_health_says_which_servers_answer_with_their_versions(live_server, stran
 
 
 def test_a_health_request_is_answered_by_id_from_a_thread(shell, no_remote_settings, stranger):
-    import time
-
     from nnsight_jupyter.settings import CONFIG
 
     CONFIG.host = stranger
@@ -320,3 +365,77 @@ def test_the_kernel_checks_the_version_the_extension_opens_the_comm_with(shell):
             assert (session.snapshot()["mismatch"] is not None) == differs, opened_with
         finally:
             session.close()
+
+
+def test_health_and_jobs_keep_coming_while_a_cell_runs(shell, no_remote_settings, live_server, monkeypatch):
+    """A busy kernel reads no request, so the watcher thread pushes what changes during a cell."""
+    import threading
+
+    import httpx
+
+    import nnsight_jupyter
+    from nnsight_jupyter.remote.client import JobHandle
+    from nnsight_jupyter.settings import CONFIG
+
+    class Client:  # stands for the job's server: its answers are what the sidebar must show
+        host = live_server.url
+
+        def __init__(self) -> None:
+            self.states = {job: {"status": "running"}}
+
+        def status(self, job_id):
+            return dict(self.states[job_id])
+
+    job = f"job-{uuid.uuid4().hex}"
+    client = Client()
+    submitted.record(JobHandle(client, job, "tiny"))
+    monkeypatch.setattr(CONFIG, "host", live_server.url)
+    monkeypatch.setattr(CONFIG, "sidebar_poll", 0.2)
+    version = httpx.get(f"{live_server.url}/health").json()["package_version"]
+    assert version == nnsight_jupyter.__version__
+
+    comm = FakeComm()
+    session = sidebar.SidebarSession(shell, comm)
+    stopped = threading.Event()
+
+    def meanwhile():  # while the cell sleeps: see the server healthy, then stop it and finish the job
+        wait_for(lambda: any(h["status"] == "ok" for e in comm.events("health", began) for h in e["hosts"]))
+        wait_for(lambda: comm.events("jobs", began))
+        live_server.stop()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{live_server.url}/health")
+        client.states[job] = {"status": "completed"}
+        stopped.set()
+
+    try:
+        began = time.monotonic()
+        other = threading.Thread(target=meanwhile, daemon=True)
+        other.start()
+        shell.run_cell("import time\ntime.sleep(4)").raise_error()
+        ended = time.monotonic()
+        other.join(timeout=10)
+        assert stopped.is_set()
+
+        health = [e["hosts"] for e in comm.events("health", began, ended)]
+        assert all(len(hosts) == 1 for hosts in health), health
+        # first as the server answered before it stopped, last as it is now (nothing listens)
+        assert health[0][0]["status"] == "ok" and health[0][0]["package_version"] == version
+        assert health[-1][0]["status"] == "unreachable"
+        assert health[-1][0]["host"] == live_server.url and "ConnectError" in health[-1][0]["error"]
+        assert f"Start the server at {live_server.url}" in health[-1][0]["error"]  # what to do about it
+        jobs = [[(j["job_id"], j["status"]) for j in e["jobs"]] for e in comm.events("jobs", began, ended)]
+        assert jobs == [[(job, "running")], [(job, "completed")]]
+    finally:
+        session.close()
+
+
+def test_the_poll_interval_is_a_setting_and_a_bad_one_says_what_to_set(shell, monkeypatch):
+    from nnsight_jupyter.settings import CONFIG
+
+    monkeypatch.setattr(CONFIG, "sidebar_poll", None)
+    shell.run_cell("%nnsight config sidebar_poll=0.5").raise_error()
+    assert CONFIG.resolved_sidebar_poll() == 0.5
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        error = str(shell.run_cell(f"%nnsight config sidebar_poll={bad}").error_in_exec)
+        assert f"sidebar_poll is {bad!r}" in error and "positive number of seconds" in error, error
+        assert CONFIG.sidebar_poll == 0.5  # left as it was

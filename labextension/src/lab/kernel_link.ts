@@ -6,13 +6,15 @@
  * sidebar is shown (`setActive`), so a hidden sidebar costs the kernel nothing. Without a comm it
  * asks the kernel, each time the kernel goes idle, whether the comm target exists
  * (`comm_info_request`, answered without running code), which is how it notices
- * `%load_ext nnsight_jupyter` and a restarted kernel within the next idle status.
+ * `%load_ext nnsight_jupyter` and a restarted kernel within the next idle status. While the comm is
+ * open the kernel also pushes its servers' health and its jobs' status from a thread, so those
+ * keep changing while a cell runs (a busy kernel answers no request until the cell ends).
  */
 
 import { INotebookTracker, NotebookPanel } from "@jupyterlab/notebook";
 import { Kernel, KernelMessage } from "@jupyterlab/services";
 import { ISignal, Signal } from "@lumino/signaling";
-import { Answer, COMM_TARGET, ModelEntry, Pending, PROTOCOL, Snapshot } from "./protocol";
+import { Answer, COMM_TARGET, ModelEntry, Pending, PROTOCOL, Pushed, Snapshot } from "./protocol";
 
 export type LinkState =
   | { kind: "no-notebook" }
@@ -24,6 +26,7 @@ export type LinkState =
 export class KernelLink {
   private _state: LinkState = { kind: "no-notebook" };
   private _stateChanged = new Signal<this, LinkState>(this);
+  private _pushed = new Signal<this, Pushed>(this);
   private panel: NotebookPanel | null = null;
   private kernel: Kernel.IKernelConnection | null = null;
   private comm: Kernel.IComm | null = null;
@@ -43,6 +46,11 @@ export class KernelLink {
 
   get stateChanged(): ISignal<this, LinkState> {
     return this._stateChanged;
+  }
+
+  /** What the kernel sends unasked between snapshots: servers' health and jobs' status, even mid-cell. */
+  get pushed(): ISignal<this, Pushed> {
+    return this._pushed;
   }
 
   get notebook(): NotebookPanel | null {
@@ -282,6 +290,10 @@ export class KernelLink {
     if (data?.event === "snapshot") {
       const { event: _event, ...snapshot } = data;
       this.setState({ kind: "connected", notebook, snapshot: snapshot as Snapshot });
+      return;
+    }
+    if (data?.event === "health" || data?.event === "jobs") {
+      this._pushed.emit(data as Pushed);
       return;
     }
     this.pending.settle(data, buffers);

@@ -56,6 +56,11 @@ export interface Snapshot {
   mismatch?: string | null;
 }
 
+/** Sent by the kernel's watcher thread when a server's health or a job's status changes. */
+export type Pushed =
+  | { event: "health"; hosts: RemoteHost[] }
+  | { event: "jobs"; jobs: JobEntry[] };
+
 export interface Answer {
   content: Record<string, any>;
   buffers: DataView[];

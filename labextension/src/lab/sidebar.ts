@@ -1,8 +1,10 @@
 /**
  * The nnsight sidebar: the active notebook kernel's models (with their module trees), the values
  * their latest traces saved, and its remote jobs. Everything shown comes from `KernelLink`'s
- * snapshots; the module tree and TensorView are the notebook views from `../views`, fed from the
- * sidebar's comm instead of a widget model.
+ * snapshots and pushes; the module tree and TensorView are the notebook views from `../views`, fed
+ * from the sidebar's comm instead of a widget model. The servers' health and the jobs' status are
+ * pushed by the kernel every `CONFIG.sidebar_poll` seconds while the sidebar is open, so the sidebar
+ * keeps no timer of its own.
  */
 
 import { MainAreaWidget } from "@jupyterlab/apputils";
@@ -15,13 +17,18 @@ import { putBuffers, StateSource } from "../views/source";
 import { renderTensorView } from "../views/tensor_view";
 import { KernelLink, LinkState } from "./kernel_link";
 import {
-  Answer, canCancel, compact, healthLabel, jobLabel, pathWithRoot, RemoteHost, rootForCell, saveLine, Snapshot,
-  versionMismatch,
+  Answer, canCancel, compact, healthLabel, JobEntry, jobLabel, pathWithRoot, Pushed, RemoteHost, rootForCell,
+  saveLine, Snapshot, versionMismatch,
 } from "./protocol";
 
+/** A job's row in the sidebar, its status text and its cancel button (while it can be cancelled). */
+interface JobRow {
+  row: HTMLElement;
+  status: HTMLElement;
+  cancel: HTMLButtonElement | null;
+}
+
 export const SIDEBAR_ID = "nnsight-jupyter-sidebar";
-/** How often an open sidebar asks the kernel for its servers' health. */
-const HEALTH_EVERY_MS = 30_000;
 
 /** The state and buffers of a view sent in an answer, put back together. */
 export function viewState(answer: Answer): Record<string, unknown> {
@@ -38,11 +45,14 @@ export class Sidebar extends Widget {
   private modelsEl = h("div", { class: "nnsj-sb-models" });
   private savedEl = h("div", { class: "nnsj-sb-saved" });
   private jobsEl = h("div", { class: "nnsj-sb-jobs" });
+  private jobRows = new Map<string, JobRow>();
+  /** Kept across redraws, as the job rows are, so that a pushed redraw cannot swallow a click on it. */
+  private checkButton = h("button", { class: "jp-mod-styled nnsj-sb-check", text: "check again" });
   private remoteEl = h("div", { class: "nnsj-sb-remote" });
-  /** The latest health of each server, by host; `hostsKey` is the server list it was asked for. */
+  /** Each server's latest health and when it came, by host; `hostsKey`: the server list it was asked for. */
   private health = new Map<string, RemoteHost>();
+  private healthAt = new Map<string, number>();
   private hostsKey: string | null = null;
-  private healthTimer: ReturnType<typeof setInterval> | null = null;
   private lastSnapshot: Snapshot | null = null;
   private selection = h("div", { class: "nnsj-sb-selection" });
   private trees = new Map<string, { el: HTMLElement; cleanup: () => void }>();
@@ -67,18 +77,41 @@ export class Sidebar extends Widget {
       h("h3", { text: "Remote jobs" }), this.jobsEl);
     this.node.addEventListener("nnsj-module-select", (event) => this.onSelect(event as CustomEvent));
     link.stateChanged.connect(this.onState, this);
+    link.pushed.connect(this.onPushed, this);
+    this.checkButton.addEventListener("click", () => this.checkHealth());
     this.show_(link.state);
   }
 
   protected onAfterShow(): void {
     this.link.setActive(true);
-    this.healthTimer ??= setInterval(() => this.checkHealth(), HEALTH_EVERY_MS);
   }
 
   protected onAfterHide(): void {
     this.link.setActive(false);
-    if (this.healthTimer !== null) clearInterval(this.healthTimer);
-    this.healthTimer = null;
+  }
+
+  /** The kernel's watcher saw a server's health or a job's status change (also while a cell runs). */
+  private onPushed(_link: KernelLink, pushed: Pushed): void {
+    const snapshot = this.lastSnapshot;
+    if (!snapshot || this.link.state.kind !== "connected") return;
+    if (pushed.event === "health") {
+      this.setHealth(pushed.hosts);
+      // The pushed list is the newer one; it was checked just now, so it is not asked for again.
+      this.lastSnapshot = { ...snapshot, remote: pushed.hosts.map(({ host, source }) => ({ host, source })) };
+      this.hostsKey = JSON.stringify(pushed.hosts.map((r) => r.host));
+      this.drawRemote(this.lastSnapshot);
+    } else {
+      this.lastSnapshot = { ...snapshot, jobs: pushed.jobs };
+      this.drawJobs(this.lastSnapshot);
+    }
+  }
+
+  private setHealth(hosts: RemoteHost[]): void {
+    const now = Date.now();
+    for (const entry of hosts) {
+      this.health.set(entry.host, entry);
+      this.healthAt.set(entry.host, now);
+    }
   }
 
   private onState(_link: KernelLink, state: LinkState): void {
@@ -124,12 +157,14 @@ export class Sidebar extends Widget {
     this.trees.clear();
     this.openModel = null;
     this.health.clear();
+    this.healthAt.clear();
     this.hostsKey = null;
     this.lastSnapshot = null;
     this.remoteEl.replaceChildren();
     this.modelsEl.replaceChildren();
     this.savedEl.replaceChildren();
     this.jobsEl.replaceChildren();
+    this.jobRows.clear();
     this.selection.replaceChildren();
   }
 
@@ -159,28 +194,32 @@ export class Sidebar extends Widget {
       }));
       return;
     }
-    const check = h("button", { class: "jp-mod-styled nnsj-sb-check", text: "check again" });
-    check.addEventListener("click", () => this.checkHealth());
     this.remoteEl.replaceChildren(...hosts.map((entry) => {
       const known = { ...entry, ...(this.health.get(entry.host) ?? {}) };
       return h("div", { class: "nnsj-sb-host", "data-host": entry.host, "data-health": known.status ?? "checking" },
         h("code", { text: entry.host }), " ",
         h("span", { class: "nnsj-muted", text: `(${entry.source})` }), " ",
         h("span", { class: "nnsj-sb-health", text: healthLabel(known) }));
-    }), check);
+    }), this.checkButton);
   }
 
-  /** Ask the kernel for each server's health (it answers from a thread: no cell waits on a slow server). */
+  /**
+   * Ask the kernel for each server's health (it answers from a thread: no cell waits on a slow server).
+   * A busy kernel answers after its cell; a request that times out meanwhile leaves alone what the
+   * kernel pushed since it was sent.
+   */
   private checkHealth(): void {
     if (this.link.state.kind !== "connected") return;
+    const asked = Date.now();
     this.link.request({ kind: "health" }).then(
       (answer) => {
-        for (const entry of answer.content.hosts as RemoteHost[]) this.health.set(entry.host, entry);
+        this.setHealth(answer.content.hosts as RemoteHost[]);
         if (this.lastSnapshot) this.drawRemote(this.lastSnapshot);
       },
       (error: Error) => {
         if (this.lastSnapshot) {
           for (const entry of this.lastSnapshot.remote ?? []) {
+            if ((this.healthAt.get(entry.host) ?? 0) > asked) continue;
             this.health.set(entry.host, { ...entry, status: "unknown", error: error.message });
           }
           this.drawRemote(this.lastSnapshot);
@@ -300,41 +339,64 @@ export class Sidebar extends Widget {
       (error: Error) => content.node.replaceChildren(h("div", { class: "nnsj-error", text: error.message })));
   }
 
+  /**
+   * One row per job, kept across redraws and updated in place: the kernel pushes job changes every
+   * few seconds, and a row replaced between a press and a release of the mouse would swallow the click
+   * on its cancel button.
+   */
   private drawJobs(snapshot: Snapshot): void {
+    this.lastSnapshot = snapshot;
+    const listed = new Set(snapshot.jobs.map((job) => job.job_id));
+    for (const id of [...this.jobRows.keys()]) if (!listed.has(id)) this.jobRows.delete(id);
     if (!snapshot.jobs.length) {
       this.jobsEl.replaceChildren(h("div", { class: "nnsj-muted", text: "No remote job from this kernel." }));
       return;
     }
-    this.jobsEl.replaceChildren(...snapshot.jobs.map((job) => {
-      const row = h("div", { class: "nnsj-sb-job", "data-job": job.job_id, "data-status": job.status },
-        h("code", { text: job.job_id.slice(0, 8) }), " ",
-        h("span", { class: "nnsj-muted", text: job.model }), " ",
-        h("span", { class: "nnsj-sb-job-status", text: jobLabel(job) }));
-      if (canCancel(job)) {
-        const button = h("button", { class: "jp-mod-styled nnsj-sb-cancel", text: "cancel" });
-        button.addEventListener("click", () => {
-          button.disabled = true;
-          this.link.request({ kind: "cancel", job: job.job_id }).then(
-            (answer) => {
-              row.dataset.status = String(answer.content.job.status);
-              row.querySelector(".nnsj-sb-job-status")!.textContent = jobLabel(answer.content.job);
-              button.remove();
-            },
-            (error: Error) => {
-              button.disabled = false;
-              row.append(h("div", { class: "nnsj-error", text: error.message }));
-            });
-        });
-        row.append(" ", button);
+    const rows = snapshot.jobs.map((job) => {
+      let entry = this.jobRows.get(job.job_id);
+      if (!entry) {
+        const status = h("span", { class: "nnsj-sb-job-status" });
+        const row = h("div", { class: "nnsj-sb-job", "data-job": job.job_id },
+          h("code", { text: job.job_id.slice(0, 8) }), " ",
+          h("span", { class: "nnsj-muted", text: job.model }), " ", status, " ");
+        entry = { row, status, cancel: null };
+        this.jobRows.set(job.job_id, entry);
       }
-      return row;
-    }));
+      this.showJob(entry, job);
+      return entry.row;
+    });
+    const children = Array.from(this.jobsEl.children);
+    const moved = rows.length !== children.length || rows.some((row, i) => row !== children[i]);
+    if (moved) this.jobsEl.replaceChildren(...rows);
+  }
+
+  private showJob(entry: JobRow, job: JobEntry): void {
+    entry.row.dataset.status = job.status;
+    entry.status.textContent = jobLabel(job);
+    if (!canCancel(job)) {
+      entry.cancel?.remove();
+      entry.cancel = null;
+      return;
+    }
+    if (entry.cancel) return;
+    const button = h("button", { class: "jp-mod-styled nnsj-sb-cancel", text: "cancel" });
+    button.addEventListener("click", () => {
+      button.disabled = true;
+      this.link.request({ kind: "cancel", job: job.job_id }).then(
+        (answer) => this.showJob(entry, answer.content.job as JobEntry),
+        (error: Error) => {
+          button.disabled = false;
+          entry.row.append(h("div", { class: "nnsj-error", text: error.message }));
+        });
+    });
+    entry.cancel = button;
+    entry.row.append(button);
   }
 
   dispose(): void {
-    if (this.healthTimer !== null) clearInterval(this.healthTimer);
     this.clear();
     this.link.stateChanged.disconnect(this.onState, this);
+    this.link.pushed.disconnect(this.onPushed, this);
     super.dispose();
   }
 }
