@@ -330,7 +330,8 @@ def complete_trace_models(shell: Any, text_before_cursor: str) -> list[str] | No
     prefix = match.group(1)
     registry = registry_names()
     notebook = [
-        name for name, value in list(shell.user_ns.items())
+        name
+        for name, value in list(shell.user_ns.items())
         if not name.startswith("_") and isinstance(value, (NNsight, torch.nn.Module))
     ]
     exact = [n for n in registry if n.startswith(prefix)] + [n for n in notebook if n.startswith(prefix)]

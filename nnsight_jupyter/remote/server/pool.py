@@ -603,9 +603,7 @@ class WorkerPool:
         self.config = config
         self.jobs = jobs
         self.results = results
-        self.redactor = Redactor(
-            [str(config.data_dir), str(config.api_key_file or ""), *(m.spec for m in config.models)]
-        )
+        self.redactor = Redactor.for_server(config)
         self.context = multiprocessing.get_context(config.start_method)
         if config.start_method == "forkserver":
             factories = [m.spec.partition(":")[0] for m in config.models if m.is_factory]

@@ -186,9 +186,7 @@ class _HostPool(WorkerPool):
         self.handed = _HandedJobs()
         self.jobs = self.handed  # type: ignore[assignment]
         self.results = _HandedResults(self.handed)  # type: ignore[assignment]
-        self.redactor = Redactor(
-            [str(config.data_dir), str(config.api_key_file or ""), *(m.spec for m in config.models)]
-        )
+        self.redactor = Redactor.for_server(config)
         self.context = multiprocessing.get_context(config.start_method)
         if config.start_method == "forkserver":
             self.context.set_forkserver_preload(_PRELOAD + ([spec.spec.partition(":")[0]] if spec.is_factory else []))
@@ -621,9 +619,7 @@ class RayEngine(WorkerPool):
         self.config = config
         self.jobs = jobs
         self.results = results
-        self.redactor = Redactor(
-            [str(config.data_dir), str(config.api_key_file or ""), *(m.spec for m in config.models)]
-        )
+        self.redactor = Redactor.for_server(config)
         self.host_config = dataclasses.replace(config, clock=time.time)
         """What the actors get: the limits, without the server's clock (tests pass one that cannot travel)."""
         self.stopping = threading.Event()

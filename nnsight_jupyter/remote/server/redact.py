@@ -70,6 +70,11 @@ class Redactor:
         ordered = sorted(replacements, key=len, reverse=True)
         self.pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
+    @classmethod
+    def for_server(cls, config: Any) -> Redactor:
+        """The server's own: its data folder, key file and model specs among the paths it hides."""
+        return cls([str(config.data_dir), str(config.api_key_file or ""), *(m.spec for m in config.models)])
+
     def text(self, text: str) -> str:
         if self.pattern is None or not text:
             return text

@@ -35,8 +35,7 @@ class Service:
         self._results: ResultStore | None = None
         self._pool: WorkerPool | None = None
         self._sweeper: asyncio.Task | None = None
-        paths = [str(config.data_dir), str(config.api_key_file or ""), *(m.spec for m in config.models)]
-        self.redactor = Redactor(paths)
+        self.redactor = Redactor.for_server(config)
         """What ``GET /models`` must not show (``redact.py``)."""
 
     @property
