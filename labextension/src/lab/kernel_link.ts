@@ -12,9 +12,26 @@
  */
 
 import { INotebookTracker, NotebookPanel } from "@jupyterlab/notebook";
-import { Kernel, KernelMessage } from "@jupyterlab/services";
+import { CommsOverSubshells, Kernel, KernelMessage } from "@jupyterlab/services";
 import { ISignal, Signal } from "@lumino/signaling";
 import { Answer, COMM_TARGET, ModelEntry, Pending, PROTOCOL, Pushed, Snapshot } from "./protocol";
+
+/**
+ * A comm to the kernel's sidebar target, its messages handled on the kernel's main shell.
+ *
+ * JupyterLab 4.4+ sends a comm target's messages through a kernel subshell of its own: the
+ * kernel then runs the sidebar's handler on another thread, beside the cell on the main one, and
+ * a subshell id JupyterLab keeps for a kernel can outlive the subshell (a restart or a new kernel
+ * under the same id), so the kernel drops the message ("Unknown subshell_id") and a request such
+ * as a cancel is silently lost. The sidebar needs no subshell: what must keep coming while a cell
+ * runs, the kernel pushes from a thread of its own. Set before the comm's first await, this keeps
+ * JupyterLab from asking the kernel for a subshell at all.
+ */
+function openComm(kernel: Kernel.IKernelConnection): Kernel.IComm {
+  const comm = kernel.createComm(COMM_TARGET);
+  comm.commsOverSubshells = CommsOverSubshells.Disabled;
+  return comm;
+}
 
 export type LinkState =
   | { kind: "no-notebook" }
@@ -109,7 +126,7 @@ export class KernelLink {
     }
     const kernel = this.panel?.sessionContext.session?.kernel;
     if (!kernel) return { loaded: [], registry: [] };
-    const comm = kernel.createComm(COMM_TARGET);
+    const comm = openComm(kernel);
     const pending = new Pending(timeoutMs);
     let first: (snapshot: Snapshot | null) => void = () => undefined;
     const opened = new Promise<Snapshot | null>((resolve) => (first = resolve));
@@ -236,7 +253,7 @@ export class KernelLink {
    */
   private hasTarget(kernel: Kernel.IKernelConnection): Promise<boolean> {
     return new Promise<boolean>((resolve) => {
-      const comm = kernel.createComm(COMM_TARGET);
+      const comm = openComm(kernel);
       let settled = false;
       const done = (ok: boolean) => {
         if (settled) return;
