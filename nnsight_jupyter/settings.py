@@ -237,7 +237,8 @@ class RemoteConfig:
             self.debug = value.strip().lower() in _TRUE
             return
         if key == "sidebar_poll":
-            self.sidebar_poll = RemoteConfig(sidebar_poll=value).resolved_sidebar_poll()  # a bad value raises
+            # A bad value raises, naming the fix; the text goes in as given so the message quotes it.
+            self.sidebar_poll = RemoteConfig(sidebar_poll=value).resolved_sidebar_poll()  # type: ignore[arg-type]
             return
         setattr(self, key, float(value) if key == "timeout" else value)
 
