@@ -30,6 +30,8 @@ import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..tracing.record import take_record
 from ..tracing.renaming import add_aliases
 from ..tracing.saving import save
@@ -61,6 +63,7 @@ def run_request(
         if validate is not None:
             _validated(validate, request.source)
         analysis = options.get("kind") == "analysis"
+        grad = bool(options.get("grad", True))  # the client's grad mode (requests that do not say: on)
         block = None if analysis else _compiled_body(request.source, filename, first_line)
         ns: dict[str, Any] = {"__builtins__": builtins if builtins is not None else _builtins.__dict__}
         ns["print"] = _printer(logs, on_log)
@@ -100,7 +103,8 @@ def run_request(
             from ..tracing.session import run_session
 
             ns[SAVE_NAME] = save
-            bound = run_session(model, block, ns)
+            with torch.set_grad_enabled(grad):
+                bound = run_session(model, block, ns)
             saved = {name: result_to_wire(name, value) for name, value in bound.items()}
             return TraceResult(saved=saved, logs=logs, error=None)
         inputs = tuple(from_wire(options.get("inputs") or [], root=model))
@@ -118,7 +122,8 @@ def run_request(
             if options.get("edits"):
                 edits = [_received_edit(model, e, ns, validate, compile_function, importer) for e in options["edits"]]
                 object.__setattr__(model, "_edits", tuple(edits))
-            bound = run_block(tracer, block, ns, module_level=False)
+            with torch.set_grad_enabled(grad):
+                bound = run_block(tracer, block, ns, module_level=False)
         finally:
             if edits_before is None:
                 model.__dict__.pop("_edits", None)

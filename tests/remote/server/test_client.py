@@ -6,6 +6,7 @@ Each run is compared bit for bit with the same trace run locally on an identical
 from __future__ import annotations
 
 import pytest
+import torch
 
 import nnsight_jupyter
 from nnsight_jupyter.errors import NotSavedError, OutOfOrderError, RemoteTimeout, SandboxViolation
@@ -289,3 +290,20 @@ def test_source_operations_in_generation_steps(model, client):
     local, remote = _both(gen, client)
     assert_identical(local, remote)
     assert [h.shape[1] for h in local["heads"]] == [Y.shape[1], 1, 1]  # one entry per step, with the cache
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_trace_runs_in_the_callers_grad_mode(model, client, grad):
+    """`with torch.no_grad():` around a remote trace builds no autograd graph on the server either."""
+    plain = []
+    hook = model._model.transformer.h[1].register_forward_hook(lambda m, a, o: plain.append(o.requires_grad))
+    try:
+        with torch.set_grad_enabled(grad):
+            model._model(X)
+    finally:
+        hook.remove()
+    with torch.set_grad_enabled(grad):
+        with model.trace(X, remote=client):
+            flags = nnsight_jupyter.save([])
+            flags.append(model.transformer.h[1].output.requires_grad)
+    assert flags == plain == [grad]
