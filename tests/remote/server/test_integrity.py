@@ -25,12 +25,13 @@ def _restored(model, change, undo) -> list[str]:
     try:
         problems = baseline.check()
         if problems:
-            assert baseline._quick.take() != baseline._quick_value, "the quick check missed a change"
+            quick = baseline._quick
+            assert not quick.same(quick.take(), baseline._quick_value), "the quick check missed a change"
         return problems
     finally:
         undo()
         assert baseline.check() == []
-        assert baseline._quick.take() == baseline._quick_value
+        assert baseline._quick.same(baseline._quick.take(), baseline._quick_value)
 
 
 def test_in_place_edit(model):
@@ -156,7 +157,7 @@ def test_every_kind_of_change_is_seen_by_both_checks(model):
         if undo is None:  # a version bump cannot be undone: check it on a fresh baseline and stop there
             baseline = Baseline(model)
             change()
-            assert baseline.check() and baseline._quick.take() != baseline._quick_value, name
+            assert baseline.check() and not baseline._quick.same(baseline._quick.take(), baseline._quick_value), name
             continue
         assert _restored(model, change, undo), name
     linear.__dict__.pop("nnsj_public", None)
@@ -179,3 +180,28 @@ def test_a_harmless_private_change_takes_the_full_check_once(model, monkeypatch)
     finally:
         del model._model.transformer.h[1].mlp._nnsj_cache
         model._model.transformer.h[1].mlp.__dict__.pop("nnsj_public", None)
+
+
+_AUDITED_CHECK = """
+import sys
+from nnsight_jupyter.remote.server.integrity import Baseline
+from tests.remote.server.tiny_models import tiny_gpt2
+baseline = Baseline(tiny_gpt2())
+events = []
+sys.addaudithook(lambda event, args: events.append(event))
+problems = baseline.check()
+print(len(events), problems)
+"""
+
+
+def test_the_quick_check_raises_no_audit_events():
+    """A job process's audit hook receives every audit event: the check after each job raises none
+    (each ``id()`` call raises one, and a check by ids made thousands)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", _AUDITED_CHECK], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "[]"]
