@@ -67,7 +67,7 @@ def build_request(call: TraceCall, *, timeout: float | None = None) -> TraceRequ
     edits = getattr(model, "_edits", ())
     if edits:
         options["edits"] = [_edit_on_the_wire(edit, model) for edit in edits]
-    aliases = getattr(model, "_rename_aliases", None)
+    aliases = vars(model).get("_rename_aliases")
     if aliases:
         options["aliases"] = [list(entry) for entry in aliases]
     return TraceRequest(model_id=str(model_id), source=text, options=options, variables=variables)

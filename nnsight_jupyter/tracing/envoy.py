@@ -165,6 +165,11 @@ class Envoy:
 
     def _path_error(self, name: str) -> ModulePathError:
         where = display_path(self._path)
+        if name.startswith("_"):
+            # Libraries probe private names all the time (`getattr(x, "_repr_html_", None)`,
+            # `hasattr(x, "__array__")`); module paths are never private, so no suggestions are
+            # looked for: over SmolLM2's attribute names they cost 3.6 ms per probe.
+            return ModulePathError(f"{where} ({type(self._module).__name__}) has no attribute {name!r}.")
         options = list(
             dict.fromkeys([*self._children, *self._aliases, *(n for n in dir(self._module) if not n.startswith("_"))])
         )

@@ -105,6 +105,19 @@ def test_unknown_module_path_suggests_the_right_name(gpt2):
         model.transformer.h[7]
 
 
+def test_probing_a_private_name_looks_for_no_suggestions(gpt2, monkeypatch):
+    """`getattr(envoy, "_repr_html_", None)` and the like, as libraries probe objects, answer at once:
+    module paths are never private, so no close names are searched for."""
+    import difflib
+
+    model = NNsight(gpt2.module)
+    monkeypatch.setattr(difflib, "get_close_matches", lambda *a, **k: pytest.fail("suggestions were searched"))
+    assert getattr(model.transformer, "_repr_html_", None) is None
+    assert not hasattr(model, "__array__")
+    with pytest.raises(ModulePathError, match=r"transformer \(GPT2Model\) has no attribute '_nope'"):
+        model.transformer._nope
+
+
 @pytest.mark.parametrize("failure", ["user", "model", "not_reached", "interrupt", "interrupt_in_model", "backward"])
 def test_model_is_exactly_as_before_after_any_error(gpt2, failure):
     model = NNsight(gpt2.module)
