@@ -168,25 +168,23 @@ class RemoteClient:
         return JobHandle(self, job_id)
 
     # ----- following a job --------------------------------------------------------------------
-    def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
-        """The job's events from number `after` on, reconnecting if the stream drops."""
+    def events(
+        self, job_id: str, after: int = 0, *, response: httpx.Response | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The job's events from number `after` on, reconnecting if the stream drops.
+
+        `response`: an open stream of the job's events to read first (the submitting request's).
+        """
         last = after
         failures = 0
         while True:
             try:
-                with (
-                    self._translated(),
-                    self.http.stream(
-                        "GET",
-                        f"/jobs/{job_id}/events",
-                        params={"after": last},
-                        timeout=httpx.Timeout(60.0, connect=5.0),
-                    ) as response,
-                ):
-                    if response.status_code >= 400:
-                        response.read()
-                        raise _server_error(response)
-                    for event in _parse_sse(response.iter_lines()):
+                with self._translated(), self._opened(response, job_id, last) as current:
+                    response = None
+                    if current.status_code >= 400:
+                        current.read()
+                        raise _server_error(current)
+                    for event in _read_stream(current):
                         failures = 0
                         last = max(last, int(event.get("seq", last)))
                         yield event
@@ -206,15 +204,32 @@ class RemoteClient:
             if status["status"] in FINAL_EVENTS:
                 return
 
+    def _opened(
+        self, response: httpx.Response | None, job_id: str, after: int
+    ) -> contextlib.AbstractContextManager[httpx.Response]:
+        if response is not None:
+            return contextlib.nullcontext(response)
+        return self.http.stream(
+            "GET", f"/jobs/{job_id}/events", params={"after": after}, timeout=_STREAM_TIMEOUT
+        )
+
     def follow(
-        self, job_id: str, *, timeout: float | None = None, on_event: Callable[[dict], None] | None = None
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[dict], None] | None = None,
+        response: httpx.Response | None = None,
     ) -> dict[str, Any]:
-        """Block until the job ends (cancelling it on Ctrl-C or timeout); returns the final event."""
+        """Block until the job ends (cancelling it on Ctrl-C or timeout); returns the final event.
+
+        `response`: an open stream of the job's events to read first (see `events`).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         display = _StatusDisplay(job_id) if self.show_status and on_event is None else None
         final: dict[str, Any] = {}
         try:
-            for event in self.events(job_id):
+            for event in self.events(job_id, response=response):
                 shown = event if "result" not in event else {k: v for k, v in event.items() if k != "result"}
                 if on_event is not None:
                     on_event(shown)
@@ -244,10 +259,16 @@ class RemoteClient:
             pass
 
     def run(self, request: TraceRequest, *, timeout: float | None = None) -> TraceResult:
-        """Submit, follow to the end (printed lines appear as they happen), and return the result."""
-        handle = self.submit(request)
+        """Submit, follow to the end (printed lines appear as they happen), and return the result.
+
+        One exchange: the submitting request asks for the job's event stream as its answer, so a
+        small trace, whose result rides in the final event, costs one request on a kept-alive
+        connection (a separate submit and event stream cost about 1 ms more over loopback). A
+        server that answers the submission with the job's id only is followed as `follow` does.
+        """
+        body = encode_request(request)
         shown: list[str] = []
-        display = _StatusDisplay(handle.job_id, request.model_id) if self.show_status else None
+        display: _StatusDisplay | None = None
 
         def on_event(event: dict[str, Any]) -> None:
             if event.get("type") == "log":
@@ -256,11 +277,30 @@ class RemoteClient:
             elif display is not None:
                 display.update(event)
 
-        try:
-            final = self.follow(handle.job_id, timeout=timeout, on_event=on_event)
-        finally:
-            if display is not None:
-                display.close()
+        headers = {"Content-Type": "application/x-msgpack", "Accept": "text/event-stream"}
+        with (
+            self._translated(),
+            self.http.stream("POST", "/jobs", content=body, headers=headers, timeout=_STREAM_TIMEOUT) as response,
+        ):
+            if response.status_code >= 400:
+                response.read()
+                raise _server_error(response)
+            streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+            if streamed:
+                job_id = response.headers.get("location", "").rsplit("/", 1)[-1]
+            else:
+                response.read()
+                job_id = response.json()["job_id"]
+            handle = JobHandle(self, job_id, request.model_id)
+            submitted.record(handle)
+            display = _StatusDisplay(handle.job_id, request.model_id) if self.show_status else None
+            try:
+                final = self.follow(
+                    handle.job_id, timeout=timeout, on_event=on_event, response=response if streamed else None
+                )
+            finally:
+                if display is not None:
+                    display.close()
         if final.get("type") == "cancelled":
             raise RemoteServerError(409, "job cancelled", final.get("reason") or f"job {handle.job_id} was cancelled")
         result = _inline_result(final)
@@ -281,6 +321,25 @@ def _inline_result(final: dict[str, Any]) -> TraceResult | None:
     except ValueError:
         return None
     return decode_result(data)
+
+
+_STREAM_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+"""Event streams wait up to a minute for a byte: the server sends a keep-alive every few seconds."""
+
+
+def _read_stream(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The events of one open stream. At the final event the stream is read to its end (the server
+    ends it there) before the event is given out, so the connection goes back to the pool for the
+    next request: left unread, it was closed, and each trace paid for a new connection."""
+    events = _parse_sse(response.iter_lines())
+    for event in events:
+        if event.get("type") in FINAL_EVENTS:
+            with contextlib.suppress(httpx.TransportError):
+                for _ in events:
+                    pass
+            yield event
+            return
+        yield event
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

@@ -3,7 +3,9 @@
 ==========================  ===============================================================
 ``GET /health``             status and versions; the only endpoint without a key
 ``GET /models``             served models, their state (loading/ready/failed + reason), replicas
-``POST /jobs``              body: ``encode_request(...)`` bytes -> 202 ``{job_id, status, position}``
+``POST /jobs``              body: ``encode_request(...)`` bytes -> 202 ``{job_id, status, position}``;
+                            with ``Accept: text/event-stream``, 202 and the job's event stream
+                            (as ``GET /jobs/{id}/events``; the job in ``Location``)
 ``GET /jobs/{id}``          status JSON (position while queued, timestamps, error summary)
 ``GET /jobs/{id}/events``   server-sent events, resumable with ``?after=SEQ`` (see ``events.py``)
 ``GET /jobs/{id}/result``   ``encode_result(...)`` bytes (``application/x-msgpack``) once finished
@@ -76,7 +78,7 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 # ----- submitting -----------------------------------------------------------------------------
-async def submit(request: Request) -> JSONResponse:
+async def submit(request: Request) -> Response:
     service = _service(request)
     config = service.config
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -136,6 +138,9 @@ async def submit(request: Request) -> JSONResponse:
             headers={"Retry-After": "10"},
         ) from None
     service.pool.wake(model)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        # Submit and follow in one exchange: a small trace then costs one request, not two.
+        return _event_response(service, job.id, 0, status_code=202, headers={"Location": f"/jobs/{job.id}"})
     return JSONResponse(
         {"job_id": job.id, "status": "queued", "position": position, "model": model, "timeout_s": timeout},
         status_code=202,
@@ -207,25 +212,30 @@ async def job_status(request: Request) -> JSONResponse:
 
 
 async def job_events(request: Request) -> StreamingResponse:
-    service = _service(request)
     job = await _job(request)
-    after = _after(request)
+    return _event_response(_service(request), job.id, _after(request))
+
+
+def _event_response(
+    service: Service, job_id: str, after: int, *, status_code: int = 200, headers: dict[str, str] | None = None
+) -> StreamingResponse:
+    """The job's events after number ``after`` as server-sent events, ending after the final one."""
 
     async def stream() -> AsyncIterator[bytes]:
         last = after
-        with service.notifier.subscribe(job.id) as changed:
+        with service.notifier.subscribe(job_id) as changed:
             while True:
                 changed.clear()
-                events = await run_in_threadpool(service.jobs.events_after, job.id, last)
+                events = await run_in_threadpool(service.jobs.events_after, job_id, last)
                 for event in events:
                     last = event.seq
                     if event.type in FINAL:
-                        yield format_event(event, _inline_result(service, job.id, event.type))
+                        yield format_event(event, _inline_result(service, job_id, event.type))
                         return
                     yield format_event(event)
                 if events:
                     continue
-                current = await run_in_threadpool(service.jobs.get, job.id)
+                current = await run_in_threadpool(service.jobs.get, job_id)
                 if current is None or (current.final and current.last_event <= last):
                     return
                 try:
@@ -234,7 +244,10 @@ async def job_events(request: Request) -> StreamingResponse:
                     yield KEEPALIVE
 
     return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        stream(),
+        status_code=status_code,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
 
 

@@ -189,7 +189,11 @@ def test_ctrl_c_while_waiting_cancels_the_servers_job(model, client):
     assert client.status(handle.job_id)["status"] == "cancelled"
 
 
-def test_a_dropped_event_stream_is_resumed(model, client, monkeypatch):
+@pytest.mark.parametrize("dropped", ["submission", "events"])
+def test_a_dropped_event_stream_is_resumed(model, client, monkeypatch, dropped):
+    """The stream drops after its first event, either the one the submitting request answers with
+    (a remote trace) or one asked for by job id (`follow`): the client resumes after the events it
+    has, and the values equal a local run's."""
     from contextlib import contextmanager
 
     import httpx
@@ -200,8 +204,8 @@ def test_a_dropped_event_stream_is_resumed(model, client, monkeypatch):
     @contextmanager
     def flaky_stream(method, url, **kwargs):
         with real_stream(method, url, **kwargs) as response:
-            if url.endswith("/events"):
-                calls.append(dict(kwargs.get("params") or {}))
+            if url.endswith("/events") or (method == "POST" and url == "/jobs"):
+                calls.append((method, dict(kwargs.get("params") or {})))
                 if len(calls) == 1:
                     lines = response.iter_lines
 
@@ -214,14 +218,54 @@ def test_a_dropped_event_stream_is_resumed(model, client, monkeypatch):
                     response.iter_lines = dropping
             yield response
 
-    monkeypatch.setattr(client.http, "stream", flaky_stream)
-    with model.trace(X, remote=client):
-        h = model.transformer.h[1].output.save()
+    if dropped == "submission":
+        monkeypatch.setattr(client.http, "stream", flaky_stream)
+        with model.trace(X, remote=client):
+            h = model.transformer.h[1].output.save()
+        assert calls[0] == ("POST", {})
+    else:
+        from nnsight_jupyter.remote.protocol import TraceRequest
+
+        handle = client.submit(
+            TraceRequest("tiny", "h = model.transformer.h[1].output.save()\n", {"kind": "trace", "inputs": [X]}, {})
+        )
+        monkeypatch.setattr(client.http, "stream", flaky_stream)
+        handle.wait(timeout=60)
+        monkeypatch.setattr(client.http, "stream", real_stream)
+        h = handle.values()["h"]
+        assert calls[0] == ("GET", {"after": 0})
     with threads_like_workers(), model.trace(X):
         expected = model.transformer.h[1].output.save()
-    assert calls[0] == {"after": 0}
-    assert len(calls) >= 2 and calls[1]["after"] >= 1
+    resumed = calls[1]
+    assert len(calls) >= 2 and resumed[0] == "GET" and resumed[1]["after"] >= 1
     assert_identical(h, expected)
+
+
+def test_a_small_trace_is_one_request_on_one_connection(model, client, monkeypatch):
+    """A remote trace whose result rides in the final event sends one request, the submission,
+    and three such traces in a row use one connection."""
+    import socket
+
+    requests, connections = [], []
+    client.http.event_hooks["request"].append(lambda request: requests.append((request.method, request.url.path)))
+    real_connect = socket.create_connection
+    monkeypatch.setattr(
+        socket, "create_connection", lambda *a, **k: connections.append(a[0]) or real_connect(*a, **k)
+    )
+    try:
+        client.health()  # a connection to start from, kept alive
+        connections.clear()
+        requests.clear()
+        for _ in range(3):
+            with model.trace(X, remote=client):
+                h = model.transformer.h[1].output.save()
+    finally:
+        client.http.event_hooks["request"].pop()
+    with threads_like_workers(), model.trace(X):
+        expected = model.transformer.h[1].output.save()
+    assert_identical(h, expected)
+    assert requests == [("POST", "/jobs")] * 3
+    assert connections == []
 
 
 def _counting_downloads(client, monkeypatch):
@@ -237,10 +281,12 @@ def test_a_small_result_rides_in_the_final_event(model, client, monkeypatch):
     import base64
 
     downloads = _counting_downloads(client, monkeypatch)
+    from nnsight_jupyter.remote import submitted
+
     finals, handles = [], []
-    real_follow, real_submit = client.follow, client.submit
+    real_follow, real_record = client.follow, submitted.record
     monkeypatch.setattr(client, "follow", lambda *a, **k: finals.append(real_follow(*a, **k)) or finals[-1])
-    monkeypatch.setattr(client, "submit", lambda *a, **k: handles.append(real_submit(*a, **k)) or handles[-1])
+    monkeypatch.setattr(submitted, "record", lambda handle: handles.append(handle) or real_record(handle))
     with model.trace(X, remote=client):
         h = model.transformer.h[1].output.save()
     with threads_like_workers(), model.trace(X):
