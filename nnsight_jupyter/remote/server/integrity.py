@@ -28,9 +28,9 @@ parameters) on a 2-core VM the quick path takes about 1 ms where the full one ta
 from __future__ import annotations
 
 import operator
-from operator import is_
 from collections.abc import Callable, Iterable
-from itertools import chain
+from itertools import chain, repeat
+from operator import is_, is_not
 from typing import Any
 
 import torch
@@ -251,6 +251,7 @@ _HOOK_GETTER = operator.itemgetter(*_HOOK_DICTS)
 _MODULE_MAPS = tuple(map(operator.itemgetter, ("_modules", "_parameters", "_buffers")))
 _TENSOR_STATE = operator.attrgetter("dtype", "shape", "_version", "requires_grad", "device")
 _BACKWARD_HOOKS = operator.attrgetter("_backward_hooks")
+_GRAD = operator.attrgetter("grad")
 _VALUES = operator.methodcaller("values")
 _ENVOY_CHILDREN = operator.itemgetter("_children")
 _ENVOY_MODULE = operator.itemgetter("_module")
@@ -374,9 +375,12 @@ def _torch_state() -> dict[str, Any]:
 
 def reset_shared_state(baseline: Baseline) -> None:
     """Put back what every job may change but must not pass on: gradients and torch's global modes."""
-    for parameter in baseline.parameters:  # a job that replaced parameters fails its check anyway
-        if parameter.grad is not None:
-            parameter.grad = None
+    # A job that replaced parameters fails its check anyway. Most jobs leave no gradient: the
+    # test runs in C (about 30 us for SmolLM2's 272 parameters, against 200 us for the loop).
+    if any(map(is_not, map(_GRAD, baseline.parameters), repeat(None))):
+        for parameter in baseline.parameters:
+            if parameter.grad is not None:
+                parameter.grad = None
     state = baseline.torch_state
     torch.set_grad_enabled(state["grad"])
     torch.set_default_dtype(state["dtype"])

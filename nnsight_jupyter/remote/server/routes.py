@@ -120,15 +120,17 @@ async def submit(request: Request) -> Response:
     if state == "failed":
         raise ApiError(503, "model unavailable", f"model {model!r} failed to load on this server: {reason}")
     timeout = _timeout(trace_request.options.get("timeout"), config.max_job_seconds)
-    try:
-        job, position = await run_in_threadpool(
-            service.jobs.submit,
-            model=model,
-            owner=_owner(request),
-            request=body,
-            timeout_s=timeout,
-            max_queued=config.max_queued_jobs,
+    owner = _owner(request)
+
+    def queue() -> tuple[Job, int]:
+        queued = service.jobs.submit(
+            model=model, owner=owner, request=body, timeout_s=timeout, max_queued=config.max_queued_jobs
         )
+        service.pool.wake(model)  # from this thread, as soon as the job is stored: no hop back to the loop first
+        return queued
+
+    try:
+        job, position = await run_in_threadpool(queue)
     except QueueFull as full:
         raise ApiError(
             429,
@@ -137,7 +139,6 @@ async def submit(request: Request) -> Response:
             "(--max-queued-jobs); wait for some to finish and submit again",
             headers={"Retry-After": "10"},
         ) from None
-    service.pool.wake(model)
     if "text/event-stream" in request.headers.get("accept", ""):
         # Submit and follow in one exchange: a small trace then costs one request, not two.
         return _event_response(service, job.id, 0, status_code=202, headers={"Location": f"/jobs/{job.id}"})
