@@ -33,7 +33,8 @@ const icon = new LabIcon({
     '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24"><g class="jp-icon3" fill="#616161">' +
     '<circle cx="5" cy="6" r="2.2"/><circle cx="5" cy="18" r="2.2"/><circle cx="12" cy="12" r="2.2"/>' +
     '<circle cx="19" cy="6" r="2.2"/><circle cx="19" cy="18" r="2.2"/>' +
-    '<path d="M6.6 7.2l3.8 3.6M6.6 16.8l3.8-3.6M13.6 10.8l3.8-3.6M13.6 13.2l3.8 3.6" stroke="#616161" stroke-width="1.2"/></g></svg>',
+    '<path d="M6.6 7.2l3.8 3.6M6.6 16.8l3.8-3.6M13.6 10.8l3.8-3.6M13.6 13.2l3.8 3.6"' +
+    ' stroke="#616161" stroke-width="1.2"/></g></svg>',
 });
 
 /** Add a code cell below the active one holding `source`, and select it. */
@@ -155,7 +156,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       execute: () => app.shell.activateById(SIDEBAR_ID),
     });
 
-    for (const command of [CommandIDs.insertTrace, CommandIDs.insertSweep, CommandIDs.showTree, CommandIDs.openSidebar]) {
+    for (const command of [
+      CommandIDs.insertTrace, CommandIDs.insertSweep, CommandIDs.showTree, CommandIDs.openSidebar,
+    ]) {
       palette?.addItem({ command, category: "nnsight" });
     }
 

@@ -303,7 +303,8 @@ export class KernelLink {
   private onMessage(msg: KernelMessage.ICommMsgMsg, notebook: string): void {
     const data = msg.content.data as Record<string, any>;
     const buffers = (msg.buffers ?? []).map((b: any) =>
-      b instanceof DataView ? b : ArrayBuffer.isView(b) ? new DataView(b.buffer, b.byteOffset, b.byteLength) : new DataView(b));
+      b instanceof DataView ? b
+        : ArrayBuffer.isView(b) ? new DataView(b.buffer, b.byteOffset, b.byteLength) : new DataView(b));
     if (data?.event === "snapshot") {
       const { event: _event, ...snapshot } = data;
       this.setState({ kind: "connected", notebook, snapshot: snapshot as Snapshot });

@@ -231,6 +231,8 @@ export function versionMismatch(kernel: string, extension: string, kernelProtoco
 /** Numbers in the sidebar: 1.2K, 3.4M, 1.1B. */
 export function compact(n: number): string {
   const units: [number, string][] = [[1e9, "B"], [1e6, "M"], [1e3, "K"]];
-  for (const [size, unit] of units) if (Math.abs(n) >= size) return `${(n / size).toFixed(1).replace(/\.0$/, "")}${unit}`;
+  for (const [size, unit] of units) {
+    if (Math.abs(n) >= size) return `${(n / size).toFixed(1).replace(/\.0$/, "")}${unit}`;
+  }
   return String(n);
 }

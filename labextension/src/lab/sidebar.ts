@@ -237,7 +237,8 @@ export class Sidebar extends Widget {
     }
     if (this.openModel && !names.has(this.openModel)) this.openModel = null;
     if (!snapshot.models.length) {
-      this.modelsEl.replaceChildren(h("div", { class: "nnsj-muted", text: "No model in this kernel yet: run a %%trace cell." }));
+      this.modelsEl.replaceChildren(
+        h("div", { class: "nnsj-muted", text: "No model in this kernel yet: run a %%trace cell." }));
       return;
     }
     this.modelsEl.replaceChildren(...snapshot.models.map((m) => {
@@ -245,7 +246,8 @@ export class Sidebar extends Widget {
       const row = h("div", { class: "nnsj-sb-model", "data-model": m.name, role: "button", tabindex: 0 },
         h("span", { class: "nnsj-twisty", text: open ? "▾" : "▸" }),
         h("b", { text: m.name }), " ",
-        h("span", { class: "nnsj-muted", text: `${m.class} · ${compact(m.modules)} modules · ${compact(m.params)} params` }));
+        h("span", { class: "nnsj-muted",
+          text: `${m.class} · ${compact(m.modules)} modules · ${compact(m.params)} params` }));
       row.addEventListener("click", () => this.toggleModel(m.name));
       const holder = h("div", { class: "nnsj-sb-tree", "data-model": m.name });
       holder.hidden = !open;
@@ -307,7 +309,8 @@ export class Sidebar extends Widget {
     }
     this.savedEl.replaceChildren(h("table", { class: "nnsj-sb-table" },
       h("tbody", null, ...snapshot.saved.map((s) => {
-        const tr = h("tr", { class: "nnsj-sb-value", "data-name": s.name, title: `open ${s.name} (saved from ${s.model})` },
+        const tr = h("tr", { class: "nnsj-sb-value", "data-name": s.name,
+          title: `open ${s.name} (saved from ${s.model})` },
           h("td", null, h("code", { text: s.name })),
           h("td", { class: "nnsj-muted", text: `[${s.shape.join(", ")}]` }),
           h("td", { class: "nnsj-muted", text: s.dtype }));

@@ -237,14 +237,16 @@ export function renderAttention(el: HTMLElement, source: DataSource): () => void
 
   const showHead = (head: number) => {
     shown = head;
-    headTitle.textContent = `layer ${layers[layer]}, head ${head}: previous-token ${formatNumber(score(prev, head), 3)}, ` +
+    headTitle.textContent = `layer ${layers[layer]}, head ${head}: ` +
+      `previous-token ${formatNumber(score(prev, head), 3)}, ` +
       `first-token ${formatNumber(score(first, head), 3)}`;
     heatmap.reset({}, known());
     drawStrip();
   };
   const legend = h("div", { class: "nnsj-legend" }, colourbar(scale()));
   root.append(h("div", { class: "nnsj-attn-body" }, thumbs,
-    h("div", { class: "nnsj-attn-main" }, headTitle, heatmap.root, strip, h("div", { class: "nnsj-footer" }, legend, status))));
+    h("div", { class: "nnsj-attn-main" }, headTitle, heatmap.root, strip,
+      h("div", { class: "nnsj-footer" }, legend, status))));
   buildThumbs();
   showHead(locked);
 

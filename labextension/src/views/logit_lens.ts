@@ -95,7 +95,9 @@ export function renderLogitLens(el: HTMLElement, source: DataSource): () => void
   const cell = (d: Data, l: number, p: number): { t: number; text: string } => {
     const n = d.panel.tokens.length;
     const at = l * n + p;
-    if (mode === "target_prob" && d.targetProbs) return { t: d.targetProbs[at], text: formatNumber(d.targetProbs[at], 2) };
+    if (mode === "target_prob" && d.targetProbs) {
+      return { t: d.targetProbs[at], text: formatNumber(d.targetProbs[at], 2) };
+    }
     if (mode === "target_rank" && d.targetRanks) {
       const rank = d.targetRanks[at];
       const t = worstRank > 1 ? 1 - Math.log(rank) / Math.log(worstRank) : 1;
@@ -110,10 +112,12 @@ export function renderLogitLens(el: HTMLElement, source: DataSource): () => void
     const at = l * n + p;
     const lines = [`layer ${d.panel.layers[l]} · position ${p} "${show(d.panel.tokens[p])}"`];
     for (let i = 0; i < k; i++) {
-      lines.push(`${String(i + 1).padStart(2)}. "${show(word(d.ids[at * k + i]))}"  ${formatNumber(d.probs[at * k + i], 4)}`);
+      lines.push(`${String(i + 1).padStart(2)}. "${show(word(d.ids[at * k + i]))}"  ` +
+        `${formatNumber(d.probs[at * k + i], 4)}`);
     }
     if (target && d.targetProbs && d.targetRanks) {
-      lines.push(`"${show(target)}": probability ${formatNumber(d.targetProbs[at], 4)}, rank ${formatInt(d.targetRanks[at])}`);
+      lines.push(`"${show(target)}": probability ${formatNumber(d.targetProbs[at], 4)}, ` +
+        `rank ${formatInt(d.targetRanks[at])}`);
     }
     return lines.join("\n");
   };
@@ -124,7 +128,8 @@ export function renderLogitLens(el: HTMLElement, source: DataSource): () => void
     pair.replaceChildren(...data.map((d, index) => {
       const n = d.panel.tokens.length;
       const head = h("tr", {}, h("th", { text: "layer" }),
-        ...d.panel.tokens.map((t, p) => h("th", { "data-pos": p, title: `${p} ${tokenExact(t)}` }, h("span", { text: `${p} ${show(t)}` }))));
+        ...d.panel.tokens.map((t, p) =>
+          h("th", { "data-pos": p, title: `${p} ${tokenExact(t)}` }, h("span", { text: `${p} ${show(t)}` }))));
       const body = d.panel.layers.map((layer, l) => h("tr", {}, h("th", { text: String(layer) }),
         ...Array.from({ length: n }, (_, p) => {
           const { t, text } = cell(d, l, p);
@@ -174,7 +179,8 @@ export function renderLogitLens(el: HTMLElement, source: DataSource): () => void
     const d = data[index];
     const s = new Scale("sequential", 0, 1, false);
     return {
-      title: `logit lens: ${mode === "top" ? "top token" : mode === "target_prob" ? `P(${show(target ?? "")})` : `rank of ${show(target ?? "")}`}`,
+      title: `logit lens: ${mode === "top" ? "top token"
+        : mode === "target_prob" ? `P(${show(target ?? "")})` : `rank of ${show(target ?? "")}`}`,
       rows: d.panel.layers.map((l) => `layer ${l}`),
       cols: d.panel.tokens.map((t, p) => `${p} ${show(t)}`),
       fill: (l, p) => s.css(cell(d, l, p).t),

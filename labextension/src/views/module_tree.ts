@@ -144,7 +144,9 @@ export function renderModuleTree(el: HTMLElement, source: DataSource): () => voi
   const details = h("div", { class: "nnsj-details", "aria-live": "polite" },
     h("span", { class: "nnsj-muted", text: "click a module to copy its path and a line that saves its output" }));
   const totalParams = params[0];
-  const summary = h("span", { class: "nnsj-muted", text: `${formatInt(n)} modules, ${formatCount(totalParams)} parameters` });
+  const summary = h("span", {
+    class: "nnsj-muted", text: `${formatInt(n)} modules, ${formatCount(totalParams)} parameters`,
+  });
   const note = source.get<string>("note");
   root.append(h("div", { class: "nnsj-toolbar" }, search, count, summary,
     note ? h("span", { class: "nnsj-note", text: note }) : null), details);

@@ -5,10 +5,11 @@
  *
  * State (from `nnsight_jupyter/widgets/patching_heatmap.py`): `dims`, `shape`, `labels`
  * ({dim: text per index}), `position_tokens` ([position, clean token, corrupted token] per
- * position, exactly: labels draw whitespace tokens as symbols, titles and hover quote them), `site`, `metric`, both baselines and their top tokens, `values`
- * (float32 per cell, row-major) and `computed` (a byte per cell), `done`, `running`,
- * `interrupted`. A running sweep replaces `values` / `computed` as chunks finish. Clicking a cell
- * asks `{kind: "top", index}` for that patched run's top tokens.
+ * position, exactly: labels draw whitespace tokens as symbols, titles and hover quote them), `site`,
+ * `metric`, both baselines and their top tokens, `values` (float32 per cell, row-major) and
+ * `computed` (a byte per cell), `done`, `running`, `interrupted`. A running sweep replaces
+ * `values` / `computed` as chunks finish. Clicking a cell asks `{kind: "top", index}` for that
+ * patched run's top tokens.
  *
  * Cells not computed yet are drawn in the heatmap's "missing" colour: each cell is its own tile,
  * and a tile of a cell still to come is never delivered.
@@ -163,7 +164,8 @@ export function renderPatchingHeatmap(el: HTMLElement, source: DataSource): () =
       m.style.left = at(v);
       return m;
     };
-    legend.replaceChildren(h("div", { class: "nnsj-colourbar", "data-lo": scale.lo, "data-hi": scale.hi, "data-kind": scale.kind },
+    legend.replaceChildren(h("div",
+      { class: "nnsj-colourbar", "data-lo": scale.lo, "data-hi": scale.hi, "data-kind": scale.kind },
       h("div", { class: "nnsj-ph-bar" }, bar, mark(corrupted, "corrupted"), mark(clean, "clean")),
       h("div", { class: "nnsj-colourbar-ticks" }, h("span", { text: formatNumber(scale.lo) }),
         h("span", { text: `${formatNumber(corrupted)} corrupted` }), h("span", { text: formatNumber(scale.hi) }))));
@@ -232,10 +234,12 @@ export function renderPatchingHeatmap(el: HTMLElement, source: DataSource): () =
   root.append(controls, heatmap.root, h("div", { class: "nnsj-footer" }, legend, status), details);
 
   const picture = (): GridPicture => ({
-    title: `${site} patching: ${metricEl.textContent} (clean ${formatNumber(clean)}, corrupted ${formatNumber(corrupted)})`,
+    title: `${site} patching: ${metricEl.textContent} ` +
+      `(clean ${formatNumber(clean)}, corrupted ${formatNumber(corrupted)})`,
     rows: Array.from({ length: rows }, (_, r) => label(dims[0], r)),
     cols: Array.from({ length: cols }, (_, c) => label(dims[1], c)),
-    fill: (r, c) => (computed[flat(r, c)] ? new Scale("diverging", scale.lo, scale.hi, false).css(values[flat(r, c)]) : null),
+    fill: (r, c) =>
+      (computed[flat(r, c)] ? new Scale("diverging", scale.lo, scale.hi, false).css(values[flat(r, c)]) : null),
     value: (r, c) => (computed[flat(r, c)] ? values[flat(r, c)] : NaN),
     bar: {
       colours: barColours((t) => new Scale("diverging", 0, 1, false).css(t)),

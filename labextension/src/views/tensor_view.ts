@@ -4,9 +4,9 @@
  *
  * State (from `nnsight_jupyter/widgets/tensor_view.py`): `shape`, `dtype`, `device`, `stats`,
  * `hist` + `hist_counts`, the displayed `rows_axis` / `cols_axis` and `index`, the `tile` size,
- * the first tile (`window` + `window_data`), `labels` ({dim: names}) and `tokens` when the tensor came from a language-model
- * trace. Other tiles are asked for with `{kind: "tiles", index, rows_axis, cols_axis, tiles: [[row, col], ...]}`
- * and arrive as one buffer each.
+ * the first tile (`window` + `window_data`), `labels` ({dim: names}) and `tokens` when the tensor
+ * came from a language-model trace. Other tiles are asked for with
+ * `{kind: "tiles", index, rows_axis, cols_axis, tiles: [[row, col], ...]}` and arrive as one buffer each.
  */
 
 import { asDataView, Numbers, typed } from "./core/binary";
@@ -93,7 +93,8 @@ export function renderTensorView(el: HTMLElement, source: DataSource): () => voi
   }
   const headerRight = h("div", { class: "nnsj-header-right" });
   const header = h("div", { class: "nnsj-header" },
-    h("div", { class: "nnsj-header-left" }, title, statLine, note ? h("div", { class: "nnsj-note", text: note }) : null),
+    h("div", { class: "nnsj-header-left" }, title, statLine,
+      note ? h("div", { class: "nnsj-note", text: note }) : null),
     headerRight);
   root.append(header);
 

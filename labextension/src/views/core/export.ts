@@ -69,7 +69,8 @@ export function gridSvg(p: GridPicture): { svg: string; width: number; height: n
   if (p.bar) {
     const y = top + gridH + 12;
     const w = Math.min(240, Math.max(gridW, 120));
-    const stops = p.bar.colours.map((c, i) => `<stop offset="${(i / (p.bar!.colours.length - 1)) * 100}%" stop-color="${c}"/>`);
+    const stops = p.bar.colours.map((c, i) =>
+      `<stop offset="${(i / (p.bar!.colours.length - 1)) * 100}%" stop-color="${c}"/>`);
     out.push(`<defs><linearGradient id="bar">${stops.join("")}</linearGradient></defs>`,
       `<rect x="${left}" y="${y}" width="${w}" height="8" fill="url(#bar)"/>`);
     for (const [at, label] of p.bar.ticks) {
@@ -115,7 +116,11 @@ export function download(data: Blob, name: string): void {
 }
 
 /** Buttons "PNG" and "SVG" that export `picture()` under `name`. */
-export function exportButtons(name: () => string, picture: () => GridPicture, onError: (e: Error) => void): HTMLElement {
+export function exportButtons(
+  name: () => string,
+  picture: () => GridPicture,
+  onError: (e: Error) => void,
+): HTMLElement {
   const box = document.createElement("span");
   box.className = "nnsj-export";
   for (const kind of ["svg", "png"] as const) {
