@@ -285,6 +285,27 @@ def remote_hosts() -> list[dict[str, str]]:
     return hosts
 
 
+def _why_unreachable(exc: Exception, entry: dict[str, str]) -> str:
+    """Why a server did not answer, in words: ``[Errno 111] Connection refused`` says it to few readers."""
+    import httpx
+
+    text = str(exc)
+    lowered = text.lower()
+    if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
+        return f"{entry['host']!r} is not a server address ({text})"
+    try:
+        where = httpx.URL(entry["host"]).netloc.decode() or entry["host"]
+    except httpx.InvalidURL:
+        where = entry["host"]
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer from {where} within {HEALTH_TIMEOUT_S:g} s"
+    if "refused" in lowered:
+        return f"nothing listens at {where} (connection refused)"
+    if "name or service not known" in lowered or "name resolution" in lowered or "nodename nor servname" in lowered:
+        return f"the host name in {entry['host']} does not resolve"
+    return f"{type(exc).__name__}: {text}"
+
+
 def _reach(entry: dict[str, str]) -> str:
     """What to do about a server that does not answer, by where the sidebar learned of it."""
     source, host = entry.get("source"), entry.get("host")
@@ -313,7 +334,7 @@ def health(hosts: list[dict[str, str]]) -> list[dict[str, Any]]:
         try:
             response = httpx.get(f"{entry['host']}/health", timeout=HEALTH_TIMEOUT_S)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            row.update({"status": "unreachable", "error": f"{type(exc).__name__}: {exc}. {_reach(entry)}"})
+            row.update({"status": "unreachable", "error": f"{_why_unreachable(exc, entry)}. {_reach(entry)}"})
             out.append(row)
             continue
         try:

@@ -313,16 +313,32 @@ def test_health_says_which_servers_answer_with_their_versions(live_server, stran
     assert httpx.get(f"{url}/health").json()["package_version"] == nnsight_jupyter.__version__
     assert ok == {"host": url, "source": "configured", "status": "ok", "error": None,
                   "package_version": nnsight_jupyter.__version__, "protocol_version": PROTOCOL_VERSION}
-    assert down["status"] == "unreachable" and "ConnectError" in down["error"]
+    assert down["status"] == "unreachable"
+    assert down["error"].startswith(f"nothing listens at {closed.removeprefix('http://')} (connection refused). ")
+    assert "Errno" not in down["error"]
     assert f"Jobs of this kernel went to {closed}, which no longer answers" in down["error"]
     assert other["status"] == "error" and "HTTP 404" in other["error"] and "nnsight-jupyter server" in other["error"]
-    assert sidebar.health([{"host": "not a url", "source": "configured"}])[0]["status"] == "unreachable"
+    bad = sidebar.health([{"host": "not a url", "source": "configured"}])[0]
+    assert bad["status"] == "unreachable" and bad["error"].startswith("'not a url' is not a server address")
     # Each way the sidebar learns of a server says what to do when it does not answer.
     stopped, configured = sidebar.health([{"host": closed, "source": "local daemon"},
                                           {"host": closed, "source": "configured"}])
     assert stopped["status"] == "unreachable" and "the next remote=True trace starts it again" in stopped["error"]
     assert configured["status"] == "unreachable"
     assert f"Start the server at {closed}" in configured["error"] and "%nnsight config host=URL" in configured["error"]
+
+
+def test_health_of_a_server_that_never_answers_says_so():
+    """A socket that accepts connections but never answers: the row says so after the health timeout."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        where = "127.0.0.1:%d" % silent.getsockname()[1]
+        [row] = sidebar.health([{"host": f"http://{where}", "source": "configured"}])
+    assert row["status"] == "unreachable"
+    assert row["error"].startswith(f"no answer from {where} within {sidebar.HEALTH_TIMEOUT_S:g} s. Start the server")
 
 
 def test_a_health_request_is_answered_by_id_from_a_thread(shell, no_remote_settings, stranger):
@@ -421,7 +437,7 @@ def test_health_and_jobs_keep_coming_while_a_cell_runs(shell, no_remote_settings
         # first as the server answered before it stopped, last as it is now (nothing listens)
         assert health[0][0]["status"] == "ok" and health[0][0]["package_version"] == version
         assert health[-1][0]["status"] == "unreachable"
-        assert health[-1][0]["host"] == live_server.url and "ConnectError" in health[-1][0]["error"]
+        assert health[-1][0]["host"] == live_server.url and "nothing listens at" in health[-1][0]["error"]
         assert f"Start the server at {live_server.url}" in health[-1][0]["error"]  # what to do about it
         jobs = [[(j["job_id"], j["status"]) for j in e["jobs"]] for e in comm.events("jobs", began, ended)]
         assert jobs == [[(job, "running")], [(job, "completed")]]
