@@ -18,6 +18,7 @@ or the one named by NNSIGHT_JUPYTER_CHROMIUM. Playwright's own browser downloads
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,8 +28,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nbformat
 import pytest
@@ -204,7 +206,7 @@ class NotebookPage:
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
 
-    def open(self) -> "NotebookPage":
+    def open(self) -> NotebookPage:
         # Each page gets a workspace of its own, so it does not reopen the notebooks other tests had open.
         workspace = f"{Path(self.name).stem}-{id(self)}"
         if self.notebook7:  # Notebook 7's single-document page, served by the same server
@@ -254,6 +256,26 @@ class NotebookPage:
 
     def close(self) -> None:
         self.context.close()
+
+    @contextlib.contextmanager
+    def checked(self, cleanup: Callable[[], Any] | None = None) -> Iterator[NotebookPage]:
+        """The body of a test on this page: at its end no uncaught error was logged in the page; if it
+        fails, the page's console is printed; either way `cleanup` runs, then the page closes and the
+        kernels shut down."""
+        try:
+            yield self
+            errors = [line for line in self.console if "pageerror" in line]
+            assert not errors, errors
+        except Exception:
+            print("\n".join(self.console))
+            raise
+        finally:
+            try:
+                if cleanup is not None:
+                    cleanup()
+            finally:
+                self.close()
+                self.lab.shutdown_kernels()
 
 
 def run_active_cell(page) -> None:

@@ -18,6 +18,8 @@ import time
 import httpx
 import pytest
 
+from nnsight_jupyter.remote.daemon import stop_daemon
+
 from .conftest import NotebookPage, screenshot
 
 pytestmark = pytest.mark.slow
@@ -56,7 +58,7 @@ CONFIG.sidebar_poll = 1"""
     lab.write_notebook("daemon.ipynb", [setup, TRACE])
     nb = NotebookPage(lab, browser, "daemon.ipynb").open()
     page = nb.page
-    try:
+    with nb.checked(cleanup=stop_daemon):
         page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
         nb.run_all()
         first = json.loads((folder / "daemon.json").read_text())
@@ -93,14 +95,3 @@ CONFIG.sidebar_poll = 1"""
             old = page.locator(f"{SIDEBAR} .nnsj-sb-host[data-host='{host}']").inner_text()
             assert "(jobs)" in old and "which no longer answers" in old
         screenshot(page.locator(SIDEBAR), "sidebar-daemon-back")
-        errors = [line for line in nb.console if "pageerror" in line]
-        assert not errors, errors
-    except Exception:
-        print("\n".join(nb.console))
-        raise
-    finally:
-        nb.close()
-        lab.shutdown_kernels()
-        from nnsight_jupyter.remote.daemon import stop_daemon
-
-        stop_daemon()

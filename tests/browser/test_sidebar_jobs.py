@@ -26,6 +26,7 @@ from .conftest import NotebookPage, screenshot
 
 ROOT = Path(__file__).resolve().parents[2]
 SIDEBAR = "#nnsight-jupyter-sidebar"
+INTERRUPT = "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.interrupt()"
 
 
 @contextlib.contextmanager
@@ -87,7 +88,7 @@ print(busy.job.job_id, waiting.job.job_id)
     nb = NotebookPage(lab, browser, "jobs.ipynb").open()
     page = nb.page
     busy = waiting = None
-    try:
+    with nb.checked(cleanup=lambda: busy and http.post(f"/jobs/{busy}/cancel")):
         page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
         nb.run_all()
         busy, waiting = nb.output(2).inner_text().split()
@@ -108,14 +109,6 @@ print(busy.job.job_id, waiting.job.job_id)
         assert "cancelled" in row.inner_text()
         # The busy job was left alone.
         assert http.get(f"/jobs/{busy}").json()["status"] in ("queued", "loading", "running")
-    except Exception:
-        print("\n".join(nb.console))
-        raise
-    finally:
-        if busy:
-            http.post(f"/jobs/{busy}/cancel")
-        nb.close()
-        lab.shutdown_kernels()
 
 
 def test_the_sidebar_shows_the_servers_health(lab, browser, server):
@@ -128,7 +121,7 @@ def test_the_sidebar_shows_the_servers_health(lab, browser, server):
                                         f"CONFIG.host = {host!r}"])
     nb = NotebookPage(lab, browser, "health.ipynb").open()
     page = nb.page
-    try:
+    with nb.checked():
         page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
         nb.run_all()
         row = page.locator(f"{SIDEBAR} .nnsj-sb-host[data-host='{host}']")
@@ -147,14 +140,6 @@ def test_the_sidebar_shows_the_servers_health(lab, browser, server):
         assert "unreachable: nothing listens at" in down.inner_text()
         assert f"Start the server at {closed}" in down.inner_text()  # and what to do about it
         assert page.locator(f"{SIDEBAR} .nnsj-sb-host").count() == 1
-        errors = [line for line in nb.console if "pageerror" in line]
-        assert not errors, errors
-    except Exception:
-        print("\n".join(nb.console))
-        raise
-    finally:
-        nb.close()
-        lab.shutdown_kernels()
 
 
 def test_health_and_jobs_change_in_the_sidebar_while_a_cell_runs(lab, browser, tmp_path):
@@ -184,7 +169,7 @@ print(busy.job.job_id)
         nb = NotebookPage(lab, browser, "health_busy.ipynb").open()
         page = nb.page
         row = f"{SIDEBAR} .nnsj-sb-host[data-host='{host}']"
-        try:
+        with nb.checked(cleanup=lambda: page.evaluate(INTERRUPT)):
             page.evaluate("() => window.jupyterapp.shell.activateById('nnsight-jupyter-sidebar')")
             nb.run_all()
             job = nb.output(0).inner_text().strip()
@@ -223,12 +208,3 @@ print(busy.job.job_id)
             assert f"Start the server at {host}" in text and "%nnsight config host=URL" in text
             assert page.evaluate(f"() => {busy}")
             screenshot(page.locator(SIDEBAR), "sidebar-health-busy")
-            errors = [line for line in nb.console if "pageerror" in line]
-            assert not errors, errors
-        except Exception:
-            print("\n".join(nb.console))
-            raise
-        finally:
-            page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.interrupt()")
-            nb.close()
-            lab.shutdown_kernels()

@@ -13,7 +13,7 @@ import torch
 from nnsight_jupyter.widgets.static import Scale
 
 from .conftest import ARTIFACTS, GPT2_SETUP, build_gpt2, screenshot
-from .views import close, cell_centre, hover, hovered_value, pixel, stats, wait_drawn
+from .views import close, hover, hovered_value, pixel, stats, wait_drawn
 
 PROMPT = "The Eiffel Tower is in Paris"
 
