@@ -610,9 +610,14 @@ class WorkerPool:
             self.context.set_forkserver_preload(_PRELOAD + factories)
         self.stopping = threading.Event()
         self.replicas: dict[str, list[Replica]] = {
-            spec.name: [Replica(self, spec, i) for i in range(config.replicas_for(spec.name))] for spec in config.models
+            spec.name: [self._new_replica(spec, i) for i in range(config.replicas_for(spec.name))]
+            for spec in config.models
         }
         self._failed_lock = threading.Lock()
+
+    def _new_replica(self, spec: ModelSpec, index: int) -> Replica:
+        """One replica of a served model, not started yet (an engine that runs replicas elsewhere makes its own)."""
+        return Replica(self, spec, index)
 
     def worker_settings(self, spec: ModelSpec) -> dict[str, Any]:
         config = self.config

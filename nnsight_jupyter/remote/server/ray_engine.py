@@ -615,27 +615,23 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
 class RayEngine(WorkerPool):
     """All replicas of all served models, as Ray actors; takes the ``WorkerPool``'s place in the service."""
 
+    replicas: dict[str, list[RayReplica]]  # type: ignore[assignment]
+
     def __init__(self, config: ServerConfig, jobs: JobStore, results: ResultStore) -> None:
-        self.config = config
-        self.jobs = jobs
-        self.results = results
-        self.redactor = Redactor.for_server(config)
         self.host_config = dataclasses.replace(config, clock=time.time)
         """What the actors get: the limits, without the server's clock (tests pass one that cannot travel)."""
-        self.stopping = threading.Event()
-        self.replicas: dict[str, list[RayReplica]] = {  # type: ignore[assignment]
-            spec.name: [RayReplica(self, spec, i) for i in range(config.replicas_for(spec.name))]
-            for spec in config.models
-        }
+        super().__init__(config, jobs, results)
         budget, loaded = config.memory_budget_bytes, 0
         for replicas in self.replicas.values():
             for replica in replicas:
                 loaded += config.replica_memory_bytes
                 if budget is not None and loaded > budget:  # loads on its first job, within the budget
                     replica.unloaded, replica.state = True, "unloaded"
-        self._failed_lock = threading.Lock()
         self._started_ray = False
         self._manager: threading.Thread | None = None
+
+    def _new_replica(self, spec: ModelSpec, index: int) -> RayReplica:  # type: ignore[override]
+        return RayReplica(self, spec, index)
 
     def start(self) -> None:
         import ray
