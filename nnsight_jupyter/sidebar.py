@@ -285,27 +285,6 @@ def remote_hosts() -> list[dict[str, str]]:
     return hosts
 
 
-def _why_unreachable(exc: Exception, entry: dict[str, str]) -> str:
-    """Why a server did not answer, in words: ``[Errno 111] Connection refused`` says it to few readers."""
-    import httpx
-
-    text = str(exc)
-    lowered = text.lower()
-    if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
-        return f"{entry['host']!r} is not a server address ({text})"
-    try:
-        where = httpx.URL(entry["host"]).netloc.decode() or entry["host"]
-    except httpx.InvalidURL:
-        where = entry["host"]
-    if isinstance(exc, httpx.TimeoutException):
-        return f"no answer from {where} within {HEALTH_TIMEOUT_S:g} s"
-    if "refused" in lowered:
-        return f"nothing listens at {where} (connection refused)"
-    if "name or service not known" in lowered or "name resolution" in lowered or "nodename nor servname" in lowered:
-        return f"the host name in {entry['host']} does not resolve"
-    return f"{type(exc).__name__}: {text}"
-
-
 def _reach(entry: dict[str, str]) -> str:
     """What to do about a server that does not answer, by where the sidebar learned of it."""
     source, host = entry.get("source"), entry.get("host")
@@ -326,6 +305,7 @@ def health(hosts: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Each server's `/health` (no key needed): reachable or not, its versions, whether it speaks our protocol."""
     import httpx
 
+    from .remote.client import why_unreachable
     from .remote.protocol import PROTOCOL_VERSION
 
     out = []
@@ -334,7 +314,8 @@ def health(hosts: list[dict[str, str]]) -> list[dict[str, Any]]:
         try:
             response = httpx.get(f"{entry['host']}/health", timeout=HEALTH_TIMEOUT_S)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            row.update({"status": "unreachable", "error": f"{_why_unreachable(exc, entry)}. {_reach(entry)}"})
+            reason = why_unreachable(exc, entry["host"], HEALTH_TIMEOUT_S)
+            row.update({"status": "unreachable", "error": f"{reason}. {_reach(entry)}"})
             out.append(row)
             continue
         try:

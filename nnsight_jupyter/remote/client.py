@@ -155,7 +155,7 @@ class RemoteClient:
 
     def _unreachable(self, exc: Exception) -> RemoteConnectionError:
         return RemoteConnectionError(
-            f"Cannot reach the nnsight-jupyter server at {self.host} ({type(exc).__name__}: {exc}). "
+            f"Cannot reach the nnsight-jupyter server at {self.host}: {why_unreachable(exc, self.host)}. "
             "Check that it is running and that the host is right (%nnsight status shows it)."
         )
 
@@ -309,6 +309,26 @@ class RemoteClient:
         if result.logs[: len(shown)] == shown:
             result.logs = result.logs[len(shown) :]
         return result
+
+
+def why_unreachable(exc: BaseException, host: str, waited: float | None = None) -> str:
+    """Why `host` did not answer, in words (``[Errno 111] Connection refused`` says it to few readers);
+    `waited`: the seconds a timeout allowed, said when the cause is a timeout."""
+    text = str(exc)
+    lowered = text.lower()
+    if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
+        return f"{host!r} is not a server address ({text})"
+    try:
+        where = httpx.URL(host).netloc.decode() or host
+    except httpx.InvalidURL:
+        where = host
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer from {where}" + (f" within {waited:g} s" if waited else f" in time ({type(exc).__name__})")
+    if "refused" in lowered:
+        return f"nothing listens at {where} (connection refused)"
+    if "name or service not known" in lowered or "name resolution" in lowered or "nodename nor servname" in lowered:
+        return f"the host name in {host} does not resolve"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _inline_result(final: dict[str, Any]) -> TraceResult | None:

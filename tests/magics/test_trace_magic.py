@@ -161,7 +161,10 @@ def test_nnsight_line_magic(shell, gpt2, capsys):
     try:
         assert CONFIG.resolved_host() == "http://127.0.0.1:9" and CONFIG.resolved_api_key() == "abc"
         result = shell.run_cell("%nnsight status")
-        assert "Cannot reach the nnsight-jupyter server at http://127.0.0.1:9" in str(result.error_in_exec)
+        assert str(result.error_in_exec).startswith(
+            "Cannot reach the nnsight-jupyter server at http://127.0.0.1:9: nothing listens at 127.0.0.1:9 "
+            "(connection refused). Check that it is running"
+        )
     finally:
         CONFIG.host = CONFIG.api_key = None
     result = shell.run_cell("%nnsight config colour=blue")
