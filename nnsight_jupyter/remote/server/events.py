@@ -1,6 +1,7 @@
 """Job event streams: server-sent events, and waking the streams that wait on a job.
 
-Format (``GET /jobs/{id}/events``, ``Content-Type: text/event-stream``)::
+Format (``GET /jobs/{id}/events``, or the answer to ``POST /jobs`` sent with ``Accept:
+text/event-stream``; ``Content-Type: text/event-stream``)::
 
     id: 3
     event: running

@@ -175,8 +175,9 @@ class _Fingerprint:
     members), compared one by one with ``is``. Objects are not recorded by ``id()``: every call
     of ``id`` raises the ``builtins.id`` audit event, which the worker's audit hook receives, and
     SmolLM2's fingerprint made 3,700 of them: with the worker's hook installed the check took
-    4.8 ms, 1.6 ms without it; compared by identity it takes 1.0 ms either way. The fingerprint taken at load time holds
-    its objects, so none of them can be freed and replaced by a look-alike.
+    4.8 ms, 1.6 ms without it; compared by identity it takes 1.0 ms either way. The fingerprint
+    taken at load time holds its objects, so none of them can be freed and replaced by a
+    look-alike.
     """
 
     def __init__(self, model: Any) -> None:
@@ -237,10 +238,11 @@ class _Fingerprint:
             if shared is None:
                 values.append(None)
                 continue
-            public = sorted(key for key in vars(shared) if not key.startswith("_"))
+            attributes = vars(shared)
+            public = sorted(key for key in attributes if not key.startswith("_"))
             values.append(public)
             objects.append(shared)
-            objects.extend(map(vars(shared).__getitem__, public))
+            objects.extend(map(attributes.__getitem__, public))
         tokenizer = vars(self.model).get("_tokenizer")
         values.append(None if tokenizer is None else _tokenizer_state(tokenizer))
         return values, objects
@@ -291,16 +293,14 @@ def _shared_objects(model: Any) -> tuple[Any, ...]:
 
 def _shared_state(model: Any) -> dict[str, Any]:
     """The objects every job shares besides modules and tensors: configuration, tokenizer, wrapper."""
-    module = model._model
+    config, generation_config, tokenizer, wrapper = _shared_objects(model)
     shared: dict[str, Any] = {}
-    for label in ("config", "generation_config"):
-        obj = getattr(module, label, None)
+    for label, obj in (("config", config), ("generation_config", generation_config)):
         if obj is not None:
             shared[label] = (id(obj), _public_ids(obj))
-    tokenizer = vars(model).get("_tokenizer")
     if tokenizer is not None:
         shared["tokenizer"] = (id(tokenizer), _public_ids(tokenizer), _tokenizer_state(tokenizer))
-    shared["model wrapper"] = _public_ids(model)
+    shared["model wrapper"] = _public_ids(wrapper)
     return shared
 
 

@@ -139,13 +139,14 @@ async def submit(request: Request) -> Response:
             "(--max-queued-jobs); wait for some to finish and submit again",
             headers={"Retry-After": "10"},
         ) from None
+    location = {"Location": f"/jobs/{job.id}"}
     if "text/event-stream" in request.headers.get("accept", ""):
         # Submit and follow in one exchange: a small trace then costs one request, not two.
-        return _event_response(service, job.id, 0, status_code=202, headers={"Location": f"/jobs/{job.id}"})
+        return _event_response(service, job.id, 0, status_code=202, headers=location)
     return JSONResponse(
         {"job_id": job.id, "status": "queued", "position": position, "model": model, "timeout_s": timeout},
         status_code=202,
-        headers={"Location": f"/jobs/{job.id}"},
+        headers=location,
     )
 
 
