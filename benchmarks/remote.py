@@ -13,8 +13,9 @@ workers) with a tiny GPT-2, then:
    one with the per-job resets and checks (``globalstate.py``, ``integrity.py``) and one without
    them (``--no-job-checks``), called in turn each round, with where the remote time went, from
    each job's final event: HTTP and client (what the server did not spend), queue, hand-off to
-   the job process and back, resets, the trace itself, checks, and encoding the result; target:
-   with the resets and checks, at most 10 ms over local.
+   the job process and back, resets, the trace itself, checks, and encoding the result; in three
+   sittings, each a fresh process; target: with the resets and checks, at most 10 ms over local
+   in the median sitting.
 5. the Ray engine (``serve --engine ray``): the small trace through a Ray-engine server against a
    single-machine server, both running at once and called in turn; target: at most 5 ms more per
    job. Then jobs per second through Ray-engine servers with 1 and 2 replicas: 5 clients submit
@@ -97,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--only", choices=("bundled", "ray"), help="run only part 4 (bundled) or 5 (ray)")
+    parser.add_argument("--bundled-sitting", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.bundled_sitting:
+        bundled_sitting(args.rounds)
+        return 0
     if args.only is not None:
         checks = bundled(args.rounds) if args.only == "bundled" else ray_engine(args.rounds)
         for ok, text in checks:
@@ -169,8 +174,33 @@ def main(argv: list[str] | None = None) -> int:
 PARTS = ("queue", "to_worker", "wait", "reset", "run", "check", "encode", "from_worker")
 
 
+BUNDLED_SITTINGS = 3
+
+
 def bundled(rounds: int) -> list[tuple[bool, str]]:
-    """Part 4: SmolLM2 locally and through two servers, with and without the per-job resets and checks.
+    """Part 4, in `BUNDLED_SITTINGS` sittings, each a fresh process with fresh servers; the target
+    is checked on the median sitting.
+
+    Why sittings: on this VM the same SmolLM2 forward pass takes from 98 to 115 ms depending on
+    the process it runs in (measured in four fresh processes one after the other), so one
+    sitting's local and job processes can differ by more than the whole overhead measured."""
+    extras = []
+    for sitting in range(BUNDLED_SITTINGS):
+        print(f"SmolLM2 sitting {sitting + 1} of {BUNDLED_SITTINGS}:", flush=True)
+        out = subprocess.run([sys.executable, __file__, "--bundled-sitting", "--rounds", str(rounds)],
+                             stdout=subprocess.PIPE, text=True, check=True).stdout
+        lines = out.strip().splitlines()
+        print("\n".join(line for line in lines if not line.startswith("extra ")))
+        extras.append(float(lines[-1].split()[1]))
+    extra = statistics.median(extras)
+    return [(extra <= 10.0, f"SmolLM2 small trace with the resets and checks at most 10 ms slower than local: "
+                            f"{extra:.2f} ms (median of {BUNDLED_SITTINGS} sittings: "
+                            f"{', '.join(f'{e:.2f}' for e in extras)})")]
+
+
+def bundled_sitting(rounds: int) -> float:
+    """One sitting of part 4: SmolLM2 locally and through two servers, with and without the per-job
+    resets and checks; returns the extra milliseconds with them.
 
     Both servers run at once and each round calls local, with and without in turn (the order
     rotating), so a drift in the machine's speed during the run reaches all three alike."""
@@ -238,8 +268,8 @@ def bundled(rounds: int) -> list[tuple[bool, str]]:
           f"measured inside the job; {paired:+.2f} ms median difference per round against the server without "
           "them")
     extra = with_checks[0] - local_ms
-    return [(extra <= 10.0, f"SmolLM2 small trace with the resets and checks at most 10 ms slower than local: "
-                            f"{extra:.2f} ms")]
+    print(f"extra {extra:.3f}")
+    return extra
 
 
 def ray_engine(rounds: int) -> list[tuple[bool, str]]:
