@@ -209,9 +209,7 @@ class RemoteClient:
     ) -> contextlib.AbstractContextManager[httpx.Response]:
         if response is not None:
             return contextlib.nullcontext(response)
-        return self.http.stream(
-            "GET", f"/jobs/{job_id}/events", params={"after": after}, timeout=_STREAM_TIMEOUT
-        )
+        return self.http.stream("GET", f"/jobs/{job_id}/events", params={"after": after}, timeout=_STREAM_TIMEOUT)
 
     def follow(
         self,
