@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { isTraceCell, traceCompletionOrder } from "../src/lab/trace_completion";
+import { completionHandOver, isTraceCell, traceCompletionOrder } from "../src/lab/trace_completion";
 
 // As the kernel sends them for `model.transformer.h[0].`: children in forward order, then the rest.
 const kernel = ["ln_1", "attn", "ln_2", "mlp", "output", "input", "load_state_dict"];
@@ -33,4 +33,20 @@ test("only %%trace cells are re-ranked", () => {
   assert.equal(isTraceCell("%%tracer x"), false);
   assert.equal(isTraceCell("x = 1\n%%trace gpt"), false);
   assert.equal(isTraceCell(undefined), false);
+});
+
+test("the completer is handed over to the highest-ranked other provider with a model of its own", () => {
+  const self = "nnsight-jupyter:trace-completion-order";
+  const factory = () => undefined;
+  const ours = { identifier: self, rank: 1001, modelFactory: factory };
+  const kernel = { identifier: "CompletionProvider:kernel", rank: 550 };
+  const debuggerProvider = { identifier: "DebuggerCompletionProvider", rank: 1000 };
+  const lsp = { identifier: "lsp", rank: 1000, modelFactory: factory };
+  const other = { identifier: "other", rank: 700, modelFactory: factory };
+  const disabled = { identifier: "disabled", rank: -1, modelFactory: factory };
+  // JupyterLab alone: no other provider has a model, so none is handed over to.
+  assert.equal(completionHandOver([ours, kernel, debuggerProvider], self), undefined);
+  assert.equal(completionHandOver([ours, kernel, debuggerProvider, other, lsp], self), lsp);
+  assert.equal(completionHandOver([lsp, other, ours], self), lsp);
+  assert.equal(completionHandOver([ours, disabled], self), undefined);
 });

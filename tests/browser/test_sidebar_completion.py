@@ -147,3 +147,38 @@ def test_the_order_holds_when_jupyterlab_filters_the_menu(notebook):
     assert offered[: len(kernel)] == kernel and kernel != sorted(kernel), offered
     screenshot(page.locator(".jp-Completer"), "sidebar_completion_header_prefix")
     close_completer(page)
+
+
+def test_a_completer_another_extension_brings_is_kept(lab, browser):
+    """An extension whose completion provider brings its own completer model (jupyterlab-lsp's does, at
+    rank 1000) keeps it: the `%%trace` order provider, ranked above, hands JupyterLab that model instead of
+    its own. The stand-in model here draws JupyterLab's order reversed, so the module's children, which the
+    kernel sends first, come last and backwards; the `%%trace` model would put them first, in forward order."""
+    model, _ = build_gpt2()
+    top = [name for name, _ in model.transformer.named_modules() if name and "." not in name]
+    lab.write_notebook("completion_other.ipynb", ["%load_ext nnsight_jupyter\n" + GPT2_SETUP])
+    nb = NotebookPage(lab, browser, "completion_other.ipynb").open()
+    with nb.checked():
+        nb.run_all()
+        page = nb.page
+        page.evaluate("""() => {
+            const manager = window.jupyterapp.pluginRegistry._plugins
+                .get('@jupyterlab/completer-extension:manager').service;
+            const ours = manager.getProviders().get('nnsight-jupyter:trace-completion-order');
+            return ours.modelFactory({}).then((model) => {
+                const Base = Object.getPrototypeOf(Object.getPrototypeOf(model)).constructor;  // CompleterModel
+                class Reversed extends Base {
+                    completionItems() { return [...super.completionItems()].reverse(); }
+                }
+                manager.registerProvider({
+                    identifier: 'test:own-model', rank: 1000,
+                    isApplicable: async () => false,
+                    fetch: async () => ({start: 0, end: 0, items: []}),
+                    modelFactory: async () => new Reversed(),
+                });
+            });
+        }""")
+        offered = drawn_completions(page, '%%trace gpt "Hello"\nh = model.transformer.')
+        assert offered[-len(top):] == top[::-1], offered
+        assert offered[: len(top)] != top, offered
+        close_completer(page)

@@ -7,7 +7,7 @@
 import { ILabShell, ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from "@jupyterlab/application";
 import { ICommandPalette, InputDialog, MainAreaWidget } from "@jupyterlab/apputils";
 import { EditorExtensionRegistry, IEditorExtensionRegistry } from "@jupyterlab/codemirror";
-import { ICompletionProviderManager } from "@jupyterlab/completer";
+import { ICompletionProvider, ICompletionProviderManager } from "@jupyterlab/completer";
 import { INotebookTracker, NotebookActions, NotebookPanel } from "@jupyterlab/notebook";
 import { LabIcon } from "@jupyterlab/ui-components";
 import pkg from "../../package.json";
@@ -163,7 +163,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
     }
 
     // Keeps the kernel's order of %%trace completions where JupyterLab would sort them alphabetically.
-    completions?.registerProvider(new TraceCompletionOrder());
+    // `getProviders` is on JupyterLab's manager, not on its interface: without it nothing is handed over.
+    const registered = completions as unknown as { getProviders?: () => Map<string, ICompletionProvider> } | null;
+    completions?.registerProvider(new TraceCompletionOrder(() => registered?.getProviders?.().values() ?? []));
 
     editors?.addExtension({
       name: "nnsight-jupyter:trace-highlight",

@@ -29,3 +29,25 @@ function compare(a: number, b: number): number {
 export function isTraceCell(source: string | undefined | null): boolean {
   return /^\s*%%trace(?=\s|$)/.test(source ?? "");
 }
+
+/** What `completionHandOver` needs of a completion provider. */
+export interface RankedProvider {
+  readonly identifier: string;
+  readonly rank?: number;
+  modelFactory?: unknown;
+}
+
+/**
+ * The provider whose completer model and renderer the `%%trace` order provider hands over to: the
+ * highest-ranked other provider that brings a model of its own (jupyterlab-lsp's, say), or
+ * undefined when none does (JupyterLab's kernel, document and debugger providers do not).
+ */
+export function completionHandOver<P extends RankedProvider>(providers: Iterable<P>, self: string): P | undefined {
+  let best: P | undefined;
+  for (const provider of providers) {
+    if (provider.identifier === self || typeof provider.modelFactory !== "function") continue;
+    const rank = provider.rank ?? 0;
+    if (rank >= 0 && (best === undefined || rank > (best.rank ?? 0))) best = provider;
+  }
+  return best;
+}
