@@ -29,13 +29,8 @@ BUILD = ROOT / "nnsight_jupyter" / "labextension" / "package.json"
 
 
 @pytest.fixture(scope="module")
-def notebook(lab, browser):
-    lab.write_notebook("commands.ipynb", ["%load_ext nnsight_jupyter\n" + GPT2_SETUP])
-    page = NotebookPage(lab, browser, "commands.ipynb").open()
-    page.run_all()
-    yield page
-    page.close()
-    lab.shutdown_kernels()
+def notebook(open_notebook):
+    return open_notebook("commands.ipynb", ["%load_ext nnsight_jupyter\n" + GPT2_SETUP])
 
 
 def tree_rows(view) -> dict[str, dict[str, str]]:

@@ -21,13 +21,8 @@ ENVOY_MEMBERS = ("output", "input", "inputs", "next", "call", "source")
 
 
 @pytest.fixture(scope="module")
-def notebook(lab, browser):
-    lab.write_notebook("completion.ipynb", ["%load_ext nnsight_jupyter\n" + GPT2_SETUP])
-    page = NotebookPage(lab, browser, "completion.ipynb").open()
-    page.run_all()
-    yield page
-    page.close()
-    lab.shutdown_kernels()
+def notebook(open_notebook):
+    return open_notebook("completion.ipynb", ["%load_ext nnsight_jupyter\n" + GPT2_SETUP])
 
 
 def drawn_completions(page, source: str) -> list[str]:
